@@ -1,0 +1,121 @@
+import { existsSync } from 'node:fs'
+import { fileURLToPath } from 'node:url'
+import fp from 'fastify-plugin'
+import fastifyPostgres from '@fastify/postgres'
+import { runner } from 'node-pg-migrate'
+import type { Pool } from 'pg'
+import type { FastifyBaseLogger } from 'fastify'
+import { safeError } from '../logging.ts'
+
+// From the sources sql/ is a sibling of plugins/; from the build (dist/plugins) it is two up.
+export const SQL_DIR = [new URL('../sql/', import.meta.url), new URL('../../sql/', import.meta.url)]
+  .map((url) => fileURLToPath(url))
+  .find((dir) => existsSync(dir)) ?? fileURLToPath(new URL('../sql/', import.meta.url))
+
+export const MIGRATIONS_TABLE = 'schema_migrations'
+
+// Errors that mean "the database cannot serve right now": the client should retry later (503).
+const UNAVAILABLE_NODE_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND',
+  'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH'])
+// SQLSTATE: 08 connection exceptions, 28 rejected credentials, 3D database missing,
+// 53 insufficient resources, 57 operator intervention (admin shutdown, crash shutdown,
+// cannot connect now, statement timeout), 58 system errors.
+const UNAVAILABLE_SQLSTATE_CLASSES = new Set(['08', '28', '3D', '53', '57', '58'])
+// pg and pg-pool report their own connection failures as plain Errors, by message only.
+const UNAVAILABLE_MESSAGES = [
+  'timeout exceeded when trying to connect',
+  'Connection terminated',
+  'Query read timeout',
+  'is not queryable',
+  'Cannot use a pool after calling end'
+]
+// SQLSTATE: 22 data exceptions and 23 integrity constraint violations are the client's fault (400).
+const INVALID_SQLSTATE_CLASSES = new Set(['22', '23'])
+
+/** Whether an error from pg means the database is unreachable, overloaded or shutting down. */
+export function isDatabaseUnavailable (err: unknown): boolean {
+  if (!(err instanceof Error)) return false
+  const code = (err as Error & { code?: unknown }).code
+  if (typeof code === 'string') {
+    if (UNAVAILABLE_NODE_CODES.has(code)) return true
+    if (code.length === 5 && UNAVAILABLE_SQLSTATE_CLASSES.has(code.slice(0, 2))) return true
+  }
+  return UNAVAILABLE_MESSAGES.some((text) => err.message.includes(text))
+}
+
+/** Whether an error from pg is a constraint or data error: input the schemas should have caught. */
+export function isInvalidData (err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code
+  return typeof code === 'string' && code.length === 5 && INVALID_SQLSTATE_CLASSES.has(code.slice(0, 2))
+}
+
+/** host:port/database of a connection string, never its user or password. */
+export function describeDatabase (connectionString: string): string {
+  const url = new URL(connectionString)
+  return `${url.hostname}:${url.port || '5432'}${url.pathname}`
+}
+
+/**
+ * Applies the pending files of sql/ in name order and records them in schema_migrations.
+ * Instances that start together queue on node-pg-migrate's advisory lock (mode 'wait')
+ * instead of failing, so every instance comes up once the first has migrated.
+ */
+export async function migrate (pool: Pool, log: FastifyBaseLogger): Promise<string[]> {
+  const client = await pool.connect()
+  // A checked-out client has no listener of the pool's: a dropped connection must not crash us.
+  const onError = (err: Error) => log.warn({ err }, 'migration connection lost')
+  client.on('error', onError)
+  try {
+    const applied = await runner({
+      dbClient: client,
+      dir: SQL_DIR,
+      migrationsTable: MIGRATIONS_TABLE,
+      direction: 'up',
+      count: Infinity,
+      checkOrder: true,
+      singleTransaction: true,
+      advisoryLockMode: 'wait',
+      log: () => {},
+      logger: { debug: () => {}, info: () => {}, warn: (msg: string) => log.warn(msg), error: (msg: string) => log.error(msg) }
+    })
+    return applied.map((migration) => migration.name)
+  } finally {
+    client.removeListener('error', onError)
+    client.release()
+  }
+}
+
+export default fp(async function db (app) {
+  const { config } = app
+  await app.register(fastifyPostgres, {
+    connectionString: config.DATABASE_URL,
+    max: config.DATABASE_POOL_MAX,
+    idleTimeoutMillis: 30_000,
+    // A request waits this long for a connection, then gets a 503 instead of hanging.
+    connectionTimeoutMillis: config.DATABASE_CONNECT_TIMEOUT_MS,
+    // The server cancels a runaway statement; the client gives up a little later in case
+    // the server itself is stalled or the network dropped the answer.
+    statement_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS,
+    query_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS + 1_000,
+    application_name: 'logikids-sync'
+  })
+  // pg emits 'error' on the pool when an idle connection dies (server restart, crash,
+  // pg_terminate_backend); without a listener Node would crash the process.
+  app.pg.pool.on('error', (err) => app.log.warn({ err: safeError(err) }, 'idle database connection lost'))
+
+  const where = describeDatabase(config.DATABASE_URL)
+  let applied: string[]
+  try {
+    applied = await migrate(app.pg.pool, app.log)
+  } catch (err) {
+    throw new Error(`cannot prepare the database at ${where}: ${describeFailure(err)}`, { cause: err })
+  }
+  app.log.info({ database: where, poolMax: config.DATABASE_POOL_MAX, migrationsApplied: applied },
+    'connected to PostgreSQL')
+}, { name: 'db', dependencies: ['config'] })
+
+function describeFailure (err: unknown): string {
+  if (!(err instanceof Error)) return String(err)
+  const code = (err as Error & { code?: string }).code
+  return code ? `${err.message} (${code})` : err.message
+}

@@ -1,0 +1,9 @@
+import { Type } from '@sinclair/typebox'
+
+export const HealthSchema = Type.Object({
+  status: Type.Union([Type.Literal('ok'), Type.Literal('error')]),
+  database: Type.Union([Type.Literal('ok'), Type.Literal('unreachable')]),
+  error: Type.Optional(Type.String({ description: 'why the database check failed' }))
+})
+
+export const LiveSchema = Type.Object({ status: Type.Literal('ok') })

@@ -1,0 +1,151 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import pg from 'pg'
+import pino from 'pino'
+import { createStorage } from '../../plugins/storage.ts'
+import { migrate } from '../../plugins/db.ts'
+import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
+import { createTestDatabase } from '../helper.ts'
+
+const log = pino({ level: 'silent' })
+const url = await createTestDatabase(t)
+const pool = new pg.Pool({ connectionString: url, max: 8 })
+// Like the service's pool: idle connections killed by the server must not crash the test.
+pool.on('error', () => {})
+t.teardown(() => pool.end())
+await migrate(pool, log)
+const storage = createStorage(pool, log)
+
+function payload (bytes = 32, fill = 1) {
+  return {
+    encryptedBlob: Buffer.alloc(bytes, fill).toString('base64'),
+    iv: 'AbCdEfGhIjKlMnOp',
+    timestamp: 1_732_780_800_123,
+    checksum: 'f'.repeat(63) + String(fill % 10)
+  }
+}
+
+async function row (userId: string) {
+  const { rows: [stored] } = await pool.query('SELECT * FROM user_sync_data WHERE user_id = $1', [userId])
+  return stored
+}
+
+t.test('store then get returns exactly what was stored, timestamp as a number', async (t) => {
+  const userId = randomUUID()
+  const data = payload(100)
+  t.equal(await storage.store(userId, data), 100, 'store returns the decoded size')
+  t.strictSame(await storage.get(userId), data)
+  const stored = await row(userId)
+  t.equal(stored.blob_size, 100)
+  t.equal(stored.encrypted_blob, data.encryptedBlob)
+})
+
+t.test('get of an unknown user is null', async (t) => {
+  t.equal(await storage.get(randomUUID()), null)
+})
+
+t.test('store replaces the record and keeps created_at', async (t) => {
+  const userId = randomUUID()
+  await storage.store(userId, payload(10, 1))
+  await pool.query("UPDATE user_sync_data SET created_at = now() - interval '3 days' WHERE user_id = $1", [userId])
+  const before = await row(userId)
+  const second = { ...payload(20, 2), timestamp: 1_800_000_000_000 }
+  await storage.store(userId, second)
+  const after = await row(userId)
+  t.strictSame(await storage.get(userId), second)
+  t.equal(after.created_at.getTime(), before.created_at.getTime(), 'created_at survives the update')
+  t.equal(after.blob_size, 20)
+  const { rows } = await pool.query('SELECT count(*)::int AS n FROM user_sync_data WHERE user_id = $1', [userId])
+  t.equal(rows[0].n, 1, 'still one row')
+})
+
+t.test('get moves last_accessed to now', async (t) => {
+  const userId = randomUUID()
+  await storage.store(userId, payload())
+  await pool.query("UPDATE user_sync_data SET last_accessed = now() - interval '400 days' WHERE user_id = $1", [userId])
+  await storage.get(userId)
+  const { rows: [age] } = await pool.query(
+    'SELECT extract(epoch FROM now() - last_accessed) AS seconds FROM user_sync_data WHERE user_id = $1', [userId])
+  t.ok(Number(age.seconds) < 60, `last accessed ${age.seconds} s ago`)
+})
+
+t.test('exists and delete', async (t) => {
+  const userId = randomUUID()
+  t.equal(await storage.exists(userId), false)
+  await storage.store(userId, payload())
+  t.equal(await storage.exists(userId), true)
+  t.equal(await storage.delete(userId), true, 'deleting a record says so')
+  t.equal(await storage.exists(userId), false)
+  t.equal(await storage.get(userId), null)
+  t.equal(await storage.delete(userId), false, 'deleting nothing is not an error')
+})
+
+t.test('getAllUserIds lists every stored user', async (t) => {
+  const ids = [randomUUID(), randomUUID(), randomUUID()]
+  for (const id of ids) await storage.store(id, payload())
+  const all = await storage.getAllUserIds()
+  for (const id of ids) t.ok(all.includes(id), id)
+  t.strictSame([...all].sort(), all, 'in a stable order')
+})
+
+t.test('deleteInactive deletes exactly the rows idle longer than the limit', async (t) => {
+  const idle = [randomUUID(), randomUUID()]
+  const active = [randomUUID(), randomUUID()]
+  for (const id of [...idle, ...active]) await storage.store(id, payload())
+  await pool.query("UPDATE user_sync_data SET last_accessed = now() - interval '731 days' WHERE user_id = ANY($1)", [idle])
+  await pool.query("UPDATE user_sync_data SET last_accessed = now() - interval '729 days' WHERE user_id = $1", [active[0]])
+  t.equal(await storage.deleteInactive(730), 2)
+  for (const id of idle) t.equal(await storage.exists(id), false, `idle ${id} deleted`)
+  for (const id of active) t.equal(await storage.exists(id), true, `active ${id} kept`)
+  t.equal(await storage.deleteInactive(730), 0, 'nothing left to delete')
+  await t.rejects(storage.deleteInactive(0), RangeError)
+  await t.rejects(storage.deleteInactive(1.5), RangeError)
+})
+
+t.test('a full 1,000,000-byte blob round-trips', async (t) => {
+  const userId = randomUUID()
+  const data = { ...payload(MAX_BLOB_BYTES, 7) }
+  t.equal(await storage.store(userId, data), MAX_BLOB_BYTES)
+  const back = await storage.get(userId)
+  t.equal(back?.encryptedBlob, data.encryptedBlob)
+})
+
+t.test('the table constraints refuse what the schemas refuse', async (t) => {
+  const insert = (overrides: Record<string, unknown>) => {
+    const values = { user_id: randomUUID(), encrypted_blob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64), blob_size: 3, ...overrides }
+    return pool.query(
+      'INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, $2, $3, $4, $5, $6)',
+      [values.user_id, values.encrypted_blob, values.iv, values.timestamp, values.checksum, values.blob_size])
+  }
+  await t.resolves(insert({}), 'a valid row goes in')
+  await t.rejects(insert({ blob_size: MAX_BLOB_BYTES + 1 }), { code: '23514', constraint: 'blob_size_limit' })
+  await t.rejects(insert({ iv: 'A'.repeat(15) + '-' }), { code: '23514', constraint: 'iv_format' })
+  await t.rejects(insert({ checksum: 'A'.repeat(64) }), { code: '23514', constraint: 'checksum_format' })
+  await t.rejects(insert({ user_id: 'not-a-uuid' }), { code: '22P02' })
+  // Through the storage API a bad value surfaces as the same database error, never a silent write.
+  const userId = randomUUID()
+  await t.rejects(storage.store(userId, { ...payload(), iv: 'short' }), { code: '23514' })
+  t.equal(await storage.exists(userId), false)
+})
+
+t.test('concurrent upserts of one user leave one whole record from one of them', async (t) => {
+  const userId = randomUUID()
+  const writes = Array.from({ length: 20 }, (_, i) => payload(1000 + i, i + 1))
+  await Promise.all(writes.map((data) => storage.store(userId, data)))
+  const stored = await storage.get(userId)
+  const winner = writes.find((data) => data.encryptedBlob === stored?.encryptedBlob)
+  t.ok(winner, 'the stored blob is one that was sent')
+  t.strictSame(stored, winner, 'and every field comes from the same upload')
+  t.equal((await row(userId)).blob_size, Buffer.from(winner!.encryptedBlob, 'base64').length)
+})
+
+t.test('a connection killed by the server is retried once, transparently', async (t) => {
+  const userId = randomUUID()
+  await storage.store(userId, payload())
+  // Warm every pooled connection, then have PostgreSQL terminate them all.
+  await Promise.all(Array.from({ length: 8 }, () => pool.query('SELECT pg_sleep(0.01)')))
+  const { rows } = await pool.query(
+    "SELECT count(pg_terminate_backend(pid))::int AS killed FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+  t.ok(rows[0].killed >= 1, `terminated ${rows[0].killed} connections`)
+  t.strictSame(await storage.get(userId), payload(), 'the next operation still succeeds')
+})
