@@ -30,7 +30,7 @@ export type Config = Static<typeof ConfigSchema>
 
 /** Validates the environment (process.env unless given) and returns the typed settings. */
 export function loadConfig (env: Record<string, string | undefined> = process.env): Config {
-  return envSchema<Config>({ schema: ConfigSchema, data: env, dotenv: false })
+  return envSchema<Config>({ schema: ConfigSchema, data: env, env: false, dotenv: false })
 }
 
 declare module 'fastify' {

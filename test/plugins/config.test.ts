@@ -1,0 +1,48 @@
+import t from 'tap'
+import { loadConfig } from '../../plugins/config.ts'
+
+const DATABASE_URL = 'postgres://logikids@db.example:5432/logikids'
+
+t.test('defaults', async (t) => {
+  const config = loadConfig({ DATABASE_URL })
+  t.match(config, {
+    NODE_ENV: 'development',
+    DATABASE_URL,
+    PORT: 3000,
+    HOST: '0.0.0.0',
+    LOG_LEVEL: 'info',
+    DATABASE_POOL_MAX: 10,
+    DATABASE_CONNECT_TIMEOUT_MS: 2000,
+    DATABASE_STATEMENT_TIMEOUT_MS: 5000,
+    HEALTH_TIMEOUT_MS: 2000
+  })
+})
+
+t.test('values from the environment are parsed into numbers', async (t) => {
+  const config = loadConfig({ DATABASE_URL, PORT: '8080', DATABASE_POOL_MAX: '25', LOG_LEVEL: 'debug' })
+  t.equal(config.PORT, 8080)
+  t.equal(config.DATABASE_POOL_MAX, 25)
+  t.equal(config.LOG_LEVEL, 'debug')
+})
+
+t.test('only the service settings are kept, not the whole environment', async (t) => {
+  const config = loadConfig({ DATABASE_URL, PATH: '/usr/bin', AWS_SECRET: 'x' })
+  t.notOk('PATH' in config)
+  t.notOk('AWS_SECRET' in config)
+})
+
+t.test('bad settings are refused with a message naming them', async (t) => {
+  const cases: Array<[Record<string, string>, RegExp]> = [
+    [{}, /DATABASE_URL/],
+    [{ DATABASE_URL: 'mysql://x@y/z' }, /DATABASE_URL/],
+    [{ DATABASE_URL, PORT: 'eighty' }, /PORT/],
+    [{ DATABASE_URL, PORT: '70000' }, /PORT/],
+    [{ DATABASE_URL, LOG_LEVEL: 'loud' }, /LOG_LEVEL/],
+    [{ DATABASE_URL, DATABASE_POOL_MAX: '0' }, /DATABASE_POOL_MAX/],
+    [{ DATABASE_URL, NODE_ENV: 'staging' }, /NODE_ENV/],
+    [{ DATABASE_URL, DATABASE_CONNECT_TIMEOUT_MS: '-1' }, /DATABASE_CONNECT_TIMEOUT_MS/]
+  ]
+  for (const [env, message] of cases) {
+    t.throws(() => loadConfig(env), { message }, JSON.stringify(env))
+  }
+})

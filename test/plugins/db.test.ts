@@ -1,0 +1,81 @@
+import t from 'tap'
+import { execFileSync } from 'node:child_process'
+import { readdirSync } from 'node:fs'
+import { join } from 'node:path'
+import pg from 'pg'
+import pino from 'pino'
+import { MIGRATIONS_TABLE, SQL_DIR, describeDatabase, isDatabaseUnavailable, isInvalidData, migrate } from '../../plugins/db.ts'
+import { createTestDatabase, type TestContext } from '../helper.ts'
+
+const log = pino({ level: 'silent' })
+
+function pool (t: TestContext, connectionString: string, max = 2): pg.Pool {
+  const created = new pg.Pool({ connectionString, max })
+  created.on('error', () => {})
+  t.teardown(() => created.end())
+  return created
+}
+
+async function appliedNames (db: pg.Pool): Promise<string[]> {
+  const { rows } = await db.query(`SELECT name FROM ${MIGRATIONS_TABLE} ORDER BY id`)
+  return rows.map((row) => row.name)
+}
+
+const migrationFiles = readdirSync(SQL_DIR).filter((name) => name.endsWith('.sql')).sort()
+
+t.test('migrate applies every file once, and a second run applies nothing', async (t) => {
+  const db = pool(t, await createTestDatabase(t))
+  const first = await migrate(db, log)
+  t.strictSame(first, migrationFiles.map((name) => name.replace(/\.sql$/, '')))
+  t.strictSame(await migrate(db, log), [], 'nothing pending the second time')
+  t.strictSame(await appliedNames(db), first)
+  const { rows } = await db.query("SELECT to_regclass('user_sync_data') IS NOT NULL AS present")
+  t.equal(rows[0].present, true)
+})
+
+t.test('instances starting at once: both come up, each file is applied once', async (t) => {
+  const url = await createTestDatabase(t)
+  const results = await Promise.all(Array.from({ length: 4 }, () => migrate(pool(t, url), log)))
+  t.equal(results.flat().length, migrationFiles.length, 'each migration applied by exactly one instance')
+  t.strictSame(await appliedNames(pool(t, url)), migrationFiles.map((name) => name.replace(/\.sql$/, '')))
+})
+
+t.test('a database the postgres image initialised from sql/ is accepted as it is', async (t) => {
+  const url = await createTestDatabase(t)
+  // What the image's entrypoint does with /docker-entrypoint-initdb.d on first start.
+  for (const file of migrationFiles) {
+    execFileSync('psql', ['-v', 'ON_ERROR_STOP=1', '--no-psqlrc', '-q', '-d', url, '-f', join(SQL_DIR, file)])
+  }
+  const db = pool(t, url)
+  await db.query("INSERT INTO user_sync_data VALUES ('0f8fad5b-d9cb-469f-a165-70867728950e', 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), now(), now(), 3)")
+  t.strictSame(await migrate(db, log), migrationFiles.map((name) => name.replace(/\.sql$/, '')), 'recorded')
+  const { rows } = await db.query('SELECT count(*)::int AS n FROM user_sync_data')
+  t.equal(rows[0].n, 1, 'existing data untouched')
+  t.strictSame(await migrate(db, log), [], 'and not applied again')
+})
+
+t.test('errors are classified from real failures', async (t) => {
+  const refused = new pg.Client({ connectionString: 'postgres://postgres@127.0.0.1:1/none', connectionTimeoutMillis: 1000 })
+  const connectError = await refused.connect().then(() => null, (err: unknown) => err)
+  t.ok(isDatabaseUnavailable(connectError), 'refused connection')
+  t.notOk(isInvalidData(connectError))
+
+  const db = pool(t, await createTestDatabase(t))
+  await migrate(db, log)
+  const badUuid = await db.query("SELECT 'nope'::uuid").then(() => null, (err: unknown) => err)
+  t.ok(isInvalidData(badUuid), 'bad uuid text is invalid data')
+  t.notOk(isDatabaseUnavailable(badUuid))
+  const check = await db.query("INSERT INTO user_sync_data VALUES ('0f8fad5b-d9cb-469f-a165-70867728950e', 'AAAA', 'bad', 1, repeat('a', 64), now(), now(), 3)")
+    .then(() => null, (err: unknown) => err)
+  t.ok(isInvalidData(check), 'check violation is invalid data')
+  const timeout = await db.query('SET statement_timeout = 50; SELECT pg_sleep(1)').then(() => null, (err: unknown) => err)
+  t.ok(isDatabaseUnavailable(timeout), 'statement timeout means overloaded')
+  const syntax = await db.query('SELEC 1').then(() => null, (err: unknown) => err)
+  t.notOk(isDatabaseUnavailable(syntax), 'a bug is neither')
+  t.notOk(isInvalidData(syntax))
+})
+
+t.test('describeDatabase never shows credentials', async (t) => {
+  t.equal(describeDatabase('postgres://user:hunter2@db.internal:6543/logikids'), 'db.internal:6543/logikids')
+  t.equal(describeDatabase('postgresql://user@db/logikids'), 'db:5432/logikids')
+})
