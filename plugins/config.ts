@@ -28,9 +28,20 @@ export const ConfigSchema = Type.Object({
 
 export type Config = Static<typeof ConfigSchema>
 
+// The compose file's development default, and the passwords a tutorial would use.
+const WEAK_PASSWORDS = new Set(['', 'development', 'postgres', 'password', 'logikids', 'changeme'])
+
 /** Validates the environment (process.env unless given) and returns the typed settings. */
 export function loadConfig (env: Record<string, string | undefined> = process.env): Config {
-  return envSchema<Config>({ schema: ConfigSchema, data: env, env: false, dotenv: false })
+  const config = envSchema<Config>({ schema: ConfigSchema, data: env, env: false, dotenv: false })
+  if (config.NODE_ENV === 'production') {
+    const password = decodeURIComponent(new URL(config.DATABASE_URL).password)
+    if (WEAK_PASSWORDS.has(password)) {
+      throw new Error('env/DATABASE_URL has no password or a development one, which NODE_ENV=production refuses: ' +
+        'set a strong POSTGRES_PASSWORD (Docker Compose) or a strong password in DATABASE_URL')
+    }
+  }
+  return config
 }
 
 declare module 'fastify' {

@@ -46,3 +46,13 @@ t.test('bad settings are refused with a message naming them', async (t) => {
     t.throws(() => loadConfig(env), { message }, JSON.stringify(env))
   }
 })
+
+t.test('production refuses a missing or development database password', async (t) => {
+  for (const url of ['postgres://logikids@db/logikids', 'postgres://logikids:development@db/logikids',
+    'postgresql://logikids:postgres@db:5432/logikids']) {
+    t.throws(() => loadConfig({ NODE_ENV: 'production', DATABASE_URL: url }), { message: /POSTGRES_PASSWORD/ }, url)
+    t.doesNotThrow(() => loadConfig({ NODE_ENV: 'development', DATABASE_URL: url }), `development accepts ${url}`)
+  }
+  const strong = loadConfig({ NODE_ENV: 'production', DATABASE_URL: 'postgres://logikids:Xq7%2Fv9-long-random@db/logikids' })
+  t.equal(strong.NODE_ENV, 'production')
+})
