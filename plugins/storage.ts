@@ -9,24 +9,63 @@ export interface Queryable {
   query<R extends QueryResultRow>(config: QueryConfig): Promise<QueryResult<R>>
 }
 
+// The entity tag of a record: its version, and its creation time in microseconds so that a
+// record deleted and created again never repeats an old tag. Computed in SQL so that a
+// precondition is checked in the same statement as the write.
+const ETAG = "version || '-' || floor(extract(epoch FROM created_at) * 1000000)::bigint"
+const COLUMNS = 'user_id, encrypted_blob, iv, timestamp, checksum, blob_size'
+const PLACEHOLDERS = '$1, $2, $3, $4, $5, $6'
+// created_at is never in an update list, so it keeps the first upload's time.
+const SET_PAYLOAD = `encrypted_blob = $2, iv = $3, timestamp = $4, checksum = $5, blob_size = $6,
+  version = user_sync_data.version + 1, last_accessed = now()`
+
 // Every statement is named so that pg prepares it once per connection and then only binds.
-// created_at is never in the update list, so it keeps the first upload's time.
 const STORE = {
   name: 'sync-store',
-  text: `INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (user_id) DO UPDATE SET
-           encrypted_blob = EXCLUDED.encrypted_blob, iv = EXCLUDED.iv, timestamp = EXCLUDED.timestamp,
-           checksum = EXCLUDED.checksum, blob_size = EXCLUDED.blob_size, last_accessed = now()`
+  text: `INSERT INTO user_sync_data (${COLUMNS}) VALUES (${PLACEHOLDERS})
+         ON CONFLICT (user_id) DO UPDATE SET ${SET_PAYLOAD}
+         RETURNING ${ETAG} AS etag`
 }
-// A download is an access: the inactivity rule counts from the last one.
+// Conditional writes return the new tag when they wrote, else the current tag, in one round trip.
+// A plain sub-select would see the statement's snapshot, which misses the write of a device that
+// won a race a moment earlier; FOR SHARE waits for such a write and reads the committed row.
+const CURRENT_ETAG = `SELECT ${ETAG} FROM user_sync_data WHERE user_id = $1 FOR SHARE`
+const STORE_IF_MATCH = {
+  name: 'sync-store-if-match',
+  text: `WITH written AS (
+           UPDATE user_sync_data SET ${SET_PAYLOAD}
+           WHERE user_id = $1 AND ${ETAG} = ANY($7::text[]) RETURNING ${ETAG} AS etag)
+         SELECT (SELECT etag FROM written) AS etag, (${CURRENT_ETAG}) AS current`
+}
+const STORE_IF_EXISTS = {
+  name: 'sync-store-if-exists',
+  text: `UPDATE user_sync_data SET ${SET_PAYLOAD} WHERE user_id = $1 RETURNING ${ETAG} AS etag`
+}
+const STORE_IF_ABSENT = {
+  name: 'sync-store-if-absent',
+  text: `WITH written AS (
+           INSERT INTO user_sync_data (${COLUMNS}) VALUES (${PLACEHOLDERS})
+           ON CONFLICT (user_id) DO NOTHING RETURNING ${ETAG} AS etag)
+         SELECT (SELECT etag FROM written) AS etag, (${CURRENT_ETAG}) AS current`
+}
+// A download is an access: the inactivity rule counts from the last one. When the client
+// already holds the current version (If-None-Match), the blob is not even sent over.
+const NOT_MODIFIED = `(${ETAG} = ANY($2::text[]) OR '*' = ANY($2::text[]))`
 const GET = {
   name: 'sync-get',
   text: `UPDATE user_sync_data SET last_accessed = now() WHERE user_id = $1
-         RETURNING encrypted_blob, iv, timestamp, checksum, blob_size`
+         RETURNING ${ETAG} AS etag, ${NOT_MODIFIED} AS not_modified,
+           CASE WHEN ${NOT_MODIFIED} THEN NULL ELSE encrypted_blob END AS encrypted_blob,
+           iv, timestamp, checksum, blob_size`
 }
 const DELETE = { name: 'sync-delete', text: 'DELETE FROM user_sync_data WHERE user_id = $1' }
-const EXISTS = { name: 'sync-exists', text: 'SELECT EXISTS (SELECT 1 FROM user_sync_data WHERE user_id = $1) AS exists' }
+const DELETE_IF_MATCH = {
+  name: 'sync-delete-if-match',
+  text: `WITH deleted AS (
+           DELETE FROM user_sync_data WHERE user_id = $1 AND ($3 OR ${ETAG} = ANY($2::text[])) RETURNING 1)
+         SELECT (SELECT count(*) FROM deleted)::int AS deleted, (${CURRENT_ETAG}) AS current`
+}
+const ETAG_OF = { name: 'sync-etag', text: `SELECT ${ETAG} AS etag FROM user_sync_data WHERE user_id = $1` }
 const ALL_USER_IDS = { name: 'sync-all-user-ids', text: 'SELECT user_id FROM user_sync_data ORDER BY user_id' }
 const DELETE_INACTIVE = {
   name: 'sync-delete-inactive',
@@ -34,15 +73,43 @@ const DELETE_INACTIVE = {
 }
 
 interface StoredRow {
-  encrypted_blob: string
+  etag: string
+  not_modified: boolean
+  encrypted_blob: string | null
   iv: string
   timestamp: string
   checksum: string
   blob_size: number
 }
 
+/**
+ * HTTP preconditions, reduced to what the storage checks: `ifMatch` holds entity-tag values
+ * (without quotes) of which the current one must be one, or '*' for "any existing record";
+ * `ifNoneMatch: '*'` means "only if there is no record yet".
+ */
+export interface WritePrecondition {
+  ifMatch?: string[] | '*'
+  ifNoneMatch?: '*'
+}
+
+export type StoreResult =
+  | { stored: true, etag: string, bytes: number }
+  | { stored: false, currentEtag: string | null }
+
+export type DeleteResult =
+  | { deleted: boolean, preconditionFailed?: undefined }
+  | { deleted: false, preconditionFailed: true, currentEtag: string | null }
+
+/** A stored record: its entity tag and, unless the caller already holds that version, its data. */
+export interface StoredRecord {
+  etag: string
+  payload: SyncPayload | null
+}
+
 // A connection the server closed (restart, failover, pg_terminate_backend) fails the one query
-// that finds it; every operation here is idempotent, so it is tried once more on a fresh one.
+// that finds it. Idempotent statements are tried once more on a fresh connection; conditional
+// writes are not, since the first attempt may have committed and a retry would then fail its
+// own precondition.
 const CONNECTION_LOST_CODES = new Set(['57P01', '57P02', 'ECONNRESET', 'EPIPE'])
 function isConnectionLost (err: unknown): boolean {
   if (!(err instanceof Error)) return false
@@ -50,14 +117,16 @@ function isConnectionLost (err: unknown): boolean {
   return (code !== undefined && CONNECTION_LOST_CODES.has(code)) || err.message.includes('Connection terminated unexpectedly')
 }
 
-/** The six key-value operations of the sync store, one SQL round trip each. */
+/** The key-value operations of the sync store, one SQL round trip each. */
 export function createStorage (db: Queryable, log: FastifyBaseLogger) {
-  async function run<R extends QueryResultRow> (statement: { name: string, text: string }, values: unknown[]): Promise<QueryResult<R>> {
+  async function run<R extends QueryResultRow> (
+    statement: { name: string, text: string }, values: unknown[], idempotent = true
+  ): Promise<QueryResult<R>> {
     const query = { ...statement, values }
     try {
       return await db.query<R>(query)
     } catch (err) {
-      if (!isConnectionLost(err)) throw err
+      if (!idempotent || !isConnectionLost(err)) throw err
       log.warn({ err: safeError(err), statement: statement.name }, 'database connection lost mid-query, retrying once')
       return await db.query<R>(query)
     }
@@ -69,36 +138,77 @@ export function createStorage (db: Queryable, log: FastifyBaseLogger) {
     log.info({ op, user: userId === undefined ? undefined : pseudonym(userId), ms: Math.round(ms * 100) / 100, ...extra }, 'storage')
   }
 
+  async function storeWith (userId: string, payload: SyncPayload, precondition: WritePrecondition): Promise<StoreResult> {
+    const bytes = decodedBase64Bytes(payload.encryptedBlob)
+    const values = [userId, payload.encryptedBlob, payload.iv, payload.timestamp, payload.checksum, bytes]
+    const { ifMatch, ifNoneMatch } = precondition
+    let written: { etag: string | null, current?: string | null } | undefined
+    if (ifMatch === '*') {
+      written = (await run<{ etag: string }>(STORE_IF_EXISTS, values, false)).rows[0]
+    } else if (ifMatch !== undefined) {
+      written = (await run<{ etag: string | null, current: string | null }>(STORE_IF_MATCH, [...values, ifMatch], false)).rows[0]
+    } else if (ifNoneMatch === '*') {
+      written = (await run<{ etag: string | null, current: string | null }>(STORE_IF_ABSENT, values, false)).rows[0]
+    } else {
+      written = (await run<{ etag: string }>(STORE, values)).rows[0]
+    }
+    if (written?.etag == null) return { stored: false, currentEtag: written?.current ?? null }
+    return { stored: true, etag: written.etag, bytes }
+  }
+
   return {
-    /** Creates or replaces the user's record; returns the blob's decoded size in bytes. */
-    async store (userId: string, payload: SyncPayload): Promise<number> {
+    /** Creates or replaces the user's record, unless a precondition fails. */
+    async store (userId: string, payload: SyncPayload, precondition: WritePrecondition = {}): Promise<StoreResult> {
       const started = process.hrtime.bigint()
-      const bytes = decodedBase64Bytes(payload.encryptedBlob)
-      await run(STORE, [userId, payload.encryptedBlob, payload.iv, payload.timestamp, payload.checksum, bytes])
-      logged('store', userId, started, { bytes })
-      return bytes
+      const result = await storeWith(userId, payload, precondition)
+      logged('store', userId, started, result.stored ? { bytes: result.bytes } : { preconditionFailed: true })
+      return result
     },
 
-    /** The user's record, or null; marks the record as accessed now. */
-    async get (userId: string): Promise<SyncPayload | null> {
+    /**
+     * The user's record, or null; marks the record as accessed now. When its tag is one of
+     * `notModified` (or that list holds '*'), the payload is left out (null) and not read.
+     */
+    async get (userId: string, notModified: string[] = []): Promise<StoredRecord | null> {
       const started = process.hrtime.bigint()
-      const { rows: [row] } = await run<StoredRow>(GET, [userId])
-      logged('get', userId, started, { bytes: row?.blob_size ?? 0, found: row !== undefined })
+      const { rows: [row] } = await run<StoredRow>(GET, [userId, notModified])
+      logged('get', userId, started, { bytes: row?.not_modified ? 0 : (row?.blob_size ?? 0), found: row !== undefined })
       if (row === undefined) return null
-      return { encryptedBlob: row.encrypted_blob, iv: row.iv, timestamp: Number(row.timestamp), checksum: row.checksum }
+      return {
+        etag: row.etag,
+        payload: row.not_modified || row.encrypted_blob === null
+          ? null
+          : { encryptedBlob: row.encrypted_blob, iv: row.iv, timestamp: Number(row.timestamp), checksum: row.checksum }
+      }
     },
 
-    /** Removes the user's record; true when there was one. */
-    async delete (userId: string): Promise<boolean> {
+    /** Removes the user's record (true when there was one), unless an If-Match precondition fails. */
+    async delete (userId: string, precondition: Pick<WritePrecondition, 'ifMatch'> = {}): Promise<DeleteResult> {
       const started = process.hrtime.bigint()
-      const { rowCount } = await run(DELETE, [userId])
-      logged('delete', userId, started, { deleted: rowCount === 1 })
-      return rowCount === 1
+      const { ifMatch } = precondition
+      let result: DeleteResult
+      if (ifMatch === undefined) {
+        const { rowCount } = await run(DELETE, [userId])
+        result = { deleted: rowCount === 1 }
+      } else {
+        const { rows: [row] } = await run<{ deleted: number, current: string | null }>(
+          DELETE_IF_MATCH, [userId, ifMatch === '*' ? [] : ifMatch, ifMatch === '*'], false)
+        result = row?.deleted === 1
+          ? { deleted: true }
+          : { deleted: false, preconditionFailed: true, currentEtag: row?.current ?? null }
+      }
+      logged('delete', userId, started, { deleted: result.deleted })
+      return result
     },
 
     async exists (userId: string): Promise<boolean> {
-      const { rows: [row] } = await run<{ exists: boolean }>(EXISTS, [userId])
-      return row?.exists === true
+      return (await this.etagOf(userId)) !== null
+    },
+
+    /** The current entity tag of the user's record, or null when there is none. */
+    async etagOf (userId: string): Promise<string | null> {
+      const { rows: [row] } = await run<{ etag: string }>(ETAG_OF, [userId])
+      return row?.etag ?? null
     },
 
     async getAllUserIds (): Promise<string[]> {

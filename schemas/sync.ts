@@ -54,3 +54,9 @@ export type SyncPayload = Static<typeof SyncPayloadSchema>
 export const SuccessSchema = Type.Object({ success: Type.Literal(true) })
 
 export const VerifySchema = Type.Object({ exists: Type.Boolean() })
+
+/** The conditional-request headers the sync routes honour (RFC 9110 section 13). */
+export const ConditionalHeadersSchema = Type.Object({
+  'if-match': Type.Optional(Type.String({ maxLength: 2048, description: 'an ETag from an earlier answer, or *' })),
+  'if-none-match': Type.Optional(Type.String({ maxLength: 2048, description: 'an ETag from an earlier answer, or *' }))
+})

@@ -33,8 +33,8 @@ async function row (userId: string) {
 t.test('store then get returns exactly what was stored, timestamp as a number', async (t) => {
   const userId = randomUUID()
   const data = payload(100)
-  t.equal(await storage.store(userId, data), 100, 'store returns the decoded size')
-  t.strictSame(await storage.get(userId), data)
+  t.match(await storage.store(userId, data), { stored: true, bytes: 100, etag: /^1-\d+$/ }, 'store returns the size and tag')
+  t.strictSame((await storage.get(userId))?.payload, data)
   const stored = await row(userId)
   t.equal(stored.blob_size, 100)
   t.equal(stored.encrypted_blob, data.encryptedBlob)
@@ -52,7 +52,7 @@ t.test('store replaces the record and keeps created_at', async (t) => {
   const second = { ...payload(20, 2), timestamp: 1_800_000_000_000 }
   await storage.store(userId, second)
   const after = await row(userId)
-  t.strictSame(await storage.get(userId), second)
+  t.strictSame((await storage.get(userId))?.payload, second)
   t.equal(after.created_at.getTime(), before.created_at.getTime(), 'created_at survives the update')
   t.equal(after.blob_size, 20)
   const { rows } = await pool.query('SELECT count(*)::int AS n FROM user_sync_data WHERE user_id = $1', [userId])
@@ -74,10 +74,10 @@ t.test('exists and delete', async (t) => {
   t.equal(await storage.exists(userId), false)
   await storage.store(userId, payload())
   t.equal(await storage.exists(userId), true)
-  t.equal(await storage.delete(userId), true, 'deleting a record says so')
+  t.strictSame(await storage.delete(userId), { deleted: true }, 'deleting a record says so')
   t.equal(await storage.exists(userId), false)
   t.equal(await storage.get(userId), null)
-  t.equal(await storage.delete(userId), false, 'deleting nothing is not an error')
+  t.strictSame(await storage.delete(userId), { deleted: false }, 'deleting nothing is not an error')
 })
 
 t.test('getAllUserIds lists every stored user', async (t) => {
@@ -105,9 +105,9 @@ t.test('deleteInactive deletes exactly the rows idle longer than the limit', asy
 t.test('a full 1,000,000-byte blob round-trips', async (t) => {
   const userId = randomUUID()
   const data = { ...payload(MAX_BLOB_BYTES, 7) }
-  t.equal(await storage.store(userId, data), MAX_BLOB_BYTES)
+  t.match(await storage.store(userId, data), { stored: true, bytes: MAX_BLOB_BYTES })
   const back = await storage.get(userId)
-  t.equal(back?.encryptedBlob, data.encryptedBlob)
+  t.equal(back?.payload?.encryptedBlob, data.encryptedBlob)
 })
 
 t.test('the table constraints refuse what the schemas refuse', async (t) => {
@@ -132,7 +132,7 @@ t.test('concurrent upserts of one user leave one whole record from one of them',
   const userId = randomUUID()
   const writes = Array.from({ length: 20 }, (_, i) => payload(1000 + i, i + 1))
   await Promise.all(writes.map((data) => storage.store(userId, data)))
-  const stored = await storage.get(userId)
+  const stored = (await storage.get(userId))?.payload
   const winner = writes.find((data) => data.encryptedBlob === stored?.encryptedBlob)
   t.ok(winner, 'the stored blob is one that was sent')
   t.strictSame(stored, winner, 'and every field comes from the same upload')
@@ -147,5 +147,77 @@ t.test('a connection killed by the server is retried once, transparently', async
   const { rows } = await pool.query(
     "SELECT count(pg_terminate_backend(pid))::int AS killed FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
   t.ok(rows[0].killed >= 1, `terminated ${rows[0].killed} connections`)
-  t.strictSame(await storage.get(userId), payload(), 'the next operation still succeeds')
+  t.strictSame((await storage.get(userId))?.payload, payload(), 'the next operation still succeeds')
+})
+
+t.test('versions: every upload adds one, and the tag changes with it', async (t) => {
+  const userId = randomUUID()
+  const first = await storage.store(userId, payload())
+  const second = await storage.store(userId, payload())
+  t.match(first, { stored: true, etag: /^1-/ })
+  t.match(second, { stored: true, etag: /^2-/ })
+  t.equal((await storage.get(userId))?.etag, (second as { etag: string }).etag)
+  t.equal(await storage.etagOf(userId), (second as { etag: string }).etag)
+  t.equal(await storage.etagOf(randomUUID()), null)
+})
+
+t.test('a record deleted and created again never repeats an old tag', async (t) => {
+  const userId = randomUUID()
+  const before = await storage.store(userId, payload())
+  await storage.delete(userId)
+  const after = await storage.store(userId, payload())
+  t.match(after, { stored: true, etag: /^1-/ })
+  t.not((after as { etag: string }).etag, (before as { etag: string }).etag)
+})
+
+t.test('conditional store: If-Match, If-Match *, If-None-Match *', async (t) => {
+  const userId = randomUUID()
+  t.strictSame(await storage.store(userId, payload(), { ifMatch: '*' }), { stored: false, currentEtag: null }, 'If-Match * needs a record')
+  const created = await storage.store(userId, payload(8, 1), { ifNoneMatch: '*' })
+  t.match(created, { stored: true, etag: /^1-/ }, 'If-None-Match * creates')
+  const etag1 = (created as { etag: string }).etag
+  t.strictSame(await storage.store(userId, payload(), { ifNoneMatch: '*' }), { stored: false, currentEtag: etag1 }, 'but only once')
+  const replaced = await storage.store(userId, payload(8, 2), { ifMatch: [etag1] })
+  t.match(replaced, { stored: true, etag: /^2-/ }, 'If-Match with the current tag replaces')
+  const etag2 = (replaced as { etag: string }).etag
+  t.strictSame(await storage.store(userId, payload(8, 3), { ifMatch: [etag1] }), { stored: false, currentEtag: etag2 }, 'a stale tag fails')
+  t.match(await storage.store(userId, payload(8, 4), { ifMatch: ['nope', etag2] }), { stored: true, etag: /^3-/ }, 'any listed tag may match')
+  t.match(await storage.store(userId, payload(8, 5), { ifMatch: '*' }), { stored: true, etag: /^4-/ })
+  t.strictSame((await storage.get(userId))?.payload, payload(8, 5))
+})
+
+t.test('get with the current tag leaves the payload out but still counts as access', async (t) => {
+  const userId = randomUUID()
+  const { etag } = await storage.store(userId, payload()) as { etag: string }
+  await pool.query("UPDATE user_sync_data SET last_accessed = now() - interval '100 days' WHERE user_id = $1", [userId])
+  t.strictSame(await storage.get(userId, [etag]), { etag, payload: null })
+  t.strictSame(await storage.get(userId, ['*']), { etag, payload: null })
+  t.strictSame(await storage.get(userId, ['0-0']), { etag, payload: payload() })
+  const { rows } = await pool.query("SELECT now() - last_accessed < interval '1 minute' AS fresh FROM user_sync_data WHERE user_id = $1", [userId])
+  t.equal(rows[0].fresh, true)
+})
+
+t.test('conditional delete', async (t) => {
+  const userId = randomUUID()
+  t.strictSame(await storage.delete(userId, { ifMatch: '*' }), { deleted: false, preconditionFailed: true, currentEtag: null })
+  const { etag } = await storage.store(userId, payload()) as { etag: string }
+  t.strictSame(await storage.delete(userId, { ifMatch: ['1-0'] }), { deleted: false, preconditionFailed: true, currentEtag: etag })
+  t.equal(await storage.exists(userId), true, 'a failed precondition deletes nothing')
+  t.strictSame(await storage.delete(userId, { ifMatch: [etag] }), { deleted: true })
+  t.equal(await storage.exists(userId), false)
+})
+
+t.test('concurrent writes with the same If-Match: exactly one wins, every time', async (t) => {
+  const userId = randomUUID()
+  let { etag } = await storage.store(userId, payload(64, 0)) as { etag: string }
+  for (let round = 1; round <= 25; round++) {
+    const contenders = [payload(5000, round), payload(7000, round + 100)]
+    const results = await Promise.all(contenders.map((data) => storage.store(userId, data, { ifMatch: [etag] })))
+    const winners = results.filter((result) => result.stored)
+    t.equal(winners.length, 1, `round ${round}: one winner`)
+    const winner = contenders[results.findIndex((result) => result.stored)]!
+    const stored = await storage.get(userId)
+    t.strictSame(stored?.payload, winner, `round ${round}: the stored record is the winner's, whole`)
+    etag = stored!.etag
+  }
 })

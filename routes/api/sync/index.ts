@@ -1,10 +1,33 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import type { FastifyReply } from 'fastify'
 import { ErrorSchema } from '../../../schemas/error.ts'
 import {
-  MAX_BLOB_BYTES, SuccessSchema, SyncPayloadSchema, UserParamsSchema, VerifySchema, decodedBase64Bytes
+  ConditionalHeadersSchema, MAX_BLOB_BYTES, SuccessSchema, SyncPayloadSchema, UserParamsSchema, VerifySchema,
+  decodedBase64Bytes
 } from '../../../schemas/sync.ts'
 
 const errors = { 400: ErrorSchema, 503: ErrorSchema }
+const PRECONDITION_FAILED = 'Precondition failed: the data on the server is not the version this request expected'
+
+/**
+ * The entity-tag values listed in an If-Match or If-None-Match header, without quotes, or '*'.
+ * Weak tags (W/"…") only count where weak comparison is allowed (If-None-Match on GET);
+ * entries that are not entity tags are ignored, so they can only make a precondition fail.
+ */
+export function parseEntityTags (header: string | undefined, weakAllowed: boolean): string[] | '*' | undefined {
+  if (header === undefined) return undefined
+  if (header.trim() === '*') return '*'
+  const tags: string[] = []
+  for (const part of header.split(',').slice(0, 32)) {
+    const match = /^\s*(W\/)?"([\x21\x23-\x7e]*)"\s*$/.exec(part)
+    if (match !== null && (weakAllowed || match[1] === undefined)) tags.push(match[2]!)
+  }
+  return tags
+}
+
+function sendEtag (reply: FastifyReply, etag: string | null): void {
+  if (etag !== null) reply.header('etag', `"${etag}"`)
+}
 
 /** PUT / GET / POST verify / DELETE on /api/sync/:userId: the API the clients already speak. */
 const sync: FastifyPluginAsyncTypebox = async function (app) {
@@ -19,49 +42,75 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
   app.put('/:userId', {
     schema: {
       summary: 'Upload (create or replace) the encrypted data of a user',
+      description: 'With If-Match, replaces only the version the client read; with If-None-Match: *, only creates.',
       params: UserParamsSchema,
+      headers: ConditionalHeadersSchema,
       body: SyncPayloadSchema,
-      response: { 200: SuccessSchema, ...errors, 413: ErrorSchema, 415: ErrorSchema }
+      response: { 200: SuccessSchema, ...errors, 412: ErrorSchema, 413: ErrorSchema, 415: ErrorSchema }
     }
-  }, async function (request) {
+  }, async function (request, reply) {
     const bytes = decodedBase64Bytes(request.body.encryptedBlob)
     if (bytes > MAX_BLOB_BYTES) {
       throw app.httpErrors.payloadTooLarge(`encryptedBlob decodes to ${bytes} bytes; the limit is ${MAX_BLOB_BYTES} bytes`)
     }
-    await app.storage.store(request.params.userId, request.body)
+    const ifMatch = parseEntityTags(request.headers['if-match'], false)
+    const ifNoneMatch = parseEntityTags(request.headers['if-none-match'], true)
+    if (ifNoneMatch !== undefined && ifNoneMatch !== '*') {
+      throw app.httpErrors.badRequest('If-None-Match on PUT supports only * (create only); use If-Match to replace a version')
+    }
+    const result = await app.storage.store(request.params.userId, request.body, { ifMatch, ifNoneMatch })
+    if (!result.stored) {
+      sendEtag(reply, result.currentEtag)
+      throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
+    }
+    sendEtag(reply, result.etag)
     return { success: true } as const
   })
 
   app.get('/:userId', {
     schema: {
       summary: 'Download the encrypted data of a user',
+      description: 'With If-None-Match holding the current ETag, answers 304 with no body.',
       params: UserParamsSchema,
-      response: { 200: SyncPayloadSchema, ...errors, 404: ErrorSchema }
+      headers: ConditionalHeadersSchema,
+      response: { 200: SyncPayloadSchema, 304: { type: 'null', description: 'Not Modified' }, ...errors, 404: ErrorSchema }
     }
-  }, async function (request) {
-    const payload = await app.storage.get(request.params.userId)
-    if (payload === null) throw app.httpErrors.notFound('User not found')
-    return payload
+  }, async function (request, reply) {
+    const ifNoneMatch = parseEntityTags(request.headers['if-none-match'], true)
+    const record = await app.storage.get(request.params.userId, ifNoneMatch === '*' ? ['*'] : ifNoneMatch)
+    if (record === null) throw app.httpErrors.notFound('User not found')
+    sendEtag(reply, record.etag)
+    if (record.payload === null) return reply.code(304).send()
+    return record.payload
   })
 
   app.post('/:userId/verify', {
     schema: {
-      summary: 'Tell whether a user has data stored',
+      summary: 'Tell whether a user has data stored (with its ETag when it has)',
       params: UserParamsSchema,
       response: { 200: VerifySchema, ...errors }
     }
-  }, async function (request) {
-    return { exists: await app.storage.exists(request.params.userId) }
+  }, async function (request, reply) {
+    const etag = await app.storage.etagOf(request.params.userId)
+    sendEtag(reply, etag)
+    return { exists: etag !== null }
   })
 
   app.delete('/:userId', {
     schema: {
       summary: 'Delete the data of a user (succeeds when there was none)',
+      description: 'With If-Match, deletes only the version the client read.',
       params: UserParamsSchema,
-      response: { 200: SuccessSchema, ...errors }
+      headers: ConditionalHeadersSchema,
+      response: { 200: SuccessSchema, ...errors, 412: ErrorSchema }
     }
-  }, async function (request) {
-    await app.storage.delete(request.params.userId)
+  }, async function (request, reply) {
+    const ifMatch = parseEntityTags(request.headers['if-match'], false)
+    const result = await app.storage.delete(request.params.userId, { ifMatch })
+    if (result.preconditionFailed) {
+      sendEtag(reply, result.currentEtag)
+      throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
+    }
     return { success: true } as const
   })
 }
