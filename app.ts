@@ -4,6 +4,7 @@ import sensible from '@fastify/sensible'
 import configPlugin, { type Config } from './plugins/config.ts'
 import dbPlugin, { isDatabaseUnavailable, isInvalidData } from './plugins/db.ts'
 import storagePlugin from './plugins/storage.ts'
+import corsPlugin from './plugins/cors.ts'
 import healthRoutes from './routes/health.ts'
 import syncRoutes from './routes/api/sync/index.ts'
 import { BASE64_FORMAT, MAX_BLOB_BASE64_CHARS } from './schemas/sync.ts'
@@ -44,6 +45,7 @@ const DATABASE_UNAVAILABLE = 'The database is unavailable; please retry shortly'
 export default fp(async function app (app: FastifyInstance, opts: { config: Config }) {
   await app.register(configPlugin, { config: opts.config })
   await app.register(sensible)
+  await app.register(corsPlugin)
   await app.register(dbPlugin)
   await app.register(storagePlugin)
 

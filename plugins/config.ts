@@ -23,7 +23,11 @@ export const ConfigSchema = Type.Object({
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 1000, default: 10 }),
   DATABASE_CONNECT_TIMEOUT_MS: Milliseconds(2_000, 'how long a request waits for a pooled connection before a 503'),
   DATABASE_STATEMENT_TIMEOUT_MS: Milliseconds(5_000, 'longest a single SQL statement may run'),
-  HEALTH_TIMEOUT_MS: Milliseconds(2_000, 'how long /health waits for SELECT 1')
+  HEALTH_TIMEOUT_MS: Milliseconds(2_000, 'how long /health waits for SELECT 1'),
+  CORS_ORIGINS: Type.String({
+    default: '',
+    description: 'comma-separated origins browsers may call from (https://app.example), * for any, empty for none'
+  })
 }, { additionalProperties: false })
 
 export type Config = Static<typeof ConfigSchema>
