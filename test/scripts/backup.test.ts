@@ -1,0 +1,132 @@
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { randomUUID } from 'node:crypto'
+import { mkdtempSync, writeFileSync, existsSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { promisify } from 'node:util'
+import { build, createTestDatabase, inspect } from '../helper.ts'
+import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url))
+const run = promisify(execFile)
+const dir = mkdtempSync(join(tmpdir(), 'lk-backup-'))
+t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+
+async function script (name: string, args: string[], databaseUrl: string) {
+  try {
+    const { stdout, stderr } = await run('bash', [join(ROOT, 'scripts', name), ...args], {
+      env: { PATH: process.env.PATH ?? '', DATABASE_URL: databaseUrl }, maxBuffer: 64 * 1024 * 1024
+    })
+    return { code: 0, stdout, stderr }
+  } catch (err) {
+    const failed = err as { code: number, stdout: string, stderr: string }
+    return { code: failed.code, stdout: failed.stdout, stderr: failed.stderr }
+  }
+}
+
+// Every column of every row, as PostgreSQL itself prints it (timestamps to the microsecond).
+const EVERYTHING = 'SELECT row_to_json(u)::text AS row FROM user_sync_data u ORDER BY user_id'
+
+const app = await build(t)
+const source = app.config.DATABASE_URL
+const db = inspect(t, source)
+const users = [
+  { id: randomUUID(), bytes: MAX_BLOB_BYTES },
+  ...Array.from({ length: 20 }, (_, i) => ({ id: randomUUID(), bytes: 100 * (i + 1) }))
+]
+for (const [i, user] of users.entries()) {
+  const res = await app.inject({
+    method: 'PUT',
+    url: `/api/sync/${user.id}`,
+    payload: {
+      encryptedBlob: Buffer.alloc(user.bytes, i + 1).toString('base64'),
+      iv: 'AbCdEfGhIjKl+/9z',
+      timestamp: 1_700_000_000_000 + i,
+      checksum: 'ab'.repeat(32)
+    }
+  })
+  if (res.statusCode !== 200) throw new Error(`seeding failed: ${res.body}`)
+}
+// A second upload and a download, so version and last_accessed differ from their defaults.
+await app.inject({ method: 'PUT', url: `/api/sync/${users[1]!.id}`, payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 9, checksum: 'c'.repeat(64) } })
+await app.inject({ method: 'GET', url: `/api/sync/${users[1]!.id}` })
+const original = (await db.query(EVERYTHING)).rows.map((row) => row.row)
+
+t.test('backup, wipe, restore: every column of every row comes back, constraints hold', async (t) => {
+  const file = join(dir, 'round-trip.dump')
+  const backup = await script('backup.sh', [file], source)
+  t.equal(backup.code, 0, backup.stderr)
+  t.equal(backup.stdout.trim().split('\n').at(-1), file, 'the last line is the file')
+  t.notOk(existsSync(`${file}.partial`), 'no partial file left behind')
+
+  const refused = await script('restore.sh', [file], source)
+  t.equal(refused.code, 1, 'refuses a database that holds sync data')
+  t.match(refused.stderr, /already holds sync data for 21 users.*--force/)
+
+  await db.query('DELETE FROM user_sync_data')
+  const restored = await script('restore.sh', [file], source)
+  t.equal(restored.code, 0, restored.stderr)
+  t.match(restored.stdout, /restored .* \(21 users\)/)
+  t.strictSame((await db.query(EVERYTHING)).rows.map((row) => row.row), original, 'identical, column for column')
+  const big = await db.query('SELECT blob_size, length(encrypted_blob) AS chars FROM user_sync_data WHERE user_id = $1', [users[0]!.id])
+  t.strictSame(big.rows[0], { blob_size: MAX_BLOB_BYTES, chars: 1_333_336 })
+
+  await t.rejects(db.query("INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, 'AAAA', 'bad', 1, repeat('a', 64), 3)", [randomUUID()]),
+    { code: '23514' }, 'the iv constraint is back')
+  await t.rejects(db.query("INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 1000001)", [randomUUID()]),
+    { code: '23514' }, 'the size constraint is back')
+  await t.rejects(db.query("INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 3)", [users[0]!.id]),
+    { code: '23505' }, 'the primary key is back')
+  const get = await app.inject({ method: 'GET', url: `/api/sync/${users[2]!.id}` })
+  t.equal(get.statusCode, 200, 'the running service reads the restored data')
+})
+
+t.test('--force replaces the data of a database that holds some', async (t) => {
+  const file = join(dir, 'force.dump')
+  t.equal((await script('backup.sh', [file], source)).code, 0)
+  const stranger = randomUUID()
+  await app.inject({ method: 'PUT', url: `/api/sync/${stranger}`, payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64) } })
+  await db.query('DELETE FROM user_sync_data WHERE user_id = $1', [users[3]!.id])
+  const forced = await script('restore.sh', [file, '--force'], source)
+  t.equal(forced.code, 0, forced.stderr)
+  const now = (await db.query(EVERYTHING)).rows.map((row) => row.row)
+  t.equal(now.length, 21)
+  t.notOk(now.some((row: string) => row.includes(stranger)), 'rows not in the backup are gone')
+  t.ok(now.some((row: string) => row.includes(users[3]!.id)), 'rows in the backup are back')
+})
+
+t.test('restore into a new, empty database', async (t) => {
+  const file = join(dir, 'fresh.dump')
+  t.equal((await script('backup.sh', [file], source)).code, 0)
+  const target = await createTestDatabase(t)
+  const restored = await script('restore.sh', [file], target)
+  t.equal(restored.code, 0, restored.stderr)
+  const copy = inspect(t, target)
+  t.strictSame((await copy.query(EVERYTHING)).rows.map((row) => row.row), (await db.query(EVERYTHING)).rows.map((row) => row.row))
+})
+
+t.test('a damaged backup is refused and changes nothing', async (t) => {
+  const file = join(dir, 'damaged.dump')
+  writeFileSync(file, 'PGDMP this is not really a dump')
+  const before = (await db.query(EVERYTHING)).rows.map((row) => row.row)
+  const restored = await script('restore.sh', [file, '--force'], source)
+  t.not(restored.code, 0)
+  t.match(restored.stderr, /not a readable pg_dump/)
+  t.strictSame((await db.query(EVERYTHING)).rows.map((row) => row.row), before)
+})
+
+t.test('backup.sh names its file by default, and fails loudly on a bad database', async (t) => {
+  const fallback = await script('backup.sh', [], source)
+  t.equal(fallback.code, 0, fallback.stderr)
+  const path = fallback.stdout.trim().split('\n').at(-1)!
+  t.match(path, /^backups\/logikids-\d{8}T\d{6}Z\.dump$/)
+  t.ok(existsSync(join(ROOT, path)))
+  rmSync(join(ROOT, path))
+  const bad = join(dir, 'nowhere.dump')
+  const failed = await script('backup.sh', [bad], 'postgres://postgres@127.0.0.1:1/nowhere')
+  t.not(failed.code, 0)
+  t.notOk(existsSync(bad), 'no file for a failed backup')
+  t.notOk(existsSync(`${bad}.partial`))
+})
