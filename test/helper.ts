@@ -21,8 +21,35 @@ let serverPromise: Promise<TestServer> | undefined
  * postgres:16-alpine from testcontainers when a container runtime answers within a few seconds.
  */
 function testServer (t: TestContext): Promise<TestServer> {
-  serverPromise ??= findTestServer(t)
+  serverPromise ??= findTestServer(t).then(async (server) => {
+    await dropAbandonedDatabases(server.url)
+    return server
+  })
   return serverPromise
+}
+
+/** Test databases whose test process died before its teardown (a crash, a kill) are dropped. */
+async function dropAbandonedDatabases (serverUrl: string): Promise<void> {
+  const admin = new pg.Client({ connectionString: serverUrl })
+  await admin.connect()
+  try {
+    const { rows } = await admin.query<{ datname: string }>("SELECT datname FROM pg_database WHERE datname ~ '^lk_test_[0-9]+_[0-9a-f]+$'")
+    for (const { datname } of rows) {
+      const pid = Number(datname.split('_')[2])
+      if (!isAlive(pid)) await admin.query(`DROP DATABASE IF EXISTS ${datname} WITH (FORCE)`).catch(() => {})
+    }
+  } finally {
+    await admin.end()
+  }
+}
+
+function isAlive (pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM'
+  }
 }
 
 async function findTestServer (t: TestContext): Promise<TestServer> {
