@@ -1,14 +1,20 @@
 import type { FastifyError, FastifyInstance, FastifyServerOptions } from 'fastify'
 import fp from 'fastify-plugin'
 import sensible from '@fastify/sensible'
+import helmet from '@fastify/helmet'
 import configPlugin, { type Config } from './plugins/config.ts'
 import dbPlugin, { isDatabaseUnavailable, isInvalidData } from './plugins/db.ts'
 import storagePlugin from './plugins/storage.ts'
 import corsPlugin from './plugins/cors.ts'
+import metricsPlugin from './plugins/metrics.ts'
+import cleanupPlugin from './plugins/cleanup.ts'
+import rateLimitPlugin from './plugins/rate-limit.ts'
+import docsPlugin from './plugins/docs.ts'
 import healthRoutes from './routes/health.ts'
+import infoRoutes from './routes/info.ts'
 import syncRoutes from './routes/api/sync/index.ts'
 import { BASE64_FORMAT, MAX_BLOB_BASE64_CHARS } from './schemas/sync.ts'
-import { loggerOptions } from './logging.ts'
+import { OneLinePerRequest, loggerOptions } from './logging.ts'
 
 /** Room for a full 1,000,000-byte blob as base64 JSON plus the other fields and some whitespace. */
 export const BODY_LIMIT = MAX_BLOB_BASE64_CHARS + 8 * 1024
@@ -16,7 +22,11 @@ export const BODY_LIMIT = MAX_BLOB_BASE64_CHARS + 8 * 1024
 /** The options Fastify must be created with (server.ts and the tests share them). */
 export function serverOptions (config: Config): FastifyServerOptions {
   return {
+    // Behind a reverse proxy, request.ip (rate limits, logs) comes from X-Forwarded-For, but only
+    // when the connection comes from one of these addresses.
+    trustProxy: config.TRUST_PROXY === '' ? false : config.TRUST_PROXY.split(',').map((entry) => entry.trim()),
     logger: loggerOptions(config),
+    logController: new OneLinePerRequest(),
     bodyLimit: BODY_LIMIT,
     // A client gets 30 s to send a whole request (a 1.3 MB upload on a slow mobile link fits);
     // a connection that sends nothing is dropped, which also cuts off slow-header clients.
@@ -43,12 +53,7 @@ const DATABASE_UNAVAILABLE = 'The database is unavailable; please retry shortly'
 
 /** The service as one plugin: configuration, database, storage, routes, and how errors look. */
 export default fp(async function app (app: FastifyInstance, opts: { config: Config }) {
-  await app.register(configPlugin, { config: opts.config })
-  await app.register(sensible)
-  await app.register(corsPlugin)
-  await app.register(dbPlugin)
-  await app.register(storagePlugin)
-
+  // Set first: a route keeps the error handler in force when it was declared.
   app.setErrorHandler(function (error: FastifyError, request, reply) {
     const { statusCode, message } = describeError(error)
     if (statusCode >= 500) {
@@ -56,9 +61,24 @@ export default fp(async function app (app: FastifyInstance, opts: { config: Conf
     } else if (isInvalidData(error)) {
       request.log.warn({ err: error }, 'the database refused a value the schemas let through')
     }
-    if (statusCode === 503) reply.header('retry-after', '5')
+    if (statusCode === 503) {
+      reply.header('retry-after', '5')
+      if (isDatabaseUnavailable(error)) app.metrics.databaseErrors.inc({ kind: 'unavailable' })
+    }
     return reply.code(statusCode).send({ error: message, statusCode })
   })
+
+  await app.register(configPlugin, { config: opts.config })
+  await app.register(docsPlugin)
+  await app.register(sensible)
+  // Security headers; the API is meant to be read by the apps of other origins (CORS).
+  await app.register(helmet, { crossOriginResourcePolicy: { policy: 'cross-origin' } })
+  await app.register(corsPlugin)
+  await app.register(dbPlugin)
+  await app.register(metricsPlugin)
+  await app.register(storagePlugin)
+  await app.register(cleanupPlugin)
+  await app.register(rateLimitPlugin)
 
   app.setNotFoundHandler(function (request, reply) {
     // The URL is not echoed back: it may hold a user id.
@@ -66,6 +86,7 @@ export default fp(async function app (app: FastifyInstance, opts: { config: Conf
   })
 
   await app.register(healthRoutes)
+  await app.register(infoRoutes)
   await app.register(syncRoutes, { prefix: '/api/sync' })
 }, { name: 'logikids-sync' })
 

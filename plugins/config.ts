@@ -1,9 +1,24 @@
+import { existsSync } from 'node:fs'
+import { fileURLToPath } from 'node:url'
 import fp from 'fastify-plugin'
 import { envSchema } from 'env-schema'
 import { Type, type Static } from '@sinclair/typebox'
 
 const Milliseconds = (defaultValue: number, description: string) =>
   Type.Integer({ minimum: 1, maximum: 600_000, default: defaultValue, description })
+
+const Duration = (defaultValue: string, description: string) =>
+  Type.String({ pattern: '^[0-9]+(ms|s|m|h|d)?$', default: defaultValue, description })
+
+const PROXY = '([0-9A-Fa-f]*[.:][0-9A-Fa-f:.]*(/[0-9]{1,3})?|loopback|linklocal|uniquelocal)'
+
+const UNIT_MS: Record<string, number> = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 }
+
+/** Milliseconds of a duration such as 1d, 12h, 15m, 30s, 500ms (a bare number is milliseconds). */
+export function durationMs (value: string): number {
+  const [, amount, unit] = /^([0-9]+)(ms|s|m|h|d)?$/.exec(value) ?? []
+  return Number(amount) * UNIT_MS[unit ?? 'ms']!
+}
 
 export const ConfigSchema = Type.Object({
   NODE_ENV: Type.Union(
@@ -24,20 +39,52 @@ export const ConfigSchema = Type.Object({
   DATABASE_CONNECT_TIMEOUT_MS: Milliseconds(2_000, 'how long a request waits for a pooled connection before a 503'),
   DATABASE_STATEMENT_TIMEOUT_MS: Milliseconds(5_000, 'longest a single SQL statement may run'),
   HEALTH_TIMEOUT_MS: Milliseconds(2_000, 'how long /health waits for SELECT 1'),
+  CLEANUP_INACTIVE_DAYS: Type.Integer({
+    minimum: 0, maximum: 36_500, default: 730, description: 'delete accounts not accessed for this many days; 0 disables'
+  }),
+  CLEANUP_INTERVAL: Duration('1d', 'how often the cleanup runs (e.g. 1d, 12h); 0 disables'),
+  RATE_LIMIT_MAX: Type.Integer({ minimum: 0, default: 100, description: 'requests per user id per window; 0 disables' }),
+  RATE_LIMIT_IP_MAX: Type.Integer({ minimum: 0, default: 2000, description: 'requests per client IP per window; 0 disables' }),
+  RATE_LIMIT_WINDOW: Duration('1h', 'the rate-limit window (e.g. 1h, 15m)'),
+  TRUST_PROXY: Type.String({
+    default: '',
+    // Addresses or CIDRs only (or proxy-addr's names): a bare hop count, or "true", would let
+    // any client choose its own address by sending X-Forwarded-For.
+    pattern: `^$|^${PROXY}(\\s*,\\s*${PROXY})*$`,
+    description: 'addresses or CIDRs of the reverse proxies whose X-Forwarded-For is believed, comma-separated'
+  }),
+  METRICS_TOKEN: Type.String({ default: '', description: 'when set, GET /metrics needs Authorization: Bearer <token>' }),
   CORS_ORIGINS: Type.String({
     default: '',
     description: 'comma-separated origins browsers may call from (https://app.example), * for any, empty for none'
   })
 }, { additionalProperties: false })
 
-export type Config = Static<typeof ConfigSchema>
+type Environment = Static<typeof ConfigSchema>
+/** The settings, with durations in milliseconds. */
+export type Config = Omit<Environment, 'CLEANUP_INTERVAL' | 'RATE_LIMIT_WINDOW'> & {
+  CLEANUP_INTERVAL: number
+  RATE_LIMIT_WINDOW: number
+}
+
+/** A file or folder at the project's root, found from the sources (plugins/) or the build (dist/plugins/). */
+export function projectFile (name: string): string {
+  const candidates = [new URL(`../${name}`, import.meta.url), new URL(`../../${name}`, import.meta.url)].map((url) => fileURLToPath(url))
+  return candidates.find((path) => existsSync(path)) ?? candidates[0]!
+}
 
 // The compose file's development default, and the passwords a tutorial would use.
 const WEAK_PASSWORDS = new Set(['', 'development', 'postgres', 'password', 'logikids', 'changeme'])
 
 /** Validates the environment (process.env unless given) and returns the typed settings. */
 export function loadConfig (env: Record<string, string | undefined> = process.env): Config {
-  const config = envSchema<Config>({ schema: ConfigSchema, data: env, env: false, dotenv: false })
+  const raw = envSchema<Environment>({ schema: ConfigSchema, data: env, env: false, dotenv: false })
+  const config: Config = {
+    ...raw,
+    CLEANUP_INTERVAL: durationMs(raw.CLEANUP_INTERVAL),
+    RATE_LIMIT_WINDOW: durationMs(raw.RATE_LIMIT_WINDOW)
+  }
+  if (config.RATE_LIMIT_WINDOW === 0) throw new Error('env/RATE_LIMIT_WINDOW must be longer than 0 (set RATE_LIMIT_MAX=0 to disable)')
   if (config.NODE_ENV === 'production') {
     const password = decodeURIComponent(new URL(config.DATABASE_URL).password)
     if (WEAK_PASSWORDS.has(password)) {

@@ -14,8 +14,8 @@ export default fp(async function corsPolicy (app) {
     origin: allowedOrigins(app.config.CORS_ORIGINS),
     methods: ['GET', 'PUT', 'POST', 'DELETE'],
     allowedHeaders: ['Content-Type', 'If-Match', 'If-None-Match'],
-    // Scripts may read only the headers listed here: the version (sync-protocol.md) and when to retry.
-    exposedHeaders: ['ETag', 'Retry-After'],
+    // Scripts may read only the headers listed here: the version (sync-protocol.md), when to retry, the limits.
+    exposedHeaders: ['ETag', 'Retry-After', 'X-RateLimit-Limit', 'X-RateLimit-Remaining', 'X-RateLimit-Reset'],
     credentials: false,
     // Browsers re-ask at most every 10 minutes (Chromium caps the cache at 2 hours anyway).
     maxAge: 600,

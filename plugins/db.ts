@@ -1,16 +1,12 @@
-import { existsSync } from 'node:fs'
-import { fileURLToPath } from 'node:url'
 import fp from 'fastify-plugin'
 import fastifyPostgres from '@fastify/postgres'
 import { runner } from 'node-pg-migrate'
 import type { Pool } from 'pg'
 import type { FastifyBaseLogger } from 'fastify'
 import { safeError } from '../logging.ts'
+import { projectFile } from './config.ts'
 
-// From the sources sql/ is a sibling of plugins/; from the build (dist/plugins) it is two up.
-export const SQL_DIR = [new URL('../sql/', import.meta.url), new URL('../../sql/', import.meta.url)]
-  .map((url) => fileURLToPath(url))
-  .find((dir) => existsSync(dir)) ?? fileURLToPath(new URL('../sql/', import.meta.url))
+export const SQL_DIR = projectFile('sql')
 
 export const MIGRATIONS_TABLE = 'schema_migrations'
 

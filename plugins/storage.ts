@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyBaseLogger } from 'fastify'
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
-import { pseudonym, safeError } from '../logging.ts'
+import { logs, pseudonym, safeError } from '../logging.ts'
 
 /** What the storage needs of a pool: one query at a time (pg's Pool, or a test's Client). */
 export interface Queryable {
@@ -48,15 +48,20 @@ const STORE_IF_ABSENT = {
            ON CONFLICT (user_id) DO NOTHING RETURNING ${ETAG} AS etag)
          SELECT (SELECT etag FROM written) AS etag, (${CURRENT_ETAG}) AS current`
 }
-// A download is an access: the inactivity rule counts from the last one. When the client
-// already holds the current version (If-None-Match), the blob is not even sent over.
+// A download is an access: the inactivity rule counts from the last one. The row is rewritten
+// at most once a day (a write per GET would cost a WAL flush per download, and the rule needs
+// no finer grain), so most downloads are pure reads. When the client already holds the
+// current version (If-None-Match), the blob is not even sent over.
 const NOT_MODIFIED = `(${ETAG} = ANY($2::text[]) OR '*' = ANY($2::text[]))`
 const GET = {
   name: 'sync-get',
-  text: `UPDATE user_sync_data SET last_accessed = now() WHERE user_id = $1
-         RETURNING ${ETAG} AS etag, ${NOT_MODIFIED} AS not_modified,
+  text: `WITH touched AS (
+           UPDATE user_sync_data SET last_accessed = now()
+           WHERE user_id = $1 AND last_accessed < now() - interval '1 day' RETURNING 1)
+         SELECT ${ETAG} AS etag, ${NOT_MODIFIED} AS not_modified,
            CASE WHEN ${NOT_MODIFIED} THEN NULL ELSE encrypted_blob END AS encrypted_blob,
-           iv, timestamp, checksum, blob_size`
+           iv, timestamp, checksum, blob_size
+         FROM user_sync_data WHERE user_id = $1`
 }
 const DELETE = { name: 'sync-delete', text: 'DELETE FROM user_sync_data WHERE user_id = $1' }
 const DELETE_IF_MATCH = {
@@ -67,9 +72,21 @@ const DELETE_IF_MATCH = {
 }
 const ETAG_OF = { name: 'sync-etag', text: `SELECT ${ETAG} AS etag FROM user_sync_data WHERE user_id = $1` }
 const ALL_USER_IDS = { name: 'sync-all-user-ids', text: 'SELECT user_id FROM user_sync_data ORDER BY user_id' }
-const DELETE_INACTIVE = {
+// Cleanup deletes in batches, each its own short transaction, so that a large table is never
+// locked for long and uploads go on in between; SKIP LOCKED passes over rows being written.
+const DELETE_INACTIVE_BATCH = {
   name: 'sync-delete-inactive',
-  text: 'DELETE FROM user_sync_data WHERE last_accessed < now() - make_interval(days => $1)'
+  text: `DELETE FROM user_sync_data WHERE user_id IN (
+           SELECT user_id FROM user_sync_data WHERE last_accessed < now() - make_interval(days => $1)
+           LIMIT $2 FOR UPDATE SKIP LOCKED)`
+}
+const COUNT_INACTIVE = {
+  name: 'sync-count-inactive',
+  text: 'SELECT count(*)::int AS n FROM user_sync_data WHERE last_accessed < now() - make_interval(days => $1)'
+}
+const TOTALS = {
+  name: 'sync-totals',
+  text: 'SELECT count(*)::int AS users, coalesce(sum(blob_size), 0)::float8 AS bytes FROM user_sync_data'
 }
 
 interface StoredRow {
@@ -117,25 +134,39 @@ function isConnectionLost (err: unknown): boolean {
   return (code !== undefined && CONNECTION_LOST_CODES.has(code)) || err.message.includes('Connection terminated unexpectedly')
 }
 
+/** Receives the duration of every statement (seconds), for the metrics. */
+export type ObserveStatement = (statement: string, outcome: 'ok' | 'error', seconds: number) => void
+
 /** The key-value operations of the sync store, one SQL round trip each. */
-export function createStorage (db: Queryable, log: FastifyBaseLogger) {
+export function createStorage (db: Queryable, log: FastifyBaseLogger, observe: ObserveStatement = () => {}) {
   async function run<R extends QueryResultRow> (
     statement: { name: string, text: string }, values: unknown[], idempotent = true
   ): Promise<QueryResult<R>> {
-    const query = { ...statement, values }
+    const query = { name: statement.name, text: statement.text, values }
+    const started = process.hrtime.bigint()
+    const seconds = () => Number(process.hrtime.bigint() - started) / 1e9
     try {
-      return await db.query<R>(query)
+      const result = await db.query<R>(query).catch(async (err: unknown) => {
+        if (!idempotent || !isConnectionLost(err)) throw err
+        log.warn({ err: safeError(err), statement: statement.name }, 'database connection lost mid-query, retrying once')
+        return await db.query<R>(query)
+      })
+      observe(statement.name, 'ok', seconds())
+      return result
     } catch (err) {
-      if (!idempotent || !isConnectionLost(err)) throw err
-      log.warn({ err: safeError(err), statement: statement.name }, 'database connection lost mid-query, retrying once')
-      return await db.query<R>(query)
+      observe(statement.name, 'error', seconds())
+      throw err
     }
   }
 
-  // Logs name a user by pseudonym only, and never carry the blob, iv or checksum.
+  // Logs name a user by pseudonym only, and never carry the blob, iv or checksum. Each request
+  // already gets one info line (method, pseudonymised URL, status, time, bytes: see logging.ts),
+  // so the database's share of it is a debug line; cleanup runs are rare and logged at info.
   function logged (op: string, userId: string | undefined, started: bigint, extra: Record<string, unknown> = {}) {
+    const level = op === 'cleanup' ? 'info' : 'debug'
+    if (!logs(log, level)) return
     const ms = Number(process.hrtime.bigint() - started) / 1e6
-    log.info({ op, user: userId === undefined ? undefined : pseudonym(userId), ms: Math.round(ms * 100) / 100, ...extra }, 'storage')
+    log[level]({ op, user: userId === undefined ? undefined : pseudonym(userId), ms: Math.round(ms * 100) / 100, ...extra }, 'storage')
   }
 
   async function storeWith (userId: string, payload: SyncPayload, precondition: WritePrecondition): Promise<StoreResult> {
@@ -166,7 +197,7 @@ export function createStorage (db: Queryable, log: FastifyBaseLogger) {
     },
 
     /**
-     * The user's record, or null; marks the record as accessed now. When its tag is one of
+     * The user's record, or null; marks the record as accessed (at most once a day). When its tag is one of
      * `notModified` (or that list holds '*'), the payload is left out (null) and not read.
      */
     async get (userId: string, notModified: string[] = []): Promise<StoredRecord | null> {
@@ -216,16 +247,42 @@ export function createStorage (db: Queryable, log: FastifyBaseLogger) {
       return rows.map((row) => row.user_id)
     },
 
-    /** Deletes every record not accessed for more than `inactiveDays` days; returns how many. */
-    async deleteInactive (inactiveDays: number): Promise<number> {
-      if (!Number.isInteger(inactiveDays) || inactiveDays < 1) {
-        throw new RangeError(`inactiveDays must be a whole number of days, at least 1 (got ${inactiveDays})`)
-      }
+    /**
+     * Deletes every record not accessed for more than `inactiveDays` days, `batchSize` rows per
+     * statement, and returns how many. Each batch is its own statement: uploads are never
+     * blocked for longer than one batch takes.
+     */
+    async deleteInactive (inactiveDays: number, batchSize = 1000): Promise<number> {
+      assertDays(inactiveDays)
       const started = process.hrtime.bigint()
-      const { rowCount } = await run(DELETE_INACTIVE, [inactiveDays])
-      logged('cleanup', undefined, started, { inactiveDays, deleted: rowCount ?? 0 })
-      return rowCount ?? 0
+      let deleted = 0
+      for (;;) {
+        const { rowCount } = await run(DELETE_INACTIVE_BATCH, [inactiveDays, batchSize])
+        deleted += rowCount ?? 0
+        if ((rowCount ?? 0) < batchSize) break
+      }
+      logged('cleanup', undefined, started, { inactiveDays, deleted })
+      return deleted
+    },
+
+    /** How many records deleteInactive would delete now. */
+    async countInactive (inactiveDays: number): Promise<number> {
+      assertDays(inactiveDays)
+      const { rows: [row] } = await run<{ n: number }>(COUNT_INACTIVE, [inactiveDays])
+      return row?.n ?? 0
+    },
+
+    /** Stored users and the decoded bytes of their blobs (a full scan: call it rarely). */
+    async totals (): Promise<{ users: number, bytes: number }> {
+      const { rows: [row] } = await run<{ users: number, bytes: number }>(TOTALS, [])
+      return { users: row?.users ?? 0, bytes: row?.bytes ?? 0 }
     }
+  }
+}
+
+function assertDays (inactiveDays: number): void {
+  if (!Number.isInteger(inactiveDays) || inactiveDays < 1) {
+    throw new RangeError(`inactiveDays must be a whole number of days, at least 1 (got ${inactiveDays})`)
   }
 }
 
@@ -237,6 +294,16 @@ declare module 'fastify' {
   }
 }
 
+// Statement names map to the operation they serve, for the metrics' label.
+const OPERATION_OF: Record<string, string> = {
+  'sync-store': 'store', 'sync-store-if-match': 'store', 'sync-store-if-exists': 'store', 'sync-store-if-absent': 'store',
+  'sync-get': 'get', 'sync-delete': 'delete', 'sync-delete-if-match': 'delete', 'sync-etag': 'exists',
+  'sync-all-user-ids': 'list', 'sync-delete-inactive': 'cleanup', 'sync-count-inactive': 'cleanup', 'sync-totals': 'totals'
+}
+
 export default fp(async function storage (app) {
-  app.decorate('storage', createStorage(app.pg.pool, app.log.child({ component: 'storage' })))
-}, { name: 'storage', dependencies: ['db'] })
+  const { storageDuration } = app.metrics
+  app.decorate('storage', createStorage(app.pg.pool, app.log.child({ component: 'storage' }), (statement, outcome, seconds) => {
+    storageDuration.observe({ operation: OPERATION_OF[statement] ?? statement, outcome }, seconds)
+  }))
+}, { name: 'storage', dependencies: ['db', 'metrics'] })

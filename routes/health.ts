@@ -5,7 +5,7 @@ import { HealthSchema, LiveSchema } from '../schemas/health.ts'
 /** /health for readiness (the database answers) and /health/live for liveness (the process serves). */
 const health: FastifyPluginAsyncTypebox = async function (app) {
   app.get('/health', {
-    schema: { summary: 'Readiness: the service and its database answer', response: { 200: HealthSchema, 503: HealthSchema } }
+    schema: { tags: ['service'], summary: 'Readiness: the service and its database answer', response: { 200: HealthSchema, 503: HealthSchema } }
   }, async function (request, reply) {
     const timeoutMs = app.config.HEALTH_TIMEOUT_MS
     const giveUp = new AbortController()
@@ -28,7 +28,7 @@ const health: FastifyPluginAsyncTypebox = async function (app) {
   })
 
   app.get('/health/live', {
-    schema: { summary: 'Liveness: the process serves requests (no database call)', response: { 200: LiveSchema } }
+    schema: { tags: ['service'], summary: 'Liveness: the process serves requests (no database call)', response: { 200: LiveSchema } }
   }, async function () {
     return { status: 'ok' } as const
   })

@@ -118,6 +118,8 @@ export interface BuildOptions {
   env?: Record<string, string>
   /** Receives every log line, as JSON text, at the level LOG_LEVEL sets. */
   logLines?: string[]
+  /** Receives every route the app registers. */
+  routes?: Array<{ method: string, url: string }>
 }
 
 /** The whole service on a fresh database, ready for app.inject(); closed when the test ends. */
@@ -136,6 +138,12 @@ export async function build (t: TestContext, options: BuildOptions = {}): Promis
     fastifyOptions.logger = { ...(fastifyOptions.logger as object), stream }
   }
   const server = Fastify(fastifyOptions)
+  const routes = options.routes
+  if (routes !== undefined) {
+    server.addHook('onRoute', (route) => {
+      for (const method of [route.method].flat()) routes.push({ method, url: route.url })
+    })
+  }
   t.teardown(() => server.close())
   await server.register(app, { config })
   await server.ready()

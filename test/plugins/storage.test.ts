@@ -221,3 +221,19 @@ t.test('concurrent writes with the same If-Match: exactly one wins, every time',
     etag = stored!.etag
   }
 })
+
+t.test('reads are reads: a get rewrites its row at most once a day', async (t) => {
+  const userId = randomUUID()
+  await storage.store(userId, payload())
+  await pool.query("UPDATE user_sync_data SET last_accessed = now() - interval '23 hours' WHERE user_id = $1", [userId])
+  const rowVersion = async () => (await pool.query('SELECT xmin::text AS xmin, last_accessed FROM user_sync_data WHERE user_id = $1', [userId])).rows[0]
+  const before = await rowVersion()
+  for (let i = 0; i < 5; i++) await storage.get(userId)
+  const after = await rowVersion()
+  t.equal(after.xmin, before.xmin, 'the row was not rewritten')
+  t.equal(after.last_accessed.getTime(), before.last_accessed.getTime())
+  await pool.query("UPDATE user_sync_data SET last_accessed = now() - interval '25 hours' WHERE user_id = $1", [userId])
+  await storage.get(userId)
+  const touched = await pool.query("SELECT now() - last_accessed < interval '1 minute' AS fresh FROM user_sync_data WHERE user_id = $1", [userId])
+  t.equal(touched.rows[0].fresh, true, 'a day later the access is recorded')
+})

@@ -6,7 +6,7 @@ import {
   decodedBase64Bytes
 } from '../../../schemas/sync.ts'
 
-const errors = { 400: ErrorSchema, 503: ErrorSchema }
+const errors = { 400: ErrorSchema, 429: ErrorSchema, 503: ErrorSchema }
 const PRECONDITION_FAILED = 'Precondition failed: the data on the server is not the version this request expected'
 
 /**
@@ -34,13 +34,16 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
   // Uploads are JSON only: a text/plain body is refused with 415 rather than misread.
   app.removeContentTypeParser('text/plain')
 
-  // Ciphertext must never sit in a shared cache, errors included.
+  // Ciphertext must never sit in a shared cache, errors included (so this hook comes first).
   app.addHook('onRequest', async (_request, reply) => {
     reply.header('cache-control', 'no-store')
   })
 
+  for (const limit of app.syncRateLimits) app.addHook('onRequest', limit)
+
   app.put('/:userId', {
     schema: {
+      tags: ['sync'],
       summary: 'Upload (create or replace) the encrypted data of a user',
       description: 'With If-Match, replaces only the version the client read; with If-None-Match: *, only creates.',
       params: UserParamsSchema,
@@ -69,6 +72,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
 
   app.get('/:userId', {
     schema: {
+      tags: ['sync'],
       summary: 'Download the encrypted data of a user',
       description: 'With If-None-Match holding the current ETag, answers 304 with no body.',
       params: UserParamsSchema,
@@ -86,6 +90,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
 
   app.post('/:userId/verify', {
     schema: {
+      tags: ['sync'],
       summary: 'Tell whether a user has data stored (with its ETag when it has)',
       params: UserParamsSchema,
       response: { 200: VerifySchema, ...errors }
@@ -98,6 +103,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
 
   app.delete('/:userId', {
     schema: {
+      tags: ['sync'],
       summary: 'Delete the data of a user (succeeds when there was none)',
       description: 'With If-Match, deletes only the version the client read.',
       params: UserParamsSchema,

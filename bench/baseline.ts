@@ -1,0 +1,42 @@
+// The ceiling the service is measured against: a Fastify route that runs exactly one query per
+// request and nothing else (no validation, no logging, no preconditions, no prepared statements).
+// Started by bench/run.ts as its own process; never part of the service.
+import Fastify from 'fastify'
+import pg from 'pg'
+
+const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL, max: 10 })
+pool.on('error', () => {})
+const app = Fastify({ logger: false, bodyLimit: 2 * 1024 * 1024 })
+
+app.get<{ Params: { id: string } }>('/api/sync/:id', async (request, reply) => {
+  const { rows } = await pool.query(
+    'SELECT encrypted_blob AS "encryptedBlob", iv, timestamp, checksum FROM user_sync_data WHERE user_id = $1',
+    [request.params.id])
+  if (rows.length === 0) return reply.code(404).send({ error: 'User not found' })
+  return rows[0]
+})
+
+app.put<{ Params: { id: string }, Body: { encryptedBlob: string, iv: string, timestamp: number, checksum: string } }>(
+  '/api/sync/:id', async (request) => {
+    const { encryptedBlob, iv, timestamp, checksum } = request.body
+    await pool.query(
+      `INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, $2, $3, $4, $5, $6)
+       ON CONFLICT (user_id) DO UPDATE SET encrypted_blob = EXCLUDED.encrypted_blob, iv = EXCLUDED.iv,
+         timestamp = EXCLUDED.timestamp, checksum = EXCLUDED.checksum, blob_size = EXCLUDED.blob_size`,
+      [request.params.id, encryptedBlob, iv, timestamp, checksum,
+        encryptedBlob.length / 4 * 3 - (encryptedBlob.endsWith('==') ? 2 : encryptedBlob.endsWith('=') ? 1 : 0)])
+    return { success: true }
+  })
+
+app.post<{ Params: { id: string } }>('/api/sync/:id/verify', async (request) => {
+  const { rows } = await pool.query('SELECT EXISTS (SELECT 1 FROM user_sync_data WHERE user_id = $1) AS exists', [request.params.id])
+  return { exists: rows[0].exists }
+})
+
+app.delete<{ Params: { id: string } }>('/api/sync/:id', async (request) => {
+  await pool.query('DELETE FROM user_sync_data WHERE user_id = $1', [request.params.id])
+  return { success: true }
+})
+
+await app.listen({ port: Number(process.env.PORT), host: '127.0.0.1' })
+process.on('SIGTERM', () => { app.close().then(() => pool.end()).then(() => process.exit(0)) })

@@ -1,0 +1,304 @@
+// npm run bench: the service against a one-query-per-request baseline, on a real PostgreSQL.
+// Writes BENCHMARKS.md (results, then the hand-written analysis in bench/notes.md).
+// Options: --duration S (seconds per measured run, default 4), --only TEXT (scenarios whose
+// name contains TEXT), --scale (also the 1,000,000-user GET scenario; adds a few minutes).
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process'
+import { readFileSync, writeFileSync, existsSync } from 'node:fs'
+import { cpus, totalmem } from 'node:os'
+import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+import { setTimeout as sleep } from 'node:timers/promises'
+import autocannon from 'autocannon'
+import pg from 'pg'
+
+const ROOT = fileURLToPath(new URL('../', import.meta.url))
+const { values: args } = parseArgs({
+  options: {
+    duration: { type: 'string', default: '4' },
+    only: { type: 'string', default: '' },
+    scale: { type: 'boolean', default: false }
+  }
+})
+const DURATION = Number(args.duration)
+const SERVER_URL = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test'
+const BENCH_DB = 'lk_bench'
+const benchUrl = (() => {
+  const url = new URL(SERVER_URL)
+  url.pathname = `/${BENCH_DB}`
+  // The service runs with NODE_ENV=production, which refuses an empty password; a trust-auth
+  // server (as on the build machines) ignores this one.
+  if (url.password === '') url.password = 'bench-with-trust-auth'
+  return url.toString()
+})()
+
+const SIZES = { '1KiB': 1024, '100KiB': 100 * 1024, '1MB': 1_000_000 } as const
+type Size = keyof typeof SIZES
+const USERS: Record<Size, number> = { '1KiB': 1000, '100KiB': 100, '1MB': 30 }
+const DELETE_POOL = 100_000
+
+const ids: Record<Size, string[]> = { '1KiB': [], '100KiB': [], '1MB': [] }
+const deleteIds: string[] = []
+let deleteCursor = 0
+const etags = new Map<string, string>()
+
+function uuid (n: number, prefix: number): string {
+  const hex = n.toString(16).padStart(12, '0')
+  return `${prefix.toString(16).padStart(8, '0')}-0000-4000-8000-${hex}`
+}
+
+function body (size: Size): string {
+  return JSON.stringify({
+    encryptedBlob: Buffer.alloc(SIZES[size], 0x5a).toString('base64'),
+    iv: 'AbCdEfGhIjKlMnOp',
+    timestamp: Date.now(),
+    checksum: 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
+  })
+}
+
+async function admin<T> (fn: (client: pg.Client) => Promise<T>, url = SERVER_URL): Promise<T> {
+  const client = new pg.Client({ connectionString: url })
+  await client.connect()
+  try { return await fn(client) } finally { await client.end() }
+}
+
+async function seed (): Promise<void> {
+  await admin(async (c) => {
+    await c.query(`DROP DATABASE IF EXISTS ${BENCH_DB} WITH (FORCE)`)
+    await c.query(`CREATE DATABASE ${BENCH_DB}`)
+  })
+  // The service creates the schema itself, as in production.
+  const service = await startServer('service', 3101)
+  await stopServer(service)
+  await admin(async (c) => {
+    let prefix = 1
+    for (const size of Object.keys(SIZES) as Size[]) {
+      const blob = Buffer.alloc(SIZES[size], 0x41).toString('base64')
+      await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
+        SELECT ('${prefix.toString(16).padStart(8, '0')}-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid,
+               $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), $2
+        FROM generate_series(0, $3 - 1) AS n`, [blob, SIZES[size], USERS[size]])
+      ids[size] = Array.from({ length: USERS[size] }, (_, n) => uuid(n, prefix))
+      prefix++
+    }
+    const small = Buffer.alloc(1024, 0x42).toString('base64')
+    await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
+      SELECT ('000000ff-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), 1024
+      FROM generate_series(0, $2 - 1) AS n`, [small, DELETE_POOL])
+    for (let n = 0; n < DELETE_POOL; n++) deleteIds.push(uuid(n, 0xff))
+    await c.query('VACUUM ANALYZE user_sync_data')
+    const { rows } = await c.query(`SELECT user_id, version || '-' || floor(extract(epoch FROM created_at) * 1000000)::bigint AS etag
+      FROM user_sync_data WHERE user_id = ANY($1)`, [[...ids['1KiB'], ...ids['1MB']]])
+    for (const row of rows) etags.set(row.user_id, `"${row.etag}"`)
+  }, benchUrl)
+}
+
+interface Server { name: string, port: number, child: ChildProcess }
+
+async function startServer (name: 'service' | 'baseline', port: number): Promise<Server> {
+  const args = name === 'service' ? ['dist/server.js'] : ['--import', 'tsx', 'bench/baseline.ts']
+  const child = spawn(process.execPath, args, {
+    cwd: ROOT,
+    // The service runs as in production: info-level logs (to /dev/null here), default pool.
+    env: { PATH: process.env.PATH ?? '', DATABASE_URL: benchUrl, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'info', NODE_ENV: 'production' },
+    stdio: ['ignore', 'ignore', 'inherit']
+  })
+  for (let i = 0; i < 100; i++) {
+    await sleep(100)
+    try {
+      const res = await fetch(`http://127.0.0.1:${port}/api/sync/00000000-0000-4000-8000-000000000000`)
+      if (res.status === 404) return { name, port, child }
+    } catch {}
+  }
+  throw new Error(`${name} did not start`)
+}
+
+async function stopServer (server: Server): Promise<void> {
+  const exited = new Promise((resolve) => server.child.once('exit', resolve))
+  server.child.kill('SIGTERM')
+  await exited
+}
+
+/** CPU seconds (user + system) the process has used so far, from /proc (clock ticks of 10 ms). */
+function cpuSeconds (pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ')
+  return (Number(fields[11]) + Number(fields[12])) / 100
+}
+
+function rssMb (pid: number): number {
+  const match = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
+  return match ? Number(match[1]) / 1024 : 0
+}
+
+interface Scenario {
+  name: string
+  connections: number
+  method: 'GET' | 'PUT' | 'POST' | 'DELETE'
+  path: () => string
+  body?: string
+  headers?: () => Record<string, string>
+  expect: number[]
+  /** The service may answer differently from the baseline (304 for If-None-Match). */
+  serviceExpect?: number[]
+}
+
+function pick<T> (list: T[]): T { return list[Math.floor(Math.random() * list.length)]! }
+
+function scenarios (): Scenario[] {
+  const list: Scenario[] = []
+  const bodies = Object.fromEntries((Object.keys(SIZES) as Size[]).map((size) => [size, body(size)])) as Record<Size, string>
+  for (const connections of [16, 64]) {
+    for (const size of Object.keys(SIZES) as Size[]) {
+      list.push({ name: `GET ${size} c${connections}`, connections, method: 'GET', path: () => `/api/sync/${pick(ids[size])}`, expect: [200] })
+      list.push({
+        name: `PUT ${size} c${connections}`, connections, method: 'PUT', path: () => `/api/sync/${pick(ids[size])}`,
+        body: bodies[size], headers: () => ({ 'content-type': 'application/json' }), expect: [200]
+      })
+    }
+    list.push({ name: `verify c${connections}`, connections, method: 'POST', path: () => `/api/sync/${pick(ids['1KiB'])}/verify`, expect: [200] })
+    list.push({
+      name: `DELETE 1KiB c${connections}`, connections, method: 'DELETE', expect: [200],
+      path: () => `/api/sync/${deleteIds[deleteCursor++ % deleteIds.length]}`
+    })
+  }
+  for (const size of ['1KiB', '1MB'] as const) {
+    let current = ''
+    list.push({
+      name: `GET ${size} If-None-Match c16`, connections: 16, method: 'GET', expect: [200], serviceExpect: [304],
+      path: () => { current = pick(ids[size]); return `/api/sync/${current}` },
+      headers: () => ({ 'if-none-match': etags.get(current) ?? '"none"' })
+    })
+  }
+  return list.filter((scenario) => scenario.name.includes(args.only))
+}
+
+interface Result {
+  scenario: string, server: string, rps: number, p50: number, p975: number, p99: number,
+  errors: number, unexpected: number, rssMb: number, cpuUs: number
+}
+
+async function measure (server: Server, scenario: Scenario, duration: number): Promise<Result> {
+  let peak = rssMb(server.child.pid!)
+  const cpuBefore = cpuSeconds(server.child.pid!)
+  const sampler = setInterval(() => { peak = Math.max(peak, rssMb(server.child.pid!)) }, 100)
+  const expected = server.name === 'service' && scenario.serviceExpect ? scenario.serviceExpect : scenario.expect
+  let unexpected = 0
+  const result = await autocannon({
+    url: `http://127.0.0.1:${server.port}`,
+    connections: scenario.connections,
+    duration,
+    requests: [{
+      method: scenario.method,
+      body: scenario.body,
+      setupRequest: (request) => {
+        const headers = scenario.headers?.() ?? {}
+        return { ...request, path: scenario.path(), headers: { ...request.headers, ...headers } }
+      },
+      onResponse: (status) => { if (!expected.includes(status)) unexpected++ }
+    }]
+  })
+  clearInterval(sampler)
+  const cpu = cpuSeconds(server.child.pid!) - cpuBefore
+  return {
+    scenario: scenario.name,
+    server: server.name,
+    rps: result.requests.average,
+    p50: result.latency.p50,
+    p975: result.latency.p97_5,
+    p99: result.latency.p99,
+    errors: result.errors + result.timeouts,
+    unexpected,
+    rssMb: peak,
+    cpuUs: result.requests.total > 0 ? cpu * 1e6 / result.requests.total : 0
+  }
+}
+
+function machine (): string {
+  const cpu = cpus()[0]?.model ?? 'unknown CPU'
+  const pgVersion = execFileSync('psql', ['-At', '-d', SERVER_URL, '-c', 'SHOW server_version']).toString().trim()
+  return `${cpus().length} cores (${cpu}), ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Node ${process.version}, PostgreSQL ${pgVersion}`
+}
+
+const fmt = (n: number, digits = 1) => n.toFixed(digits)
+
+function average (runs: Result[]): Result {
+  const mean = (pick: (run: Result) => number) => runs.reduce((sum, run) => sum + pick(run), 0) / runs.length
+  return {
+    scenario: runs[0]!.scenario,
+    server: runs[0]!.server,
+    rps: mean((run) => run.rps),
+    p50: mean((run) => run.p50),
+    p975: mean((run) => run.p975),
+    p99: mean((run) => run.p99),
+    errors: runs.reduce((sum, run) => sum + run.errors, 0),
+    unexpected: runs.reduce((sum, run) => sum + run.unexpected, 0),
+    rssMb: Math.max(...runs.map((run) => run.rssMb)),
+    cpuUs: mean((run) => run.cpuUs)
+  }
+}
+
+async function main (): Promise<void> {
+  if (!existsSync(`${ROOT}dist/server.js`) || process.env.BENCH_SKIP_BUILD !== '1') {
+    execFileSync('npm', ['run', 'build', '--silent'], { cwd: ROOT, stdio: 'inherit' })
+  }
+  console.log(`seeding ${BENCH_DB}…`)
+  await seed()
+  const service = await startServer('service', 3101)
+  const baseline = await startServer('baseline', 3102)
+  const results: Result[] = []
+  const list = scenarios()
+  try {
+    for (const scenario of list) {
+      // A B B A: each server runs twice, once early and once late, and the two runs are
+      // averaged, so that drift in the machine's load falls on both alike.
+      const runs: Result[] = []
+      for (const server of [service, baseline, baseline, service]) {
+        await measure(server, scenario, 1) // warm-up: JIT, connections, prepared statements
+        runs.push(await measure(server, scenario, DURATION))
+      }
+      for (const server of [service, baseline]) {
+        const mine = runs.filter((run) => run.server === server.name)
+        const result = average(mine)
+        results.push(result)
+        console.log(`${scenario.name.padEnd(28)} ${server.name.padEnd(8)} ${fmt(result.rps, 0).padStart(7)} req/s  p50 ${result.p50} ms  p99 ${result.p99} ms  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}  rss ${fmt(result.rssMb, 0)} MB`)
+      }
+    }
+  } finally {
+    await stopServer(service)
+    await stopServer(baseline)
+  }
+
+  const integrity = await admin(async (c) => (await c.query(
+    "SELECT count(*)::int AS n FROM user_sync_data WHERE user_id::text LIKE '00000003-%' AND blob_size = 1000000 AND length(encrypted_blob) = 1333336")).rows[0].n, benchUrl)
+
+  const rows = list.map((scenario) => {
+    const s = results.find((r) => r.scenario === scenario.name && r.server === 'service')!
+    const b = results.find((r) => r.scenario === scenario.name && r.server === 'baseline')!
+    const latency = (r: Result) => `${fmt(r.p50)} / ${fmt(r.p975)} / ${fmt(r.p99)}`
+    return `| ${scenario.name} | ${fmt(s.rps, 0)} | ${fmt(b.rps, 0)} | **${fmt(s.rps / b.rps, 2)}x** | ${latency(s)} | ${latency(b)} | ${fmt(s.cpuUs, 0)} / ${fmt(b.cpuUs, 0)} | ${s.errors + s.unexpected} / ${b.errors + b.unexpected} | ${fmt(s.rssMb, 0)} / ${fmt(b.rssMb, 0)} |`
+  })
+  const notes = existsSync(`${ROOT}bench/notes.md`) ? readFileSync(`${ROOT}bench/notes.md`, 'utf8') : ''
+  const report = `# Benchmarks
+
+Generated by \`npm run bench\` (bench/run.ts) on ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC.
+Machine: ${machine()}.
+Command: \`npm run bench${process.argv.slice(2).length ? ' -- ' + process.argv.slice(2).join(' ') : ''}\`; per scenario the servers run in the order
+service, baseline, baseline, service (${DURATION} s each after a 1 s warm-up) and each server's two runs are averaged;
+one database, autocannon in the same process as this script, all on the same 2 cores.
+
+- **service**: the real service (\`node dist/server.js\`, NODE_ENV=production, LOG_LEVEL=info, pool of 10).
+- **baseline**: bench/baseline.ts, one query per request and nothing else (no validation, no logging), pool of 10.
+- Seeded: ${USERS['1KiB']} users of 1 KiB, ${USERS['100KiB']} of 100 KiB, ${USERS['1MB']} of 1,000,000 bytes; DELETE removes distinct users from a pool of ${DELETE_POOL.toLocaleString('en')} 1 KiB rows.
+- Latency in ms (p50 / p97.5 / p99). CPU µs/request: user + system time of the server process over the run, per request answered. Errors: failed requests and answers other than the expected status (200; 304 for the service's If-None-Match runs, whose baseline is a plain GET).
+- After the run, ${integrity} of ${USERS['1MB']} 1 MB users hold a whole 1,000,000-byte blob (checked in SQL after every PUT 1MB run).
+
+| scenario | service req/s | baseline req/s | ratio | service latency | baseline latency | CPU µs/request (s / b) | errors (s / b) | peak RSS MB (s / b) |
+| --- | ---: | ---: | ---: | --- | --- | --- | --- | --- |
+${rows.join('\n')}
+
+${notes}`
+  writeFileSync(`${ROOT}BENCHMARKS.md`, report)
+  console.log('wrote BENCHMARKS.md')
+  await admin(async (c) => { await c.query(`DROP DATABASE IF EXISTS ${BENCH_DB} WITH (FORCE)`) })
+}
+
+await main()

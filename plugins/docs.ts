@@ -1,0 +1,34 @@
+import fp from 'fastify-plugin'
+import swagger from '@fastify/swagger'
+import swaggerUi from '@fastify/swagger-ui'
+import { readFileSync } from 'node:fs'
+import { projectFile } from './config.ts'
+
+const { version } = JSON.parse(readFileSync(projectFile('package.json'), 'utf8')) as { version: string }
+
+/**
+ * The OpenAPI 3 description, generated from the routes' TypeBox schemas, at /docs/json, and
+ * Swagger UI at /docs. Registered before the routes so that it sees every one of them.
+ */
+export default fp(async function docs (app) {
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.0.3',
+      info: {
+        title: 'logikids-sync',
+        version,
+        description: 'Zero-knowledge sync store: keeps client-side-encrypted blobs keyed by user id. ' +
+          'Errors are JSON {"error": string, "statusCode": number}. See docs/sync-protocol.md for ETag and If-Match.'
+      },
+      tags: [
+        { name: 'sync', description: 'The encrypted data of one user' },
+        { name: 'service', description: 'Health, limits and metrics' }
+      ]
+    }
+  })
+  await app.register(swaggerUi, {
+    routePrefix: '/docs',
+    // Swagger UI brings its own Content-Security-Policy for its pages.
+    staticCSP: true
+  })
+}, { name: 'docs' })

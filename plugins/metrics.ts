@@ -1,0 +1,128 @@
+import { timingSafeEqual } from 'node:crypto'
+import fp from 'fastify-plugin'
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
+import { ErrorSchema } from '../schemas/error.ts'
+
+const STORED_REFRESH_MS = 60_000
+
+/** The service's Prometheus metrics, one registry per app (so tests can build several apps). */
+export function createMetrics () {
+  const registry = new Registry()
+  collectDefaultMetrics({ register: registry })
+  return {
+    registry,
+    httpDuration: new Histogram({
+      name: 'http_request_duration_seconds',
+      help: 'HTTP requests by route pattern, method and status',
+      labelNames: ['route', 'method', 'status'] as const,
+      buckets: [0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+      registers: [registry]
+    }),
+    storageDuration: new Histogram({
+      name: 'storage_operation_duration_seconds',
+      help: 'Storage operations (one SQL statement each) by operation and outcome',
+      labelNames: ['operation', 'outcome'] as const,
+      buckets: [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5],
+      registers: [registry]
+    }),
+    databaseErrors: new Counter({
+      name: 'database_connection_errors_total',
+      help: 'Requests that found the database unavailable (503) and pooled connections the server closed',
+      labelNames: ['kind'] as const,
+      registers: [registry]
+    }),
+    rejectedUploads: new Counter({
+      name: 'rejected_uploads_total',
+      help: 'Uploads (PUT) refused, by status: 400 invalid, 412 precondition, 413 too large, 415 not JSON, 429 rate limit',
+      labelNames: ['status'] as const,
+      registers: [registry]
+    }),
+    cleanupRuns: new Counter({
+      name: 'cleanup_runs_total',
+      help: 'Inactive-account cleanup runs, by result (deleted, skipped: another instance held the lock, failed)',
+      labelNames: ['result'] as const,
+      registers: [registry]
+    }),
+    cleanupDeleted: new Counter({
+      name: 'cleanup_deleted_accounts_total',
+      help: 'Accounts deleted by the inactive-account cleanup',
+      registers: [registry]
+    })
+  }
+}
+
+export type Metrics = ReturnType<typeof createMetrics>
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    metrics: Metrics
+  }
+}
+
+/** GET /metrics in Prometheus text format, and the metrics every other plugin records into. */
+export default fp(async function metrics (app) {
+  const metrics = createMetrics()
+  app.decorate('metrics', metrics)
+
+  const { pool } = app.pg
+  pool.on('error', () => metrics.databaseErrors.inc({ kind: 'connection_lost' }))
+  for (const [name, help, read] of [
+    ['db_pool_connections_total', 'Connections the pool holds', () => pool.totalCount],
+    ['db_pool_connections_idle', 'Pooled connections not in use', () => pool.idleCount],
+    ['db_pool_requests_waiting', 'Queries waiting for a pooled connection', () => pool.waitingCount]
+  ] as const) {
+    new Gauge({ name, help, registers: [metrics.registry], collect () { this.set(read()) } })
+  }
+
+  // Counted by one query at most once a minute, never per scrape: scrapes must not become load
+  // on the database. (app.storage is registered after this plugin; it is only used at scrape time.)
+  let stored = { users: 0, bytes: 0, at: 0 }
+  let refreshing: Promise<void> | undefined
+  async function refreshStored (): Promise<void> {
+    if (Date.now() - stored.at < STORED_REFRESH_MS) return
+    refreshing ??= app.storage.totals()
+      .then((totals) => { stored = { ...totals, at: Date.now() } })
+      .catch((err: unknown) => { app.log.warn({ err }, 'metrics: could not count stored users') })
+      .finally(() => { refreshing = undefined })
+    await refreshing
+  }
+  new Gauge({
+    name: 'stored_users', help: 'Users with data stored (refreshed at most once a minute)', registers: [metrics.registry],
+    async collect () { await refreshStored(); this.set(stored.users) }
+  })
+  new Gauge({
+    name: 'stored_bytes', help: 'Decoded bytes of all stored blobs (refreshed at most once a minute)', registers: [metrics.registry],
+    async collect () { await refreshStored(); this.set(stored.bytes) }
+  })
+
+  app.addHook('onResponse', async (request, reply) => {
+    const route = request.routeOptions.url ?? 'unmatched'
+    metrics.httpDuration.observe({ route, method: request.method, status: reply.statusCode }, reply.elapsedTime / 1000)
+    if (request.method === 'PUT' && reply.statusCode >= 400 && reply.statusCode < 500) {
+      metrics.rejectedUploads.inc({ status: reply.statusCode })
+    }
+  })
+
+  const token = app.config.METRICS_TOKEN
+  app.get('/metrics', {
+    schema: {
+      tags: ['service'],
+      summary: 'Prometheus metrics in text format (needs Authorization: Bearer <METRICS_TOKEN> when one is set)',
+      produces: ['text/plain'],
+      response: { 200: { type: 'string', description: 'Prometheus text exposition format' }, 401: ErrorSchema }
+    }
+  }, async function (request, reply) {
+    if (token !== '' && !bearerMatches(request.headers.authorization, token)) {
+      reply.header('www-authenticate', 'Bearer')
+      throw app.httpErrors.unauthorized('Metrics need Authorization: Bearer <METRICS_TOKEN>')
+    }
+    reply.type(metrics.registry.contentType)
+    return metrics.registry.metrics()
+  })
+}, { name: 'metrics', dependencies: ['config', 'db'] })
+
+function bearerMatches (header: string | undefined, token: string): boolean {
+  const given = Buffer.from(header?.startsWith('Bearer ') ? header.slice(7) : '')
+  const expected = Buffer.from(token)
+  return given.length === expected.length && timingSafeEqual(given, expected)
+}

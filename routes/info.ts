@@ -1,0 +1,25 @@
+import { readFileSync } from 'node:fs'
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { InfoSchema } from '../schemas/info.ts'
+import { MAX_BLOB_BYTES } from '../schemas/sync.ts'
+import { BODY_LIMIT } from '../app.ts'
+import { projectFile } from '../plugins/config.ts'
+
+const { version } = JSON.parse(readFileSync(projectFile('package.json'), 'utf8')) as { version: string }
+
+/** GET /info: the limits a client needs before uploading. */
+const info: FastifyPluginAsyncTypebox = async function (app) {
+  const { config } = app
+  const limit = (max: number) => (max === 0 ? null : { max, windowSeconds: Math.round(config.RATE_LIMIT_WINDOW / 1000) })
+  const body = {
+    service: 'logikids-sync',
+    version,
+    maxBlobBytes: MAX_BLOB_BYTES,
+    maxBodyBytes: BODY_LIMIT,
+    retentionDays: config.CLEANUP_INACTIVE_DAYS === 0 ? null : config.CLEANUP_INACTIVE_DAYS,
+    rateLimit: { perUser: limit(config.RATE_LIMIT_MAX), perIp: limit(config.RATE_LIMIT_IP_MAX) }
+  } as const
+  app.get('/info', { schema: { tags: ['service'], summary: 'Limits and version, for clients', response: { 200: InfoSchema } } }, async () => body)
+}
+
+export default info

@@ -1,0 +1,18 @@
+import { Type } from '@sinclair/typebox'
+
+const Limit = Type.Union([
+  Type.Object({ max: Type.Integer(), windowSeconds: Type.Integer() }),
+  Type.Null()
+], { description: 'null when there is no such limit' })
+
+/** What a client needs to know before it uploads. */
+export const InfoSchema = Type.Object({
+  service: Type.Literal('logikids-sync'),
+  version: Type.String(),
+  maxBlobBytes: Type.Integer({ description: 'largest encryptedBlob, decoded' }),
+  maxBodyBytes: Type.Integer({ description: 'largest request body' }),
+  retentionDays: Type.Union([Type.Integer(), Type.Null()], {
+    description: 'accounts not accessed for this many days are deleted; null when they are kept'
+  }),
+  rateLimit: Type.Object({ perUser: Limit, perIp: Limit })
+})

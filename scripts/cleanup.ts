@@ -1,0 +1,44 @@
+// npm run cleanup -- --days N [--dry-run]
+// Deletes (or, with --dry-run, counts) the accounts not accessed for more than N days, as the
+// service's scheduled cleanup does, under the same lock, and prints how many. Reads DATABASE_URL.
+import { parseArgs } from 'node:util'
+import pg from 'pg'
+import pino from 'pino'
+import { loadConfig } from '../plugins/config.ts'
+import { createStorage } from '../plugins/storage.ts'
+import { cleanupInactive } from '../plugins/cleanup.ts'
+import { loggerOptions } from '../logging.ts'
+
+const usage = 'usage: npm run cleanup -- --days N [--dry-run]'
+let days: number
+let dryRun: boolean
+try {
+  const { values } = parseArgs({ options: { days: { type: 'string' }, 'dry-run': { type: 'boolean', default: false } } })
+  days = Number(values.days)
+  dryRun = values['dry-run'] ?? false
+  if (!Number.isInteger(days) || days < 1) throw new Error('--days must be a whole number of days, at least 1')
+} catch (err) {
+  console.error(`cleanup: ${(err as Error).message}\n${usage}`)
+  process.exit(64)
+}
+
+const config = loadConfig()
+const log = pino({ ...(loggerOptions({ LOG_LEVEL: config.LOG_LEVEL === 'info' ? 'warn' : config.LOG_LEVEL }) as object) })
+const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: 2, connectionTimeoutMillis: config.DATABASE_CONNECT_TIMEOUT_MS })
+pool.on('error', (err) => log.warn({ err }, 'database connection lost'))
+try {
+  const result = await cleanupInactive(pool, createStorage(pool, log), log, { inactiveDays: days, dryRun })
+  if (!result.ran) {
+    console.log(`cleanup: skipped: ${result.reason}`)
+    process.exitCode = 75
+  } else if (dryRun) {
+    console.log(`cleanup: would delete ${result.deleted} accounts not accessed for more than ${days} days (dry run, nothing deleted)`)
+  } else {
+    console.log(`cleanup: deleted ${result.deleted} accounts not accessed for more than ${days} days in ${result.ms} ms`)
+  }
+} catch (err) {
+  console.error(`cleanup: failed: ${(err as Error).message}`)
+  process.exitCode = 1
+} finally {
+  await pool.end()
+}

@@ -1,0 +1,100 @@
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { randomUUID } from 'node:crypto'
+import { fileURLToPath } from 'node:url'
+import { promisify } from 'node:util'
+import pino from 'pino'
+import { build, inspect } from '../helper.ts'
+import { cleanupInactive, CLEANUP_LOCK } from '../../plugins/cleanup.ts'
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url))
+const logLines: string[] = []
+const app = await build(t, { env: { CLEANUP_INTERVAL: '0', CLEANUP_INACTIVE_DAYS: '730', LOG_LEVEL: 'info' }, logLines })
+const db = inspect(t, app.config.DATABASE_URL)
+const payload = { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64) }
+
+async function seed (idleDays: number[]): Promise<string[]> {
+  const ids: string[] = []
+  for (const days of idleDays) {
+    const id = randomUUID()
+    await app.inject({ method: 'PUT', url: `/api/sync/${id}`, payload })
+    await db.query("UPDATE user_sync_data SET last_accessed = now() - make_interval(days => $2) WHERE user_id = $1", [id, days])
+    ids.push(id)
+  }
+  return ids
+}
+const remaining = async (ids: string[]) =>
+  (await db.query('SELECT count(*)::int AS n FROM user_sync_data WHERE user_id = ANY($1)', [ids])).rows[0].n
+
+t.test('a run deletes exactly the accounts idle longer than the retention, logs and counts it', async (t) => {
+  await db.query('DELETE FROM user_sync_data')
+  const idle = await seed([731, 800, 2000])
+  const active = await seed([0, 100, 729])
+  const result = await app.cleanup.run()
+  t.match(result, { ran: true, deleted: 3, dryRun: false })
+  t.equal(await remaining(idle), 0)
+  t.equal(await remaining(active), 3)
+  const line = logLines.map((text) => JSON.parse(text)).find((entry) => entry.msg === 'cleanup: inactive accounts deleted')
+  t.match(line, { deleted: 3, inactiveDays: 730, ms: Number })
+  const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.match(metrics, /cleanup_runs_total\{result="deleted"\} 1/)
+  t.match(metrics, /cleanup_deleted_accounts_total 3/)
+})
+
+t.test('many rows go in batches, and all of them go', async (t) => {
+  await db.query('DELETE FROM user_sync_data')
+  await db.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed)
+    SELECT gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 3, now() - interval '3 years' FROM generate_series(1, 2500)`)
+  const keep = await seed([1])
+  t.equal(await app.storage.deleteInactive(730, 1000), 2500)
+  t.equal(await remaining(keep), 1)
+})
+
+t.test('with the lock held elsewhere (another instance), a run skips and deletes nothing', async (t) => {
+  const idle = await seed([1000])
+  const other = await db.connect()
+  await other.query('SELECT pg_advisory_lock($1)', [CLEANUP_LOCK])
+  try {
+    t.strictSame(await app.cleanup.run(), { ran: false, reason: 'another instance is running it' })
+    t.equal(await remaining(idle), 1)
+  } finally {
+    await other.query('SELECT pg_advisory_unlock($1)', [CLEANUP_LOCK])
+    other.release()
+  }
+  t.match(await app.cleanup.run(), { ran: true, deleted: 1 }, 'and runs once the lock is free')
+})
+
+t.test('two cleanups at once: one runs, the other skips', async (t) => {
+  const idle = await seed([1000, 1000, 1000])
+  const log = pino({ level: 'silent' })
+  const results = await Promise.all([
+    cleanupInactive(app.pg.pool, app.storage, log, { inactiveDays: 730 }),
+    cleanupInactive(app.pg.pool, app.storage, log, { inactiveDays: 730 })
+  ])
+  const ran = results.filter((result) => result.ran)
+  t.equal(ran.length, 1, 'exactly one ran')
+  t.equal(results.length - ran.length, 1, 'the other skipped')
+  t.equal(await remaining(idle), 0)
+})
+
+t.test('npm run cleanup: dry run, then the real thing', async (t) => {
+  const idle = await seed([900, 900])
+  const run = promisify(execFile)
+  const env = { PATH: process.env.PATH ?? '', DATABASE_URL: app.config.DATABASE_URL }
+  const dry = await run(process.execPath, ['--import', 'tsx', 'scripts/cleanup.ts', '--days', '730', '--dry-run'], { cwd: ROOT, env })
+  t.match(dry.stdout, /would delete 2 accounts not accessed for more than 730 days \(dry run, nothing deleted\)/)
+  t.equal(await remaining(idle), 2)
+  const real = await run(process.execPath, ['--import', 'tsx', 'scripts/cleanup.ts', '--days', '730'], { cwd: ROOT, env })
+  t.match(real.stdout, /deleted 2 accounts not accessed for more than 730 days in \d+ ms/)
+  t.equal(await remaining(idle), 0)
+  const bad = await run(process.execPath, ['--import', 'tsx', 'scripts/cleanup.ts', '--days', 'soon'], { cwd: ROOT, env })
+    .then(() => null, (err: { code: number, stderr: string }) => err)
+  t.equal(bad?.code, 64)
+  t.match(bad?.stderr, /--days must be a whole number/)
+})
+
+t.test('CLEANUP_INACTIVE_DAYS=0 keeps every account', async (t) => {
+  const keeper = await build(t, { env: { CLEANUP_INACTIVE_DAYS: '0', CLEANUP_INTERVAL: '0' } })
+  t.equal(await keeper.cleanup.run(), null)
+  t.equal((await keeper.inject({ method: 'GET', url: '/info' })).json().retentionDays, null)
+})

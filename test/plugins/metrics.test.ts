@@ -1,0 +1,68 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { build } from '../helper.ts'
+
+const payload = { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64) }
+
+function value (text: string, series: string): number {
+  const line = text.split('\n').find((entry) => entry.startsWith(series + ' '))
+  return line === undefined ? 0 : Number(line.slice(series.length + 1))
+}
+
+t.test('metrics move when requests happen', async (t) => {
+  const app = await build(t)
+  const scrape = async () => (await app.inject({ method: 'GET', url: '/metrics' })).body
+  const before = await scrape()
+  const userId = randomUUID()
+  await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload })
+  await app.inject({ method: 'GET', url: `/api/sync/${userId}` })
+  await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: { ...payload, iv: 'bad' } })
+  await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: { ...payload, encryptedBlob: Buffer.alloc(1_000_001).toString('base64') } })
+  const res = await app.inject({ method: 'GET', url: '/metrics' })
+  t.equal(res.statusCode, 200)
+  t.match(res.headers['content-type'], /^text\/plain/)
+  const after = res.body
+  const series = 'http_request_duration_seconds_count{route="/api/sync/:userId",method="PUT",status="200"}'
+  t.equal(value(after, series) - value(before, series), 1, 'the upload is in the HTTP histogram, by route pattern')
+  t.notOk(after.includes(userId), 'no user id in any label')
+  t.ok(value(after, 'storage_operation_duration_seconds_count{operation="store",outcome="ok"}') >= 1)
+  t.ok(value(after, 'storage_operation_duration_seconds_count{operation="get",outcome="ok"}') >= 1)
+  t.equal(value(after, 'rejected_uploads_total{status="400"}'), 1)
+  t.equal(value(after, 'rejected_uploads_total{status="413"}'), 1)
+  t.match(after, /db_pool_connections_total \d+/)
+  t.match(after, /db_pool_connections_idle \d+/)
+  t.match(after, /db_pool_requests_waiting 0/)
+  t.match(after, /process_resident_memory_bytes \d+/)
+})
+
+t.test('stored users and bytes are counted at most once a minute', async (t) => {
+  const app = await build(t)
+  await app.inject({ method: 'PUT', url: `/api/sync/${randomUUID()}`, payload })
+  const first = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.equal(value(first, 'stored_users'), 1)
+  t.equal(value(first, 'stored_bytes'), 3)
+  await app.inject({ method: 'PUT', url: `/api/sync/${randomUUID()}`, payload })
+  const second = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.equal(value(second, 'stored_users'), 1, 'a scrape within the minute does not query again')
+  const totals = value(second, 'storage_operation_duration_seconds_count{operation="totals",outcome="ok"}')
+  t.equal(totals, 1, 'one counting query for two scrapes')
+})
+
+t.test('database outages are counted', async (t) => {
+  const app = await build(t, { env: { DATABASE_CONNECT_TIMEOUT_MS: '300' } })
+  const holders = await Promise.all(Array.from({ length: app.config.DATABASE_POOL_MAX }, () => app.pg.pool.connect()))
+  t.teardown(() => { for (const client of holders) client.release() })
+  t.equal((await app.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).statusCode, 503)
+  const text = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.equal(value(text, 'database_connection_errors_total{kind="unavailable"}'), 1)
+  t.equal(value(text, 'db_pool_connections_idle'), 0)
+})
+
+t.test('METRICS_TOKEN protects /metrics', async (t) => {
+  const app = await build(t, { env: { METRICS_TOKEN: 's3cret-token' } })
+  const none = await app.inject({ method: 'GET', url: '/metrics' })
+  t.equal(none.statusCode, 401)
+  t.match(none.json(), { error: /Bearer/, statusCode: 401 })
+  t.equal((await app.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer wrong' } })).statusCode, 401)
+  t.equal((await app.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer s3cret-token' } })).statusCode, 200)
+})

@@ -1,0 +1,69 @@
+import t from 'tap'
+import { build } from '../helper.ts'
+import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
+import { BODY_LIMIT } from '../../app.ts'
+
+const routes: Array<{ method: string, url: string }> = []
+const app = await build(t, {
+  env: { RATE_LIMIT_MAX: '100', RATE_LIMIT_IP_MAX: '2000', RATE_LIMIT_WINDOW: '1h', CLEANUP_INACTIVE_DAYS: '730' },
+  routes
+})
+
+t.test('GET /info tells clients the limits', async (t) => {
+  const res = await app.inject({ method: 'GET', url: '/info' })
+  t.equal(res.statusCode, 200)
+  t.strictSame(res.json(), {
+    service: 'logikids-sync',
+    version: '1.0.0',
+    maxBlobBytes: MAX_BLOB_BYTES,
+    maxBodyBytes: BODY_LIMIT,
+    retentionDays: 730,
+    rateLimit: { perUser: { max: 100, windowSeconds: 3600 }, perIp: { max: 2000, windowSeconds: 3600 } }
+  })
+})
+
+t.test('the OpenAPI document describes every route the app serves, with its error bodies', async (t) => {
+  const res = await app.inject({ method: 'GET', url: '/docs/json' })
+  t.equal(res.statusCode, 200)
+  const doc = res.json()
+  t.equal(doc.openapi, '3.0.3')
+  const served = [
+    ['put', '/api/sync/{userId}'], ['get', '/api/sync/{userId}'], ['delete', '/api/sync/{userId}'],
+    ['post', '/api/sync/{userId}/verify'], ['get', '/health'], ['get', '/health/live'], ['get', '/info'], ['get', '/metrics']
+  ]
+  for (const [method, path] of served) {
+    t.ok(doc.paths[path!]?.[method!], `${method!.toUpperCase()} ${path}`)
+  }
+  const documented = Object.entries(doc.paths as Record<string, object>).flatMap(([path, methods]) => Object.keys(methods).map((method) => `${method} ${path}`))
+  t.strictSame(documented.sort(), served.map(([method, path]) => `${method} ${path}`).sort(), 'and nothing else')
+  const put = doc.paths['/api/sync/{userId}'].put
+  for (const status of ['200', '400', '412', '413', '415', '429', '503']) {
+    t.ok(put.responses[status], `PUT documents ${status}`)
+  }
+  t.ok(doc.paths['/api/sync/{userId}'].get.responses['404'], 'GET documents 404')
+  t.ok(doc.paths['/api/sync/{userId}'].get.responses['304'], 'GET documents 304')
+  t.match(put.responses['400'].content['application/json'].schema, { properties: { error: { type: 'string' }, statusCode: { type: 'integer' } } })
+  t.match(put.requestBody.content['application/json'].schema.properties.encryptedBlob, { type: 'string', format: 'base64' })
+})
+
+t.test('every route the app registers is in the document', async (t) => {
+  const doc = (await app.inject({ method: 'GET', url: '/docs/json' })).json()
+  // HEAD and OPTIONS routes are Fastify's own; /docs serves the document itself.
+  const own = routes.filter((route) => !['HEAD', 'OPTIONS'].includes(route.method) && !route.url.startsWith('/docs'))
+  t.ok(own.length >= 8, `${own.length} routes registered`)
+  for (const { method, url } of own) {
+    const path = url.replace(/:(\w+)/g, '{$1}')
+    t.ok(doc.paths[path]?.[method.toLowerCase()], `${method} ${url} is documented`)
+  }
+})
+
+t.test('Swagger UI at /docs, security headers everywhere', async (t) => {
+  const ui = await app.inject({ method: 'GET', url: '/docs/' })
+  t.equal(ui.statusCode, 200)
+  t.match(ui.headers['content-type'], /text\/html/)
+  const res = await app.inject({ method: 'GET', url: '/health/live' })
+  t.equal(res.headers['x-content-type-options'], 'nosniff')
+  t.ok(res.headers['strict-transport-security'])
+  t.ok(res.headers['content-security-policy'])
+  t.equal(res.headers['cross-origin-resource-policy'], 'cross-origin')
+})
