@@ -99,7 +99,11 @@ async function startServer (name: 'service' | 'baseline', port: number): Promise
   const child = spawn(process.execPath, args, {
     cwd: ROOT,
     // The service runs as in production: info-level logs (to /dev/null here), default pool.
-    env: { PATH: process.env.PATH ?? '', DATABASE_URL: benchUrl, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'info', NODE_ENV: 'production' },
+    // Rate limits off: the bench sends thousands of requests per user.
+    env: {
+      PATH: process.env.PATH ?? '', DATABASE_URL: benchUrl, PORT: String(port), HOST: '127.0.0.1',
+      LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'info', NODE_ENV: 'production', RATE_LIMIT_MAX: '0', RATE_LIMIT_IP_MAX: '0'
+    },
     stdio: ['ignore', 'ignore', 'inherit']
   })
   for (let i = 0; i < 100; i++) {
@@ -285,7 +289,7 @@ Command: \`npm run bench${process.argv.slice(2).length ? ' -- ' + process.argv.s
 service, baseline, baseline, service (${DURATION} s each after a 1 s warm-up) and each server's two runs are averaged;
 one database, autocannon in the same process as this script, all on the same 2 cores.
 
-- **service**: the real service (\`node dist/server.js\`, NODE_ENV=production, LOG_LEVEL=info, pool of 10).
+- **service**: the real service (\`node dist/server.js\`, NODE_ENV=production, LOG_LEVEL=info, pool of 10, rate limits off).
 - **baseline**: bench/baseline.ts, one query per request and nothing else (no validation, no logging), pool of 10.
 - Seeded: ${USERS['1KiB']} users of 1 KiB, ${USERS['100KiB']} of 100 KiB, ${USERS['1MB']} of 1,000,000 bytes; DELETE removes distinct users from a pool of ${DELETE_POOL.toLocaleString('en')} 1 KiB rows.
 - Latency in ms (p50 / p97.5 / p99). CPU µs/request: user + system time of the server process over the run, per request answered. Errors: failed requests and answers other than the expected status (200; 304 for the service's If-None-Match runs, whose baseline is a plain GET).
