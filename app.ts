@@ -1,7 +1,6 @@
 import type { FastifyError, FastifyInstance, FastifyServerOptions } from 'fastify'
 import fp from 'fastify-plugin'
 import sensible from '@fastify/sensible'
-import helmet from '@fastify/helmet'
 import configPlugin, { type Config } from './plugins/config.ts'
 import dbPlugin, { isDatabaseUnavailable, isInvalidData } from './plugins/db.ts'
 import storagePlugin from './plugins/storage.ts'
@@ -10,6 +9,7 @@ import metricsPlugin from './plugins/metrics.ts'
 import cleanupPlugin from './plugins/cleanup.ts'
 import rateLimitPlugin from './plugins/rate-limit.ts'
 import docsPlugin from './plugins/docs.ts'
+import securityHeadersPlugin from './plugins/security-headers.ts'
 import healthRoutes from './routes/health.ts'
 import infoRoutes from './routes/info.ts'
 import syncRoutes from './routes/api/sync/index.ts'
@@ -71,8 +71,7 @@ export default fp(async function app (app: FastifyInstance, opts: { config: Conf
   await app.register(configPlugin, { config: opts.config })
   await app.register(docsPlugin)
   await app.register(sensible)
-  // Security headers; the API is meant to be read by the apps of other origins (CORS).
-  await app.register(helmet, { crossOriginResourcePolicy: { policy: 'cross-origin' } })
+  await app.register(securityHeadersPlugin)
   await app.register(corsPlugin)
   await app.register(dbPlugin)
   await app.register(metricsPlugin)

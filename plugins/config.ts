@@ -25,10 +25,11 @@ export const ConfigSchema = Type.Object({
     [Type.Literal('development'), Type.Literal('production'), Type.Literal('test')],
     { default: 'development' }
   ),
-  DATABASE_URL: Type.String({
+  DATABASE_URL: Type.Optional(Type.String({
     pattern: '^postgres(ql)?://',
-    description: 'postgres://user:password@host:port/database'
-  }),
+    description: 'postgres://user:password@host:port/database; without it (development only) an embedded database runs'
+  })),
+  EMBEDDED_DATA_DIR: Type.String({ minLength: 1, default: './data', description: 'where the embedded database keeps its files' }),
   PORT: Type.Integer({ minimum: 0, maximum: 65535, default: 3000 }),
   HOST: Type.String({ minLength: 1, default: '0.0.0.0' }),
   LOG_LEVEL: Type.Union(
@@ -36,6 +37,10 @@ export const ConfigSchema = Type.Object({
     { default: 'info' }
   ),
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 1000, default: 10 }),
+  DATABASE_PREPARED_STATEMENTS: Type.Boolean({
+    default: true,
+    description: 'prepare each statement once per connection; false behind a pooler that cannot (PgBouncer in transaction mode before 1.21)'
+  }),
   DATABASE_CONNECT_TIMEOUT_MS: Milliseconds(2_000, 'how long a request waits for a pooled connection before a 503'),
   DATABASE_STATEMENT_TIMEOUT_MS: Milliseconds(5_000, 'longest a single SQL statement may run'),
   HEALTH_TIMEOUT_MS: Milliseconds(2_000, 'how long /health waits for SELECT 1'),
@@ -86,6 +91,10 @@ export function loadConfig (env: Record<string, string | undefined> = process.en
   }
   if (config.RATE_LIMIT_WINDOW === 0) throw new Error('env/RATE_LIMIT_WINDOW must be longer than 0 (set RATE_LIMIT_MAX=0 to disable)')
   if (config.NODE_ENV === 'production') {
+    if (config.DATABASE_URL === undefined) {
+      throw new Error('env/DATABASE_URL is required with NODE_ENV=production: set DATABASE_URL=postgres://user:password@host:5432/database ' +
+        '(the embedded database that runs without it is for development only)')
+    }
     const password = decodeURIComponent(new URL(config.DATABASE_URL).password)
     if (WEAK_PASSWORDS.has(password)) {
       throw new Error('env/DATABASE_URL has no password or a development one, which NODE_ENV=production refuses: ' +

@@ -5,6 +5,14 @@ import type { Pool } from 'pg'
 import type { FastifyBaseLogger } from 'fastify'
 import { safeError } from '../logging.ts'
 import { projectFile } from './config.ts'
+import { startEmbeddedDatabase } from './embedded.ts'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** 'postgresql' for a server given by DATABASE_URL, 'embedded' for the development database. */
+    databaseKind: 'postgresql' | 'embedded'
+  }
+}
 
 export const SQL_DIR = projectFile('sql')
 
@@ -83,8 +91,19 @@ export async function migrate (pool: Pool, log: FastifyBaseLogger): Promise<stri
 
 export default fp(async function db (app) {
   const { config } = app
+  let connectionString = config.DATABASE_URL
+  if (connectionString === undefined) {
+    const embedded = await startEmbeddedDatabase(config.EMBEDDED_DATA_DIR, config.DATABASE_POOL_MAX + 1)
+    connectionString = embedded.url
+    // Added before the pool's own hook, so it runs after it: the pool closes, then the database.
+    app.addHook('onClose', () => embedded.close())
+    app.log.warn({ dataDir: embedded.dataDir },
+      'running on the embedded development database (PGlite); set DATABASE_URL to use PostgreSQL in production')
+  }
+  app.decorate('databaseKind', config.DATABASE_URL === undefined ? 'embedded' : 'postgresql')
+
   await app.register(fastifyPostgres, {
-    connectionString: config.DATABASE_URL,
+    connectionString,
     max: config.DATABASE_POOL_MAX,
     idleTimeoutMillis: 30_000,
     // A request waits this long for a connection, then gets a 503 instead of hanging.
@@ -99,14 +118,14 @@ export default fp(async function db (app) {
   // pg_terminate_backend); without a listener Node would crash the process.
   app.pg.pool.on('error', (err) => app.log.warn({ err: safeError(err) }, 'idle database connection lost'))
 
-  const where = describeDatabase(config.DATABASE_URL)
+  const where = app.databaseKind === 'embedded' ? `embedded (${config.EMBEDDED_DATA_DIR})` : describeDatabase(connectionString)
   let applied: string[]
   try {
     applied = await migrate(app.pg.pool, app.log)
   } catch (err) {
     throw new Error(`cannot prepare the database at ${where}: ${describeFailure(err)}`, { cause: err })
   }
-  app.log.info({ database: where, poolMax: config.DATABASE_POOL_MAX, migrationsApplied: applied },
+  app.log.info({ database: where, kind: app.databaseKind, poolMax: config.DATABASE_POOL_MAX, migrationsApplied: applied },
     'connected to PostgreSQL')
 }, { name: 'db', dependencies: ['config'] })
 

@@ -138,11 +138,16 @@ function isConnectionLost (err: unknown): boolean {
 export type ObserveStatement = (statement: string, outcome: 'ok' | 'error', seconds: number) => void
 
 /** The key-value operations of the sync store, one SQL round trip each. */
-export function createStorage (db: Queryable, log: FastifyBaseLogger, observe: ObserveStatement = () => {}) {
+export function createStorage (
+  db: Queryable, log: FastifyBaseLogger, observe: ObserveStatement = () => {}, options: { prepared?: boolean } = {}
+) {
+  // Named statements are prepared once per connection. Where connections share one session
+  // (the embedded database, a transaction-mode pooler) the names would collide: send them unnamed.
+  const prepared = options.prepared ?? true
   async function run<R extends QueryResultRow> (
     statement: { name: string, text: string }, values: unknown[], idempotent = true
   ): Promise<QueryResult<R>> {
-    const query = { name: statement.name, text: statement.text, values }
+    const query = prepared ? { name: statement.name, text: statement.text, values } : { text: statement.text, values }
     const started = process.hrtime.bigint()
     const seconds = () => Number(process.hrtime.bigint() - started) / 1e9
     try {
@@ -303,7 +308,8 @@ const OPERATION_OF: Record<string, string> = {
 
 export default fp(async function storage (app) {
   const { storageDuration } = app.metrics
+  const prepared = app.config.DATABASE_PREPARED_STATEMENTS && app.databaseKind !== 'embedded'
   app.decorate('storage', createStorage(app.pg.pool, app.log.child({ component: 'storage' }), (statement, outcome, seconds) => {
     storageDuration.observe({ operation: OPERATION_OF[statement] ?? statement, outcome }, seconds)
-  }))
+  }, { prepared }))
 }, { name: 'storage', dependencies: ['db', 'metrics'] })

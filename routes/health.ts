@@ -17,11 +17,11 @@ const health: FastifyPluginAsyncTypebox = async function (app) {
           throw new Error(`no answer within ${timeoutMs} ms`)
         })
       ])
-      return { status: 'ok', database: 'ok' } as const
+      return { status: 'ok', database: 'ok', databaseKind: app.databaseKind } as const
     } catch (err) {
       request.log.warn({ err }, 'health check: database unreachable')
       reply.code(503).header('retry-after', '5')
-      return { status: 'error', database: 'unreachable', error: `database check failed: ${describe(err)}` } as const
+      return { status: 'error', database: 'unreachable', databaseKind: app.databaseKind, error: `database check failed: ${describe(err)}` } as const
     } finally {
       giveUp.abort()
     }

@@ -23,6 +23,10 @@ try {
 }
 
 const config = loadConfig()
+if (config.DATABASE_URL === undefined) {
+  console.error('cleanup: set DATABASE_URL (the embedded development database is only open inside the running service)')
+  process.exit(64)
+}
 const log = pino({ ...(loggerOptions({ LOG_LEVEL: config.LOG_LEVEL === 'info' ? 'warn' : config.LOG_LEVEL }) as object) })
 const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: 2, connectionTimeoutMillis: config.DATABASE_CONNECT_TIMEOUT_MS })
 pool.on('error', (err) => log.warn({ err }, 'database connection lost'))

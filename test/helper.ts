@@ -1,10 +1,13 @@
 import { randomBytes } from 'node:crypto'
 import { Writable } from 'node:stream'
+import tap from 'tap'
 import Fastify, { type FastifyInstance } from 'fastify'
 import pg from 'pg'
 import app, { serverOptions } from '../app.ts'
 import { loadConfig, type Config } from '../plugins/config.ts'
 import { describeDatabase } from '../plugins/db.ts'
+import { startEmbeddedDatabase } from '../plugins/embedded.ts'
+import { serverBinaries, startCluster } from './pg-cluster.ts'
 
 /** The part of tap's Test a helper needs (kept narrow so helpers work in any subtest). */
 export interface TestContext {
@@ -12,20 +15,101 @@ export interface TestContext {
   comment (...message: unknown[]): void
 }
 
-interface TestServer { url: string, kind: string }
+/** Where this test file's databases come from. */
+interface TestServer {
+  kind: string
+  /** A fresh, empty database; dropped (or closed) at the end of the test. */
+  newDatabase (t: TestContext): Promise<string>
+}
+
+const KINDS = ['url', 'container', 'local', 'embedded'] as const
+type Kind = typeof KINDS[number]
 
 let serverPromise: Promise<TestServer> | undefined
+let resolvedKind: Kind | undefined
 
 /**
- * A PostgreSQL server for this test file: DATABASE_URL when set, else a throwaway
- * postgres:16-alpine from testcontainers when a container runtime answers within a few seconds.
+ * The PostgreSQL for this test file, in this order (TEST_DATABASE=url|container|local|embedded
+ * forces one): DATABASE_URL; a throwaway postgres:16-alpine from testcontainers when a container
+ * runtime answers within a few seconds; a throwaway cluster from this machine's server binaries;
+ * the embedded database (PGlite), which needs nothing installed.
  */
-function testServer (t: TestContext): Promise<TestServer> {
-  serverPromise ??= findTestServer(t).then(async (server) => {
-    await dropAbandonedDatabases(server.url)
-    return server
-  })
+function testServer (): Promise<TestServer> {
+  // Servers live as long as the whole test file (tap's root), whichever subtest asked first.
+  serverPromise ??= findTestServer()
   return serverPromise
+}
+
+async function findTestServer (): Promise<TestServer> {
+  const forced = process.env.TEST_DATABASE as Kind | undefined
+  if (forced !== undefined && !KINDS.includes(forced)) {
+    throw new Error(`TEST_DATABASE must be one of ${KINDS.join(', ')} (got ${forced})`)
+  }
+  const tried: string[] = []
+  if (forced === 'url' || (forced === undefined && process.env.DATABASE_URL)) {
+    if (!process.env.DATABASE_URL) throw new Error('TEST_DATABASE=url needs DATABASE_URL')
+    await dropAbandonedDatabases(process.env.DATABASE_URL)
+    return serverDatabases('DATABASE_URL', process.env.DATABASE_URL)
+  }
+  tried.push('DATABASE_URL is not set')
+  if (forced === 'container' || forced === undefined) {
+    const missing = await containerRuntimeMissing()
+    if (missing === null) {
+      const { PostgreSqlContainer } = await import('@testcontainers/postgresql')
+      const container = await new PostgreSqlContainer('postgres:16-alpine').start()
+      tap.teardown(() => container.stop())
+      return serverDatabases('testcontainers postgres:16-alpine', container.getConnectionUri())
+    }
+    if (forced === 'container') throw new Error(`TEST_DATABASE=container, but no container runtime: ${missing}`)
+    tried.push(`no container runtime (${missing})`)
+  }
+  if (forced === 'local' || forced === undefined) {
+    if (serverBinaries() !== null) {
+      const cluster = await startCluster()
+      tap.teardown(() => cluster.stop())
+      return serverDatabases(`a throwaway cluster from ${serverBinaries()} (${tried.join('; ')})`, cluster.url)
+    }
+    if (forced === 'local') throw new Error('TEST_DATABASE=local, but no PostgreSQL server binaries under /usr/lib/postgresql')
+    tried.push('no PostgreSQL server binaries')
+  }
+  resolvedKind = 'embedded'
+  return {
+    kind: `the embedded database, PGlite in memory (${tried.join('; ')})`,
+    async newDatabase (t) {
+      const embedded = await startEmbeddedDatabase('memory://', 20)
+      t.teardown(() => embedded.close())
+      return embedded.url
+    }
+  }
+}
+
+/** Databases created on a real server, one per call, dropped at teardown. */
+function serverDatabases (kind: string, serverUrl: string): TestServer {
+  return {
+    kind,
+    async newDatabase (t) {
+      const name = `lk_test_${process.pid}_${randomBytes(4).toString('hex')}`
+      const admin = new pg.Client({ connectionString: serverUrl })
+      await admin.connect()
+      try {
+        await admin.query(`CREATE DATABASE ${name}`)
+      } finally {
+        await admin.end()
+      }
+      t.teardown(async () => {
+        const client = new pg.Client({ connectionString: serverUrl })
+        await client.connect()
+        try {
+          await client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
+        } finally {
+          await client.end()
+        }
+      })
+      const url = new URL(serverUrl)
+      url.pathname = `/${name}`
+      return url.toString()
+    }
+  }
 }
 
 /** Test databases whose test process died before its teardown (a crash, a kill) are dropped. */
@@ -52,22 +136,6 @@ function isAlive (pid: number): boolean {
   }
 }
 
-async function findTestServer (t: TestContext): Promise<TestServer> {
-  if (process.env.DATABASE_URL) {
-    return { url: process.env.DATABASE_URL, kind: 'DATABASE_URL' }
-  }
-  const reason = await containerRuntimeMissing()
-  if (reason !== null) {
-    throw new Error('No PostgreSQL for the tests: set DATABASE_URL (for example ' +
-      'postgres://postgres@127.0.0.1:5432/test) or start a container runtime for testcontainers. ' +
-      `Container runtime: ${reason}`)
-  }
-  const { PostgreSqlContainer } = await import('@testcontainers/postgresql')
-  const container = await new PostgreSqlContainer('postgres:16-alpine').start()
-  t.teardown(() => container.stop())
-  return { url: container.getConnectionUri(), kind: 'testcontainers postgres:16-alpine' }
-}
-
 async function containerRuntimeMissing (): Promise<string | null> {
   try {
     const { getContainerRuntimeClient } = await import('testcontainers')
@@ -80,8 +148,13 @@ async function containerRuntimeMissing (): Promise<string | null> {
     ]).finally(() => clearTimeout(timer))
     return null
   } catch (err) {
-    return (err as Error).message
+    return (err as Error).message.split('\n')[0] ?? 'unknown'
   }
+}
+
+/** The kind of database this file's tests run on (see testServer). */
+export async function testDatabaseKind (): Promise<string> {
+  return (await testServer()).kind
 }
 
 /**
@@ -89,28 +162,10 @@ async function containerRuntimeMissing (): Promise<string | null> {
  * dropped when the file ends. Returns its connection string.
  */
 export async function createTestDatabase (t: TestContext): Promise<string> {
-  const server = await testServer(t)
-  const name = `lk_test_${process.pid}_${randomBytes(4).toString('hex')}`
-  const admin = new pg.Client({ connectionString: server.url })
-  await admin.connect()
-  try {
-    await admin.query(`CREATE DATABASE ${name}`)
-  } finally {
-    await admin.end()
-  }
-  const url = new URL(server.url)
-  url.pathname = `/${name}`
-  t.comment(`test database: ${describeDatabase(url.toString())} (from ${server.kind})`)
-  t.teardown(async () => {
-    const client = new pg.Client({ connectionString: server.url })
-    await client.connect()
-    try {
-      await client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
-    } finally {
-      await client.end()
-    }
-  })
-  return url.toString()
+  const server = await testServer()
+  const url = await server.newDatabase(t)
+  t.comment(`test database: ${describeDatabase(url)} (from ${server.kind})`)
+  return url
 }
 
 export interface BuildOptions {
@@ -152,7 +207,14 @@ export async function build (t: TestContext, options: BuildOptions = {}): Promis
 
 /** Settings as the service would load them from an environment holding only `env`. */
 export function testConfig (env: Record<string, string>): Config {
-  return loadConfig({ LOG_LEVEL: 'silent', NODE_ENV: 'test', ...env })
+  // The embedded database has one session for all connections: no named statements there.
+  const shared = embeddedTests() ? { DATABASE_PREPARED_STATEMENTS: 'false' } : {}
+  return loadConfig({ LOG_LEVEL: 'silent', NODE_ENV: 'test', ...shared, ...env })
+}
+
+/** Whether this file's databases are embedded ones (known once createTestDatabase has run). */
+export function embeddedTests (): boolean {
+  return resolvedKind === 'embedded'
 }
 
 /** A plain pg pool on a database, for looking at what the service stored; closed at teardown. */

@@ -10,7 +10,7 @@ import { cleanupInactive, CLEANUP_LOCK } from '../../plugins/cleanup.ts'
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
 const logLines: string[] = []
 const app = await build(t, { env: { CLEANUP_INTERVAL: '0', CLEANUP_INACTIVE_DAYS: '730', LOG_LEVEL: 'info' }, logLines })
-const db = inspect(t, app.config.DATABASE_URL)
+const db = inspect(t, app.config.DATABASE_URL!)
 const payload = { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64) }
 
 async function seed (idleDays: number[]): Promise<string[]> {
@@ -80,7 +80,7 @@ t.test('two cleanups at once: one runs, the other skips', async (t) => {
 t.test('npm run cleanup: dry run, then the real thing', async (t) => {
   const idle = await seed([900, 900])
   const run = promisify(execFile)
-  const env = { PATH: process.env.PATH ?? '', DATABASE_URL: app.config.DATABASE_URL }
+  const env = { PATH: process.env.PATH ?? '', DATABASE_URL: app.config.DATABASE_URL! }
   const dry = await run(process.execPath, ['--import', 'tsx', 'scripts/cleanup.ts', '--days', '730', '--dry-run'], { cwd: ROOT, env })
   t.match(dry.stdout, /would delete 2 accounts not accessed for more than 730 days \(dry run, nothing deleted\)/)
   t.equal(await remaining(idle), 2)

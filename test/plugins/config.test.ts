@@ -33,14 +33,18 @@ t.test('only the service settings are kept, not the whole environment', async (t
 
 t.test('bad settings are refused with a message naming them', async (t) => {
   const cases: Array<[Record<string, string>, RegExp]> = [
-    [{}, /DATABASE_URL/],
     [{ DATABASE_URL: 'mysql://x@y/z' }, /DATABASE_URL/],
     [{ DATABASE_URL, PORT: 'eighty' }, /PORT/],
     [{ DATABASE_URL, PORT: '70000' }, /PORT/],
     [{ DATABASE_URL, LOG_LEVEL: 'loud' }, /LOG_LEVEL/],
     [{ DATABASE_URL, DATABASE_POOL_MAX: '0' }, /DATABASE_POOL_MAX/],
     [{ DATABASE_URL, NODE_ENV: 'staging' }, /NODE_ENV/],
-    [{ DATABASE_URL, DATABASE_CONNECT_TIMEOUT_MS: '-1' }, /DATABASE_CONNECT_TIMEOUT_MS/]
+    [{ DATABASE_URL, DATABASE_CONNECT_TIMEOUT_MS: '-1' }, /DATABASE_CONNECT_TIMEOUT_MS/],
+    [{ DATABASE_URL, TRUST_PROXY: '1' }, /TRUST_PROXY/],
+    [{ DATABASE_URL, TRUST_PROXY: 'true' }, /TRUST_PROXY/],
+    [{ DATABASE_URL, CLEANUP_INTERVAL: 'daily' }, /CLEANUP_INTERVAL/],
+    [{ DATABASE_URL, RATE_LIMIT_WINDOW: '0' }, /RATE_LIMIT_WINDOW/],
+    [{ DATABASE_URL, RATE_LIMIT_MAX: '-1' }, /RATE_LIMIT_MAX/]
   ]
   for (const [env, message] of cases) {
     t.throws(() => loadConfig(env), { message }, JSON.stringify(env))
@@ -55,4 +59,23 @@ t.test('production refuses a missing or development database password', async (t
   }
   const strong = loadConfig({ NODE_ENV: 'production', DATABASE_URL: 'postgres://logikids:Xq7%2Fv9-long-random@db/logikids' })
   t.equal(strong.NODE_ENV, 'production')
+})
+
+t.test('without DATABASE_URL (development): the embedded database in ./data', async (t) => {
+  const config = loadConfig({})
+  t.equal(config.DATABASE_URL, undefined)
+  t.equal(config.EMBEDDED_DATA_DIR, './data')
+})
+
+t.test('durations, proxies and switches', async (t) => {
+  const config = loadConfig({
+    DATABASE_URL, CLEANUP_INTERVAL: '12h', RATE_LIMIT_WINDOW: '15m', TRUST_PROXY: '10.0.0.0/8, 172.16.0.1, ::1, loopback',
+    DATABASE_PREPARED_STATEMENTS: 'false'
+  })
+  t.equal(config.CLEANUP_INTERVAL, 12 * 3_600_000)
+  t.equal(config.RATE_LIMIT_WINDOW, 15 * 60_000)
+  t.equal(config.TRUST_PROXY, '10.0.0.0/8, 172.16.0.1, ::1, loopback')
+  t.equal(config.DATABASE_PREPARED_STATEMENTS, false)
+  t.match(loadConfig({ DATABASE_URL }), { CLEANUP_INTERVAL: 86_400_000, RATE_LIMIT_WINDOW: 3_600_000, CLEANUP_INACTIVE_DAYS: 730, RATE_LIMIT_MAX: 100 })
+  t.equal(loadConfig({ DATABASE_URL, CLEANUP_INTERVAL: '0' }).CLEANUP_INTERVAL, 0)
 })

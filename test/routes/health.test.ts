@@ -20,7 +20,7 @@ const payload = {
 t.test('with the database up: /health is ok, /health/live is ok', async (t) => {
   const health = await app.inject({ method: 'GET', url: '/health' })
   t.equal(health.statusCode, 200)
-  t.equal(health.body, '{"status":"ok","database":"ok"}')
+  t.equal(health.body, '{"status":"ok","database":"ok","databaseKind":"postgresql"}')
   const live = await app.inject({ method: 'GET', url: '/health/live' })
   t.equal(live.statusCode, 200)
   t.strictSame(live.json(), { status: 'ok' })

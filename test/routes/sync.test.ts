@@ -4,7 +4,7 @@ import { build, inspect } from '../helper.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
 
 const app = await build(t)
-const db = inspect(t, app.config.DATABASE_URL)
+const db = inspect(t, app.config.DATABASE_URL!)
 
 function payload (bytes = 48, fill = 3) {
   return {

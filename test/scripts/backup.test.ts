@@ -30,7 +30,7 @@ async function script (name: string, args: string[], databaseUrl: string) {
 const EVERYTHING = 'SELECT row_to_json(u)::text AS row FROM user_sync_data u ORDER BY user_id'
 
 const app = await build(t)
-const source = app.config.DATABASE_URL
+const source = app.config.DATABASE_URL!
 const db = inspect(t, source)
 const users = [
   { id: randomUUID(), bytes: MAX_BLOB_BYTES },
