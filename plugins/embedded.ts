@@ -1,7 +1,6 @@
 import { closeSync, mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs'
 import { join, resolve } from 'node:path'
-import { PGlite } from '@electric-sql/pglite'
-import { PGLiteSocketServer } from '@electric-sql/pglite-socket'
+import type { PGlite } from '@electric-sql/pglite'
 
 /**
  * The development database: PostgreSQL compiled to WebAssembly (PGlite), in this process,
@@ -29,6 +28,10 @@ export async function startEmbeddedDatabase (dataDir: string, maxConnections: nu
   const releaseLock = inMemory ? () => {} : takeLock(directory)
   let db: PGlite | undefined
   try {
+    // Loaded only here: a service with DATABASE_URL never pays for the WebAssembly build.
+    const [{ PGlite }, { PGLiteSocketServer }] = await Promise.all([
+      import('@electric-sql/pglite'), import('@electric-sql/pglite-socket')
+    ])
     db = inMemory ? new PGlite() : new PGlite(directory)
     await db.waitReady
     const server = new PGLiteSocketServer({ db, host: '127.0.0.1', port: 0, maxConnections })
