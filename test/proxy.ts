@@ -1,11 +1,20 @@
 import net from 'node:net'
 
 /**
- * A TCP proxy in front of PostgreSQL that a test can cut and restore, so that faults are
- * real socket failures without touching the shared server.
+ * A TCP proxy in front of PostgreSQL that a test can slow down, stall, reset or cut, so that
+ * network faults are real socket behaviour without touching the shared server. (The kernel
+ * here has no netem, and toxiproxy is not packaged.)
  */
 export interface Proxy {
   port: number
+  /** Delays every chunk, both ways, by this many milliseconds (0: none). */
+  setLatency (ms: number): void
+  /** Stops forwarding bytes, both ways, but keeps every connection open: a hung network. */
+  stall (): void
+  /** Forwards again, including what was held back while stalled. */
+  resume (): void
+  /** Resets every open connection (TCP RST), as a crashed middlebox would. */
+  reset (): void
   /** Refuses new connections and destroys the open ones: the database is gone. */
   cut (): Promise<void>
   /** Accepts connections again on the same port. */
@@ -15,6 +24,19 @@ export interface Proxy {
 
 export async function startProxy (target: { host: string, port: number }): Promise<Proxy> {
   const sockets = new Set<net.Socket>()
+  let latencyMs = 0
+  let stalled = false
+  const held: Array<() => void> = []
+
+  function forward (from: net.Socket, to: net.Socket): void {
+    from.on('data', (chunk) => {
+      const send = () => { if (!to.destroyed) to.write(chunk) }
+      const deliver = () => (stalled ? held.push(send) : send())
+      if (latencyMs > 0) setTimeout(deliver, latencyMs)
+      else deliver()
+    })
+  }
+
   const server = net.createServer((client) => {
     const upstream = net.connect(target.port, target.host)
     for (const socket of [client, upstream]) {
@@ -22,7 +44,8 @@ export async function startProxy (target: { host: string, port: number }): Promi
       socket.on('close', () => sockets.delete(socket))
       socket.on('error', () => {})
     }
-    client.pipe(upstream).pipe(client)
+    forward(client, upstream)
+    forward(upstream, client)
     client.on('close', () => upstream.destroy())
     upstream.on('close', () => client.destroy())
   })
@@ -40,7 +63,19 @@ export async function startProxy (target: { host: string, port: number }): Promi
   })
   await listen(0)
   const port = (server.address() as net.AddressInfo).port
-  return { port, cut: stop, restore: () => listen(port), close: stop }
+  return {
+    port,
+    setLatency: (ms) => { latencyMs = ms },
+    stall: () => { stalled = true },
+    resume: () => {
+      stalled = false
+      for (const send of held.splice(0)) send()
+    },
+    reset: () => { for (const socket of sockets) socket.resetAndDestroy() },
+    cut: stop,
+    restore: () => listen(port),
+    close: stop
+  }
 }
 
 /** The same connection string, reaching its server through the proxy. */
