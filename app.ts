@@ -10,6 +10,7 @@ import cleanupPlugin from './plugins/cleanup.ts'
 import rateLimitPlugin from './plugins/rate-limit.ts'
 import docsPlugin from './plugins/docs.ts'
 import securityHeadersPlugin from './plugins/security-headers.ts'
+import loadSheddingPlugin from './plugins/load-shedding.ts'
 import healthRoutes from './routes/health.ts'
 import infoRoutes from './routes/info.ts'
 import syncRoutes from './routes/api/sync/index.ts'
@@ -69,6 +70,7 @@ export default fp(async function app (app: FastifyInstance, opts: { config: Conf
   })
 
   await app.register(configPlugin, { config: opts.config })
+  await app.register(loadSheddingPlugin)
   await app.register(docsPlugin)
   await app.register(sensible)
   await app.register(securityHeadersPlugin)
@@ -95,6 +97,7 @@ function describeError (error: FastifyError): { statusCode: number, message: str
     return { statusCode: 400, message: `Invalid request: ${error.message}` }
   }
   if (isDatabaseUnavailable(error)) return { statusCode: 503, message: DATABASE_UNAVAILABLE }
+  if (error.code === 'OVERLOADED') return { statusCode: 503, message: error.message }
   if (isInvalidData(error)) return { statusCode: 400, message: 'Invalid request: the data does not satisfy the storage rules' }
   switch (error.code) {
     case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':

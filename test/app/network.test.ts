@@ -66,3 +66,19 @@ t.test('connections reset mid-stream: requests fail cleanly or are retried, the 
   t.strictSame(after.map((r) => r.statusCode), Array(8).fill(200))
   t.comment(`reset: in-flight answered ${results.map((r) => r.statusCode).join(', ')}; all 8 after it 200`)
 })
+
+t.test('an overloaded event loop: fast 503s with Retry-After, liveness still answers', async (t) => {
+  const loaded = await build(t, { env: { DATABASE_URL: databaseUrl, MAX_EVENT_LOOP_DELAY_MS: '50' } })
+  // Block the event loop for a while, as a CPU-bound burst would; the sampler, overdue, runs
+  // first when it is free and records the delay until its next sample.
+  const until = Date.now() + 400
+  while (Date.now() < until) { /* busy */ }
+  await sleep(20)
+  const res = await loaded.inject({ method: 'GET', url: `/api/sync/${userId}` })
+  t.equal(res.statusCode, 503)
+  t.strictSame(res.json(), { error: 'The service is overloaded; please retry shortly', statusCode: 503 })
+  t.ok(res.headers['retry-after'])
+  t.equal((await loaded.inject({ method: 'GET', url: '/health/live' })).statusCode, 200)
+  await sleep(600)
+  t.equal((await loaded.inject({ method: 'GET', url: `/api/sync/${userId}` })).statusCode, 200, 'and serves again when the loop catches up')
+})
