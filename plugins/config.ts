@@ -44,6 +44,7 @@ export const ConfigSchema = Type.Object({
   DATABASE_CONNECT_TIMEOUT_MS: Milliseconds(2_000, 'how long a request waits for a pooled connection before a 503'),
   DATABASE_STATEMENT_TIMEOUT_MS: Milliseconds(5_000, 'longest a single SQL statement may run'),
   HEALTH_TIMEOUT_MS: Milliseconds(2_000, 'how long /health waits for SELECT 1'),
+  REQUEST_TIMEOUT_MS: Milliseconds(30_000, 'how long a client may take to send a whole request (headers: at most 10 s of it)'),
   MAX_EVENT_LOOP_DELAY_MS: Type.Integer({
     minimum: 0, maximum: 600_000, default: 1000,
     description: 'above this event-loop delay requests get a 503 (load shedding); 0 disables'
