@@ -19,6 +19,9 @@ export default fp(async function rateLimits (app) {
   const { RATE_LIMIT_MAX: perUser, RATE_LIMIT_IP_MAX: perIp, RATE_LIMIT_WINDOW: windowMs } = app.config
   await app.register(rateLimit, {
     global: false,
+    // One LRU of counters for both limits (keys are prefixed). Past its size the least recent
+    // keys are forgotten, and their budgets start afresh: room for 100,000 users and addresses.
+    cache: 100_000,
     // The answer is an error like any other, shaped by the app's error handler.
     errorResponseBuilder: (_request, context) => Object.assign(
       new Error(`Too many requests: the limit is ${context.max} per ${describeWindow(windowMs)}; retry in ${Math.ceil(context.ttl / 1000)} s`),
