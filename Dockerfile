@@ -9,6 +9,7 @@ COPY *.ts ./
 COPY plugins ./plugins
 COPY routes ./routes
 COPY schemas ./schemas
+COPY scripts ./scripts
 RUN npm run build
 
 # Runtime stage: the compiled service, its migrations and production dependencies only.
