@@ -1,8 +1,11 @@
 // npm run bench: the service against a one-query-per-request baseline, on a real PostgreSQL.
 // Writes BENCHMARKS.md (results, then the hand-written analysis in bench/notes.md).
 // Options: --duration S (seconds per measured run, default 4), --only TEXT (scenarios whose
-// name contains TEXT), --scale (also the 1,000,000-user GET scenario; adds a few minutes).
+// name contains TEXT), --scale (then 1,000,000 stored users: GET, and the cleanup of 999,000
+// inactive ones under upload load; adds a few minutes), --toast (1 MB GET and PUT under each
+// TOAST setting of the blob column).
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync, existsSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { fileURLToPath } from 'node:url'
@@ -16,7 +19,8 @@ const { values: args } = parseArgs({
   options: {
     duration: { type: 'string', default: '4' },
     only: { type: 'string', default: '' },
-    scale: { type: 'boolean', default: false }
+    scale: { type: 'boolean', default: false },
+    toast: { type: 'boolean', default: false }
   }
 })
 const DURATION = Number(args.duration)
@@ -46,9 +50,10 @@ function uuid (n: number, prefix: number): string {
   return `${prefix.toString(16).padStart(8, '0')}-0000-4000-8000-${hex}`
 }
 
+// Ciphertext is random bytes: it does not compress, which matters to PostgreSQL's TOAST.
 function body (size: Size): string {
   return JSON.stringify({
-    encryptedBlob: Buffer.alloc(SIZES[size], 0x5a).toString('base64'),
+    encryptedBlob: randomBytes(SIZES[size]).toString('base64'),
     iv: 'AbCdEfGhIjKlMnOp',
     timestamp: Date.now(),
     checksum: 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
@@ -72,7 +77,7 @@ async function seed (): Promise<void> {
   await admin(async (c) => {
     let prefix = 1
     for (const size of Object.keys(SIZES) as Size[]) {
-      const blob = Buffer.alloc(SIZES[size], 0x41).toString('base64')
+      const blob = randomBytes(SIZES[size]).toString('base64')
       await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
         SELECT ('${prefix.toString(16).padStart(8, '0')}-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid,
                $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), $2
@@ -80,7 +85,7 @@ async function seed (): Promise<void> {
       ids[size] = Array.from({ length: USERS[size] }, (_, n) => uuid(n, prefix))
       prefix++
     }
-    const small = Buffer.alloc(1024, 0x42).toString('base64')
+    const small = randomBytes(1024).toString('base64')
     await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
       SELECT ('000000ff-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), 1024
       FROM generate_series(0, $2 - 1) AS n`, [small, DELETE_POOL])
@@ -182,7 +187,7 @@ function scenarios (): Scenario[] {
 
 interface Result {
   scenario: string, server: string, rps: number, p50: number, p975: number, p99: number,
-  errors: number, unexpected: number, rssMb: number, cpuUs: number
+  max: number, errors: number, unexpected: number, rssMb: number, cpuUs: number
 }
 
 async function measure (server: Server, scenario: Scenario, duration: number): Promise<Result> {
@@ -191,6 +196,7 @@ async function measure (server: Server, scenario: Scenario, duration: number): P
   const sampler = setInterval(() => { peak = Math.max(peak, rssMb(server.child.pid!)) }, 100)
   const expected = server.name === 'service' && scenario.serviceExpect ? scenario.serviceExpect : scenario.expect
   let unexpected = 0
+  const statuses: Record<number, number> = {}
   const result = await autocannon({
     url: `http://127.0.0.1:${server.port}`,
     connections: scenario.connections,
@@ -199,13 +205,20 @@ async function measure (server: Server, scenario: Scenario, duration: number): P
       method: scenario.method,
       body: scenario.body,
       setupRequest: (request) => {
+        const path = scenario.path() // first: the headers may depend on the user it picked
         const headers = scenario.headers?.() ?? {}
-        return { ...request, path: scenario.path(), headers: { ...request.headers, ...headers } }
+        return { ...request, path, headers: { ...request.headers, ...headers } }
       },
-      onResponse: (status) => { if (!expected.includes(status)) unexpected++ }
+      onResponse: (status) => {
+        if (!expected.includes(status)) {
+          unexpected++
+          statuses[status] = (statuses[status] ?? 0) + 1
+        }
+      }
     }]
   })
   clearInterval(sampler)
+  if (unexpected > 0) console.log(`  ${server.name} ${scenario.name}: unexpected statuses ${JSON.stringify(statuses)}, ${result.errors} errors, ${result.timeouts} timeouts`)
   const cpu = cpuSeconds(server.child.pid!) - cpuBefore
   return {
     scenario: scenario.name,
@@ -214,6 +227,7 @@ async function measure (server: Server, scenario: Scenario, duration: number): P
     p50: result.latency.p50,
     p975: result.latency.p97_5,
     p99: result.latency.p99,
+    max: result.latency.max,
     errors: result.errors + result.timeouts,
     unexpected,
     rssMb: peak,
@@ -229,6 +243,104 @@ function machine (): string {
 
 const fmt = (n: number, digits = 1) => n.toFixed(digits)
 
+type Compare = (scenario: Scenario, servers?: Server[]) => Promise<void>
+const latest = (results: Result[], scenario: string, server: string) =>
+  results.filter((r) => r.scenario === scenario && r.server === server).at(-1)!
+
+/** 1 MB GET and PUT on the service under each TOAST setting of encrypted_blob. */
+async function toastExperiment (service: Server, compare: Compare, results: Result[]): Promise<string> {
+  const settings = [
+    ['EXTENDED, pglz (default)', 'ALTER TABLE user_sync_data ALTER COLUMN encrypted_blob SET STORAGE EXTENDED, ALTER COLUMN encrypted_blob SET COMPRESSION pglz'],
+    ['EXTENDED, lz4', 'ALTER TABLE user_sync_data ALTER COLUMN encrypted_blob SET STORAGE EXTENDED, ALTER COLUMN encrypted_blob SET COMPRESSION lz4'],
+    ['EXTERNAL (no compression)', 'ALTER TABLE user_sync_data ALTER COLUMN encrypted_blob SET STORAGE EXTERNAL']
+  ] as const
+  const lines = ['## TOAST settings of encrypted_blob (--toast)', '',
+    'Each setting, then 1 MB uploads rewrite the 1 MB rows under it, then downloads read them (service only, same run).', '',
+    '| setting | PUT 1MB req/s | PUT CPU µs/req | GET 1MB req/s | GET CPU µs/req | GET p99 ms | 1 MB rows on disk |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+  const all = scenarios()
+  const put = all.find((s) => s.name === 'PUT 1MB c16')!
+  const get = all.find((s) => s.name === 'GET 1MB c16')!
+  for (const [label, sql] of settings) {
+    await admin(async (c) => { await c.query(sql) }, benchUrl)
+    for (const scenario of [put, get]) await compare({ ...scenario, name: `${scenario.name} [${label}]` }, [service, service])
+    const size = await admin(async (c) => (await c.query(
+      "SELECT pg_size_pretty(sum(pg_column_size(encrypted_blob))) AS size FROM user_sync_data WHERE user_id::text LIKE '00000003-%'")).rows[0].size, benchUrl)
+    const p = latest(results, `${put.name} [${label}]`, 'service')
+    const g = latest(results, `${get.name} [${label}]`, 'service')
+    lines.push(`| ${label} | ${fmt(p.rps)} | ${fmt(p.cpuUs, 0)} | ${fmt(g.rps)} | ${fmt(g.cpuUs, 0)} | ${fmt(g.p99)} | ${size} |`)
+  }
+  return lines.join('\n')
+}
+
+/**
+ * 1,000,000 stored users: the 1 KiB GET again, with reads spread over all of them; then the
+ * cleanup of 999,000 inactive ones while uploads go on, with the worst upload latency.
+ */
+async function scaleExperiment (service: Server, compare: Compare, results: Result[]): Promise<string> {
+  const extraUsers = 999_000
+  console.log(`seeding ${extraUsers} more users…`)
+  const started = Date.now()
+  await admin(async (c) => {
+    await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed)
+      SELECT ('00000010-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), 1024,
+             now() - interval '3 years'
+      FROM generate_series(0, $2 - 1) AS n`, [randomBytes(1024).toString('base64'), extraUsers])
+    await c.query('VACUUM ANALYZE user_sync_data')
+  }, benchUrl)
+  const seeded = Date.now() - started
+  const small = scenarios().find((s) => s.name === 'GET 1KiB c16')!
+  const wide: Scenario = {
+    ...small,
+    name: 'GET 1KiB c16, 1,000,000 users',
+    path: () => `/api/sync/${uuid(Math.floor(Math.random() * extraUsers), 0x10)}`
+  }
+  await compare(small)
+  await compare(wide)
+  const narrowService = latest(results, small.name, 'service')
+  const wideService = latest(results, wide.name, 'service')
+  const narrowBaseline = latest(results, small.name, 'baseline')
+  const wideBaseline = latest(results, wide.name, 'baseline')
+
+  // Uploads at 16 connections without, then during, the cleanup of the 999,000 inactive users.
+  const putSmall = scenarios().find((s) => s.name === 'PUT 1KiB c16')!
+  const quiet = await measure(service, putSmall, 5)
+  const cleanup = new Promise<string>((resolve, reject) => {
+    const child = spawn(process.execPath, ['dist/scripts/cleanup.js', '--days', '730'], {
+      cwd: ROOT, env: { PATH: process.env.PATH ?? '', DATABASE_URL: benchUrl }, stdio: ['ignore', 'pipe', 'inherit']
+    })
+    let out = ''
+    child.stdout.on('data', (chunk: Buffer) => { out += chunk.toString() })
+    child.on('exit', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`cleanup exited ${code}`))))
+  })
+  let busy: Result | undefined
+  let worst = 0
+  const during: Promise<void> = (async () => {
+    let done = false
+    void cleanup.finally(() => { done = true })
+    while (!done) {
+      const run = await measure(service, putSmall, 3)
+      worst = Math.max(worst, run.max)
+      busy ??= run
+    }
+  })()
+  const cleanupLine = await cleanup
+  await during
+  return [
+    '## 1,000,000 stored users (--scale)', '',
+    `${extraUsers.toLocaleString('en')} more 1 KiB users seeded in ${fmt(seeded / 1000)} s, all inactive for 3 years.`, '',
+    '| scenario | service req/s | baseline req/s | ratio | service p50 / p99 ms | service CPU µs/req |',
+    '| --- | ---: | ---: | ---: | --- | ---: |',
+    `| GET 1KiB c16, reads over the first 1,000 users | ${fmt(narrowService.rps, 0)} | ${fmt(narrowBaseline.rps, 0)} | ${fmt(narrowService.rps / narrowBaseline.rps, 2)}x | ${fmt(narrowService.p50)} / ${fmt(narrowService.p99)} | ${fmt(narrowService.cpuUs, 0)} |`,
+    `| GET 1KiB c16, reads over 999,000 users | ${fmt(wideService.rps, 0)} | ${fmt(wideBaseline.rps, 0)} | ${fmt(wideService.rps / wideBaseline.rps, 2)}x | ${fmt(wideService.p50)} / ${fmt(wideService.p99)} | ${fmt(wideService.cpuUs, 0)} |`,
+    '',
+    `Service at 1,000,000 users: **${fmt(wideService.rps / narrowService.rps, 2)}x** its 1,000-user req/s in the same run.`, '',
+    `Cleanup of the 999,000 inactive users (\`node dist/scripts/cleanup.js --days 730\`, batches of 1,000) while 16 connections upload 1 KiB blobs: \`${cleanupLine}\`.`,
+    `Uploads before it: ${fmt(quiet.rps, 0)} req/s, p99 ${fmt(quiet.p99)} ms; during it: ${fmt(busy?.rps ?? 0, 0)} req/s, p99 ${fmt(busy?.p99 ?? 0)} ms, **worst upload ${fmt(worst)} ms**.`
+  ].join('\n')
+}
+
+
 function average (runs: Result[]): Result {
   const mean = (pick: (run: Result) => number) => runs.reduce((sum, run) => sum + pick(run), 0) / runs.length
   return {
@@ -238,6 +350,7 @@ function average (runs: Result[]): Result {
     p50: mean((run) => run.p50),
     p975: mean((run) => run.p975),
     p99: mean((run) => run.p99),
+    max: Math.max(...runs.map((run) => run.max)),
     errors: runs.reduce((sum, run) => sum + run.errors, 0),
     unexpected: runs.reduce((sum, run) => sum + run.unexpected, 0),
     rssMb: Math.max(...runs.map((run) => run.rssMb)),
@@ -255,24 +368,29 @@ async function main (): Promise<void> {
   const baseline = await startServer('baseline', 3102)
   const results: Result[] = []
   const list = scenarios()
+  const extra: string[] = []
+  // A B B A: each server runs twice, once early and once late, and the two runs are averaged,
+  // so that drift in the machine's load falls on both alike.
+  async function compare (scenario: Scenario, servers = [service, baseline, baseline, service]): Promise<void> {
+    const runs: Result[] = []
+    for (const server of servers) {
+      await measure(server, scenario, 1) // warm-up: JIT, connections, prepared statements
+      runs.push(await measure(server, scenario, DURATION))
+    }
+    for (const name of new Set(servers.map((server) => server.name))) {
+      const result = average(runs.filter((run) => run.server === name))
+      results.push(result)
+      console.log(`${scenario.name.padEnd(28)} ${name.padEnd(8)} ${fmt(result.rps, 0).padStart(7)} req/s  p50 ${result.p50} ms  p99 ${result.p99} ms  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}  rss ${fmt(result.rssMb, 0)} MB`)
+    }
+  }
   try {
     for (const scenario of list) {
       // Uploads changed the versions: a client polls with the ETag it last saw.
       if (scenario.name.includes('If-None-Match')) await refreshEtags()
-      // A B B A: each server runs twice, once early and once late, and the two runs are
-      // averaged, so that drift in the machine's load falls on both alike.
-      const runs: Result[] = []
-      for (const server of [service, baseline, baseline, service]) {
-        await measure(server, scenario, 1) // warm-up: JIT, connections, prepared statements
-        runs.push(await measure(server, scenario, DURATION))
-      }
-      for (const server of [service, baseline]) {
-        const mine = runs.filter((run) => run.server === server.name)
-        const result = average(mine)
-        results.push(result)
-        console.log(`${scenario.name.padEnd(28)} ${server.name.padEnd(8)} ${fmt(result.rps, 0).padStart(7)} req/s  p50 ${result.p50} ms  p99 ${result.p99} ms  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}  rss ${fmt(result.rssMb, 0)} MB`)
-      }
+      await compare(scenario)
     }
+    if (args.toast) extra.push(await toastExperiment(service, compare, results))
+    if (args.scale) extra.push(await scaleExperiment(service, compare, results))
   } finally {
     await stopServer(service)
     await stopServer(baseline)
@@ -305,6 +423,8 @@ one database, autocannon in the same process as this script, all on the same 2 c
 | scenario | service req/s | baseline req/s | ratio | service latency | baseline latency | CPU µs/request (s / b) | errors (s / b) | peak RSS MB (s / b) |
 | --- | ---: | ---: | ---: | --- | --- | --- | --- | --- |
 ${rows.join('\n')}
+
+${extra.join('\n\n')}
 
 ${notes}`
   writeFileSync(`${ROOT}BENCHMARKS.md`, report)

@@ -41,6 +41,10 @@ export const ConfigSchema = Type.Object({
     default: true,
     description: 'prepare each statement once per connection; false behind a pooler that cannot (PgBouncer in transaction mode before 1.21)'
   }),
+  DATABASE_MAX_WAITING: Type.Integer({
+    minimum: 1, maximum: 100_000, default: 100,
+    description: 'requests that may wait for a pooled connection; beyond that a request gets a 503 at once'
+  }),
   DATABASE_CONNECT_TIMEOUT_MS: Milliseconds(2_000, 'how long a request waits for a pooled connection before a 503'),
   DATABASE_STATEMENT_TIMEOUT_MS: Milliseconds(5_000, 'longest a single SQL statement may run'),
   HEALTH_TIMEOUT_MS: Milliseconds(2_000, 'how long /health waits for SELECT 1'),

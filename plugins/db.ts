@@ -36,11 +36,15 @@ const UNAVAILABLE_MESSAGES = [
 // SQLSTATE: 22 data exceptions and 23 integrity constraint violations are the client's fault (400).
 const INVALID_SQLSTATE_CLASSES = new Set(['22', '23'])
 
+/** Thrown instead of queueing when DATABASE_MAX_WAITING requests already wait for a connection. */
+export const POOL_SATURATED = 'POOL_SATURATED'
+
 /** Whether an error from pg means the database is unreachable, overloaded or shutting down. */
 export function isDatabaseUnavailable (err: unknown): boolean {
   if (!(err instanceof Error)) return false
   const code = (err as Error & { code?: unknown }).code
   if (typeof code === 'string') {
+    if (code === POOL_SATURATED) return true
     if (UNAVAILABLE_NODE_CODES.has(code)) return true
     if (code.length === 5 && UNAVAILABLE_SQLSTATE_CLASSES.has(code.slice(0, 2))) return true
   }

@@ -3,6 +3,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
 import { logs, pseudonym, safeError } from '../logging.ts'
+import { POOL_SATURATED } from './db.ts'
 
 /** What the storage needs of a pool: one query at a time (pg's Pool, or a test's Client). */
 export interface Queryable {
@@ -139,14 +140,19 @@ export type ObserveStatement = (statement: string, outcome: 'ok' | 'error', seco
 
 /** The key-value operations of the sync store, one SQL round trip each. */
 export function createStorage (
-  db: Queryable, log: FastifyBaseLogger, observe: ObserveStatement = () => {}, options: { prepared?: boolean } = {}
+  db: Queryable, log: FastifyBaseLogger, observe: ObserveStatement = () => {},
+  options: { prepared?: boolean, admit?: () => boolean } = {}
 ) {
+  const admit = options.admit ?? (() => true)
   // Named statements are prepared once per connection. Where connections share one session
   // (the embedded database, a transaction-mode pooler) the names would collide: send them unnamed.
   const prepared = options.prepared ?? true
   async function run<R extends QueryResultRow> (
     statement: { name: string, text: string }, values: unknown[], idempotent = true
   ): Promise<QueryResult<R>> {
+    // A bounded queue: past it a request fails at once (503) instead of waiting in line for a
+    // connection it would only get after the connect timeout anyway.
+    if (!admit()) throw Object.assign(new Error('too many requests are waiting for a database connection'), { code: POOL_SATURATED })
     const query = prepared ? { name: statement.name, text: statement.text, values } : { text: statement.text, values }
     const started = process.hrtime.bigint()
     const seconds = () => Number(process.hrtime.bigint() - started) / 1e9
@@ -309,7 +315,9 @@ const OPERATION_OF: Record<string, string> = {
 export default fp(async function storage (app) {
   const { storageDuration } = app.metrics
   const prepared = app.config.DATABASE_PREPARED_STATEMENTS && app.databaseKind !== 'embedded'
+  const { pool } = app.pg
+  const maxWaiting = app.config.DATABASE_MAX_WAITING
   app.decorate('storage', createStorage(app.pg.pool, app.log.child({ component: 'storage' }), (statement, outcome, seconds) => {
     storageDuration.observe({ operation: OPERATION_OF[statement] ?? statement, outcome }, seconds)
-  }, { prepared }))
+  }, { prepared, admit: () => pool.waitingCount < maxWaiting }))
 }, { name: 'storage', dependencies: ['db', 'metrics'] })

@@ -1,7 +1,7 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { build, createTestDatabase } from '../helper.ts'
+import { build } from '../helper.ts'
 import { startCluster } from '../pg-cluster.ts'
 
 // Faults on a real PostgreSQL: connections killed by the server, and the server itself killed.
@@ -9,8 +9,11 @@ const payload = (n: number) => ({
   encryptedBlob: Buffer.alloc(2048, n % 256).toString('base64'), iv: 'AAAAAAAAAAAAAAAA', timestamp: n + 1, checksum: 'c'.repeat(64)
 })
 
+// Both tests run on a PostgreSQL cluster of their own: the machine's shared server is never touched.
 t.test('pg_terminate_backend on the service\'s connections: the next requests succeed', async (t) => {
-  const app = await build(t, { env: { DATABASE_URL: await createTestDatabase(t) } })
+  const cluster = await startCluster()
+  t.teardown(() => cluster.stop())
+  const app = await build(t, { env: { DATABASE_URL: cluster.url } })
   const userId = randomUUID()
   t.equal((await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: payload(1) })).statusCode, 200)
   // Open every pooled connection, then have PostgreSQL terminate them all.

@@ -71,3 +71,21 @@ t.test('with every pooled connection busy: requests wait at most the connect tim
   const health = await app.inject({ method: 'GET', url: '/health' })
   t.equal(health.statusCode, 503, '/health reports it too')
 })
+
+t.test('many more requests than connections: past DATABASE_MAX_WAITING a request gets a 503 at once', async (t) => {
+  const bounded = await build(t, {
+    env: { DATABASE_URL: databaseUrl, DATABASE_POOL_MAX: '2', DATABASE_MAX_WAITING: '5', DATABASE_CONNECT_TIMEOUT_MS: '1000', RATE_LIMIT_MAX: '0', RATE_LIMIT_IP_MAX: '0' }
+  })
+  const holders = await Promise.all([bounded.pg.pool.connect(), bounded.pg.pool.connect()])
+  t.teardown(() => { for (const client of holders) client.release() })
+  const results = await Promise.all(Array.from({ length: 30 }, async () => {
+    const started = Date.now()
+    const res = await bounded.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })
+    return { status: res.statusCode, ms: Date.now() - started, retryAfter: res.headers['retry-after'] }
+  }))
+  const immediate = results.filter((r) => r.ms < 500)
+  t.strictSame(results.map((r) => r.status), Array(30).fill(503), 'all 30 are 503 while the pool is held')
+  t.equal(immediate.length, 25, `25 refused at once (in ${Math.max(...immediate.map((r) => r.ms))} ms at most), 5 waited the connect timeout`)
+  t.ok(results.every((r) => r.retryAfter === '5'), 'each with Retry-After')
+  t.comment(`pool saturated: ${immediate.length} of 30 answered 503 at once, the other ${30 - immediate.length} after ${Math.min(...results.filter((r) => r.ms >= 500).map((r) => r.ms))} ms`)
+})
