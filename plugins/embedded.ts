@@ -80,7 +80,8 @@ function takeLock (directory: string): () => void {
   throw new Error(`cannot lock ${path}`)
 }
 
-function isAlive (pid: number): boolean {
+/** Whether a process with this id runs (EPERM: it does, as another user). */
+export function isAlive (pid: number): boolean {
   try {
     process.kill(pid, 0)
     return true

@@ -6,7 +6,7 @@ import pg from 'pg'
 import app, { serverOptions } from '../app.ts'
 import { loadConfig, type Config } from '../plugins/config.ts'
 import { describeDatabase } from '../plugins/db.ts'
-import { startEmbeddedDatabase } from '../plugins/embedded.ts'
+import { isAlive, startEmbeddedDatabase } from '../plugins/embedded.ts'
 import { serverBinaries, startCluster } from './pg-cluster.ts'
 
 /** The part of tap's Test a helper needs (kept narrow so helpers work in any subtest). */
@@ -127,14 +127,6 @@ async function dropAbandonedDatabases (serverUrl: string): Promise<void> {
   }
 }
 
-function isAlive (pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM'
-  }
-}
 
 async function containerRuntimeMissing (): Promise<string | null> {
   try {
