@@ -1,4 +1,4 @@
-import { existsSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import fp from 'fastify-plugin'
 import { envSchema } from 'env-schema'
@@ -86,6 +86,9 @@ export function projectFile (name: string): string {
   const candidates = [new URL(`../${name}`, import.meta.url), new URL(`../../${name}`, import.meta.url)].map((url) => fileURLToPath(url))
   return candidates.find((path) => existsSync(path)) ?? candidates[0]!
 }
+
+/** The service's version, from package.json (shown by /info and the OpenAPI document). */
+export const VERSION = (JSON.parse(readFileSync(projectFile('package.json'), 'utf8')) as { version: string }).version
 
 // The compose file's development default, and the passwords a tutorial would use.
 const WEAK_PASSWORDS = new Set(['', 'development', 'postgres', 'password', 'logikids', 'changeme'])

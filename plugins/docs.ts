@@ -1,10 +1,8 @@
 import fp from 'fastify-plugin'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
-import { readFileSync } from 'node:fs'
-import { projectFile } from './config.ts'
+import { VERSION } from './config.ts'
 
-const { version } = JSON.parse(readFileSync(projectFile('package.json'), 'utf8')) as { version: string }
 
 /**
  * The OpenAPI 3 description, generated from the routes' TypeBox schemas, at /docs/json, and
@@ -16,7 +14,7 @@ export default fp(async function docs (app) {
       openapi: '3.0.3',
       info: {
         title: 'logikids-sync',
-        version,
+        version: VERSION,
         description: 'Zero-knowledge sync store: keeps client-side-encrypted blobs keyed by user id. ' +
           'Errors are JSON {"error": string, "statusCode": number}. See docs/sync-protocol.md for ETag and If-Match.'
       },

@@ -1,11 +1,9 @@
-import { readFileSync } from 'node:fs'
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { InfoSchema } from '../schemas/info.ts'
 import { MAX_BLOB_BYTES } from '../schemas/sync.ts'
 import { BODY_LIMIT } from '../app.ts'
-import { projectFile } from '../plugins/config.ts'
+import { VERSION } from '../plugins/config.ts'
 
-const { version } = JSON.parse(readFileSync(projectFile('package.json'), 'utf8')) as { version: string }
 
 /** GET /info: the limits a client needs before uploading. */
 const info: FastifyPluginAsyncTypebox = async function (app) {
@@ -13,7 +11,7 @@ const info: FastifyPluginAsyncTypebox = async function (app) {
   const limit = (max: number) => (max === 0 ? null : { max, windowSeconds: Math.round(config.RATE_LIMIT_WINDOW / 1000) })
   const body = {
     service: 'logikids-sync',
-    version,
+    version: VERSION,
     maxBlobBytes: MAX_BLOB_BYTES,
     maxBodyBytes: BODY_LIMIT,
     retentionDays: config.CLEANUP_INACTIVE_DAYS === 0 ? null : config.CLEANUP_INACTIVE_DAYS,
