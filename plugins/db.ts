@@ -51,6 +51,17 @@ export function isDatabaseUnavailable (err: unknown): boolean {
   return UNAVAILABLE_MESSAGES.some((text) => err.message.includes(text))
 }
 
+// The subset of unavailability that one more attempt on a fresh connection cures: the server
+// closed this connection (admin or crash shutdown, pg_terminate_backend) or the socket broke.
+const CONNECTION_LOST_CODES = new Set(['57P01', '57P02', 'ECONNRESET', 'EPIPE'])
+
+/** Whether pg failed because the server or the network closed the connection the query ran on. */
+export function isConnectionLost (err: unknown): boolean {
+  if (!(err instanceof Error)) return false
+  const code = (err as Error & { code?: string }).code
+  return (code !== undefined && CONNECTION_LOST_CODES.has(code)) || err.message.includes('Connection terminated unexpectedly')
+}
+
 /** Whether an error from pg is a constraint or data error: input the schemas should have caught. */
 export function isInvalidData (err: unknown): boolean {
   const code = (err as { code?: unknown } | null)?.code

@@ -3,7 +3,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
 import { logs, pseudonym, safeError } from '../logging.ts'
-import { POOL_SATURATED } from './db.ts'
+import { POOL_SATURATED, isConnectionLost } from './db.ts'
 
 /** What the storage needs of a pool: one query at a time (pg's Pool, or a test's Client). */
 export interface Queryable {
@@ -125,15 +125,9 @@ export interface StoredRecord {
 }
 
 // A connection the server closed (restart, failover, pg_terminate_backend) fails the one query
-// that finds it. Idempotent statements are tried once more on a fresh connection; conditional
-// writes are not, since the first attempt may have committed and a retry would then fail its
-// own precondition.
-const CONNECTION_LOST_CODES = new Set(['57P01', '57P02', 'ECONNRESET', 'EPIPE'])
-function isConnectionLost (err: unknown): boolean {
-  if (!(err instanceof Error)) return false
-  const code = (err as Error & { code?: string }).code
-  return (code !== undefined && CONNECTION_LOST_CODES.has(code)) || err.message.includes('Connection terminated unexpectedly')
-}
+// that finds it (isConnectionLost). Idempotent statements are tried once more on a fresh
+// connection; conditional writes are not, since the first attempt may have committed and a
+// retry would then fail its own precondition.
 
 /** Receives the duration of every statement (seconds), for the metrics. */
 export type ObserveStatement = (statement: string, outcome: 'ok' | 'error', seconds: number) => void
