@@ -3,21 +3,27 @@ import { fileURLToPath } from 'node:url'
 import fp from 'fastify-plugin'
 import { envSchema } from 'env-schema'
 import { Type, type Static } from '@sinclair/typebox'
+import parseDuration, { type StringValue } from 'ms'
+import proxyAddr from '@fastify/proxy-addr'
 
 const Milliseconds = (defaultValue: number, description: string) =>
   Type.Integer({ minimum: 1, maximum: 600_000, default: defaultValue, description })
 
 const Duration = (defaultValue: string, description: string) =>
-  Type.String({ pattern: '^[0-9]+(ms|s|m|h|d)?$', default: defaultValue, description })
+  Type.String({ minLength: 1, default: defaultValue, description })
 
-const PROXY = '([0-9A-Fa-f]*[.:][0-9A-Fa-f:.]*(/[0-9]{1,3})?|loopback|linklocal|uniquelocal)'
+const Level = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const
 
-const UNIT_MS: Record<string, number> = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 }
+// Node clamps a timer longer than this to 1 ms; plugins/cleanup.ts splits longer waits.
+const MAX_DURATION_MS = 10 * 365 * 86_400_000
 
-/** Milliseconds of a duration such as 1d, 12h, 15m, 30s, 500ms (a bare number is milliseconds). */
+/**
+ * Milliseconds of a duration: 1d, 12h, 15m, 30s, 500ms, or the long forms @fastify/rate-limit
+ * documents (1 minute, 15 minutes, 2 days); a bare number is milliseconds. NaN when it is none.
+ */
 export function durationMs (value: string): number {
-  const [, amount, unit] = /^([0-9]+)(ms|s|m|h|d)?$/.exec(value) ?? []
-  return Number(amount) * UNIT_MS[unit ?? 'ms']!
+  const ms = parseDuration(value.trim() as StringValue) as number | undefined
+  return typeof ms === 'number' && Number.isInteger(ms) && ms >= 0 && ms <= MAX_DURATION_MS ? ms : Number.NaN
 }
 
 export const ConfigSchema = Type.Object({
@@ -32,10 +38,8 @@ export const ConfigSchema = Type.Object({
   EMBEDDED_DATA_DIR: Type.String({ minLength: 1, default: './data', description: 'where the embedded database keeps its files' }),
   PORT: Type.Integer({ minimum: 0, maximum: 65535, default: 3000 }),
   HOST: Type.String({ minLength: 1, default: '0.0.0.0' }),
-  LOG_LEVEL: Type.Union(
-    ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level)),
-    { default: 'info' }
-  ),
+  // A plain enum, not a union of literals: one error line that lists the levels.
+  LOG_LEVEL: Type.Unsafe<typeof Level[number]>({ type: 'string', enum: [...Level], default: 'info' }),
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 1000, default: 10 }),
   DATABASE_PREPARED_STATEMENTS: Type.Boolean({
     default: true,
@@ -49,6 +53,10 @@ export const ConfigSchema = Type.Object({
   DATABASE_STATEMENT_TIMEOUT_MS: Milliseconds(5_000, 'longest a single SQL statement may run'),
   HEALTH_TIMEOUT_MS: Milliseconds(2_000, 'how long /health waits for SELECT 1'),
   REQUEST_TIMEOUT_MS: Milliseconds(30_000, 'how long a client may take to send a whole request (headers: at most 10 s of it)'),
+  MAX_CONNECTIONS: Type.Integer({
+    minimum: 1, maximum: 1_000_000, default: 1024,
+    description: 'open client connections the server accepts; past it a new connection is closed at once'
+  }),
   MAX_EVENT_LOOP_DELAY_MS: Type.Integer({
     minimum: 0, maximum: 600_000, default: 1000,
     description: 'above this event-loop delay requests get a 503 (load shedding); 0 disables'
@@ -56,18 +64,25 @@ export const ConfigSchema = Type.Object({
   CLEANUP_INACTIVE_DAYS: Type.Integer({
     minimum: 0, maximum: 36_500, default: 730, description: 'delete accounts not accessed for this many days; 0 disables'
   }),
-  CLEANUP_INTERVAL: Duration('1d', 'how often the cleanup runs (e.g. 1d, 12h); 0 disables'),
+  CLEANUP_INTERVAL: Duration('1d', 'how often the cleanup runs (e.g. 1d, 12h, 30 days); 0 disables'),
   RATE_LIMIT_MAX: Type.Integer({ minimum: 0, default: 100, description: 'requests per user id per window; 0 disables' }),
-  RATE_LIMIT_IP_MAX: Type.Integer({ minimum: 0, default: 2000, description: 'requests per client IP per window; 0 disables' }),
-  RATE_LIMIT_WINDOW: Duration('1h', 'the rate-limit window (e.g. 1h, 15m)'),
+  RATE_LIMIT_IP_MAX: Type.Integer({ minimum: 0, default: 2000, description: 'requests per client IP (IPv6: per /64) per window; 0 disables' }),
+  RATE_LIMIT_WINDOW: Duration('1h', 'the rate-limit window (e.g. 1h, 15m, 15 minutes)'),
+  RATE_LIMIT_CACHE_KEYS: Type.Integer({
+    minimum: 100, maximum: 10_000_000, default: 100_000,
+    description: 'counters each limit keeps in memory; past it the least recently seen start afresh'
+  }),
   TRUST_PROXY: Type.String({
     default: '',
-    // Addresses or CIDRs only (or proxy-addr's names): a bare hop count, or "true", would let
-    // any client choose its own address by sending X-Forwarded-For.
-    pattern: `^$|^${PROXY}(\\s*,\\s*${PROXY})*$`,
     description: 'addresses or CIDRs of the reverse proxies whose X-Forwarded-For is believed, comma-separated'
   }),
   METRICS_TOKEN: Type.String({ default: '', description: 'when set, GET /metrics needs Authorization: Bearer <token>' }),
+  METRICS_PORT: Type.Integer({
+    minimum: 0, maximum: 65535, default: 9464,
+    description: 'port of the separate metrics listener used in production when METRICS_TOKEN is empty'
+  }),
+  METRICS_HOST: Type.String({ minLength: 1, default: '127.0.0.1', description: 'address of the separate metrics listener' }),
+  DOCS: Type.Optional(Type.Boolean({ description: 'serve the OpenAPI document and Swagger UI (default: on, off in production)' })),
   CORS_ORIGINS: Type.String({
     default: '',
     description: 'comma-separated origins browsers may call from (https://app.example), * for any, empty for none'
@@ -76,9 +91,12 @@ export const ConfigSchema = Type.Object({
 
 type Environment = Static<typeof ConfigSchema>
 /** The settings, with durations in milliseconds. */
-export type Config = Omit<Environment, 'CLEANUP_INTERVAL' | 'RATE_LIMIT_WINDOW'> & {
+export type Config = Omit<Environment, 'CLEANUP_INTERVAL' | 'RATE_LIMIT_WINDOW' | 'DOCS'> & {
   CLEANUP_INTERVAL: number
   RATE_LIMIT_WINDOW: number
+  DOCS: boolean
+  /** Where /metrics is served: on the main port, or only on METRICS_HOST:METRICS_PORT. */
+  METRICS_LISTENER: 'main' | 'separate'
 }
 
 /** A file or folder at the project's root, found from the sources (plugins/) or the build (dist/plugins/). */
@@ -90,30 +108,134 @@ export function projectFile (name: string): string {
 /** The service's version, from package.json (shown by /info and the OpenAPI document). */
 export const VERSION = (JSON.parse(readFileSync(projectFile('package.json'), 'utf8')) as { version: string }).version
 
-// The compose file's development default, and the passwords a tutorial would use.
-const WEAK_PASSWORDS = new Set(['', 'development', 'postgres', 'password', 'logikids', 'changeme'])
+// The compose file's old development default, and the passwords a tutorial would use.
+const COMMON_PASSWORDS = new Set(['development', 'postgres', 'password', 'logikids', 'changeme', 'secret', 'admin'])
+export const MIN_PASSWORD_LENGTH = 12
+
+/** Why a database password is too weak for production, or null when it is not. */
+export function passwordWeakness (password: string): string | null {
+  if (COMMON_PASSWORDS.has(password.toLowerCase())) return 'is a well-known default'
+  if (password.length < MIN_PASSWORD_LENGTH) return `is shorter than ${MIN_PASSWORD_LENGTH} characters`
+  if (new Set(password).size < 6) return 'repeats too few different characters'
+  return null
+}
+
+/** A configuration error: one line that names the variable and what it accepts, never a secret's value. */
+export class ConfigError extends Error {
+  override name = 'ConfigError'
+}
 
 /** Validates the environment (process.env unless given) and returns the typed settings. */
 export function loadConfig (env: Record<string, string | undefined> = process.env): Config {
-  const raw = envSchema<Environment>({ schema: ConfigSchema, data: env, env: false, dotenv: false })
+  // An empty value is what `${VAR:-}` in a compose or .env file gives: it means "not set".
+  const data = Object.fromEntries(Object.entries(env).filter(([, value]) => value !== undefined && value !== ''))
+  let raw: Environment
+  try {
+    raw = envSchema<Environment>({ schema: ConfigSchema, data, env: false, dotenv: false })
+  } catch (err) {
+    throw new ConfigError(describeSchemaErrors(err))
+  }
   const config: Config = {
     ...raw,
     CLEANUP_INTERVAL: durationMs(raw.CLEANUP_INTERVAL),
-    RATE_LIMIT_WINDOW: durationMs(raw.RATE_LIMIT_WINDOW)
+    RATE_LIMIT_WINDOW: durationMs(raw.RATE_LIMIT_WINDOW),
+    DOCS: raw.DOCS ?? raw.NODE_ENV !== 'production',
+    METRICS_LISTENER: raw.NODE_ENV === 'production' && raw.METRICS_TOKEN === '' ? 'separate' : 'main'
   }
-  if (config.RATE_LIMIT_WINDOW === 0) throw new Error('env/RATE_LIMIT_WINDOW must be longer than 0 (set RATE_LIMIT_MAX=0 to disable)')
+  for (const name of ['CLEANUP_INTERVAL', 'RATE_LIMIT_WINDOW'] as const) {
+    if (Number.isNaN(config[name])) {
+      throw new ConfigError(`${name} must be a duration such as 500ms, 30s, 15m, 12h, 1d, 15 minutes or 2 days`)
+    }
+  }
+  if (config.RATE_LIMIT_WINDOW === 0) throw new ConfigError('RATE_LIMIT_WINDOW must be longer than 0 (set RATE_LIMIT_MAX=0 to disable)')
+  checkTrustProxy(config.TRUST_PROXY)
+  checkCorsOrigins(config.CORS_ORIGINS)
+  const database = config.DATABASE_URL === undefined ? undefined : parseDatabaseUrl(config.DATABASE_URL)
   if (config.NODE_ENV === 'production') {
-    if (config.DATABASE_URL === undefined) {
-      throw new Error('env/DATABASE_URL is required with NODE_ENV=production: set DATABASE_URL=postgres://user:password@host:5432/database ' +
+    if (database === undefined) {
+      throw new ConfigError('DATABASE_URL is required with NODE_ENV=production: set DATABASE_URL=postgres://user:password@host:5432/database ' +
         '(the embedded database that runs without it is for development only)')
     }
-    const password = decodeURIComponent(new URL(config.DATABASE_URL).password)
-    if (WEAK_PASSWORDS.has(password)) {
-      throw new Error('env/DATABASE_URL has no password or a development one, which NODE_ENV=production refuses: ' +
-        'set a strong POSTGRES_PASSWORD (Docker Compose) or a strong password in DATABASE_URL')
+    // A password in the URL wins over PGPASSWORD, as in pg. Without either, authentication is
+    // by ~/.pgpass, a client certificate or the Unix socket's peer check: nothing to judge here.
+    const [password, source] = database.password ? [database.password, 'DATABASE_URL'] : [env.PGPASSWORD ?? '', 'PGPASSWORD']
+    const weakness = password === '' ? null : passwordWeakness(password)
+    if (weakness !== null) {
+      throw new ConfigError(`the database password in ${source} ${weakness}, which NODE_ENV=production refuses: ` +
+        `set a random POSTGRES_PASSWORD (Docker Compose) or password of at least ${MIN_PASSWORD_LENGTH} characters`)
     }
   }
   return config
+}
+
+function parseDatabaseUrl (url: string): { password: string } {
+  let parsed: URL
+  try {
+    parsed = new URL(url)
+  } catch {
+    throw new ConfigError('DATABASE_URL is not a valid connection string: use postgres://user:password@host:5432/database')
+  }
+  try {
+    return { password: decodeURIComponent(parsed.password) }
+  } catch {
+    throw new ConfigError('DATABASE_URL has a password that is not percent-encoded: write % as %25 ' +
+      '(and @ : / ? # as %40 %3A %2F %3F %23)')
+  }
+}
+
+function checkTrustProxy (setting: string): void {
+  if (setting === '') return
+  const entries = setting.split(',').map((entry) => entry.trim())
+  // A bare hop count, or "true", would let any client choose its own address by sending X-Forwarded-For.
+  const valid = entries.every((entry) => entry !== '' && !/^(true|false|[0-9]+)$/i.test(entry)) && (() => {
+    try {
+      proxyAddr.compile(entries)
+      return true
+    } catch {
+      return false
+    }
+  })()
+  if (!valid) {
+    throw new ConfigError('TRUST_PROXY must be a comma-separated list of proxy addresses or CIDRs (10.0.0.0/8, ::1) ' +
+      'or the names loopback, linklocal, uniquelocal')
+  }
+}
+
+function checkCorsOrigins (setting: string): void {
+  for (const origin of setting.split(',').map((entry) => entry.trim().replace(/\/+$/, '')).filter((entry) => entry !== '')) {
+    if (origin === '*') continue
+    let url: URL | undefined
+    try {
+      url = new URL(origin)
+    } catch {}
+    if (url === undefined || !['http:', 'https:'].includes(url.protocol) || url.origin !== origin) {
+      throw new ConfigError(`CORS_ORIGINS must list origins such as https://app.example or http://localhost:5173 ` +
+        `(scheme, host and port only), or *; "${origin.slice(0, 100)}" is not one`)
+    }
+  }
+}
+
+/** env-schema's Ajv errors as one line: each variable, what it must be, and what it may be. */
+function describeSchemaErrors (err: unknown): string {
+  const errors = (err as { errors?: Array<{ instancePath: string, keyword: string, message?: string, params: Record<string, unknown> }> }).errors
+  if (!Array.isArray(errors) || errors.length === 0) return (err as Error).message.replace(/\s+/g, ' ')
+  const lines = new Map<string, string>()
+  for (const error of errors) {
+    const name = error.instancePath.replace(/^\//, '') || String(error.params.missingProperty ?? error.params.additionalProperty ?? 'environment')
+    if (lines.has(name)) continue
+    const schema = (ConfigSchema.properties as Record<string, { description?: string }>)[name]
+    let rule = error.message ?? 'is invalid'
+    if (error.keyword === 'enum' || error.keyword === 'anyOf' || error.keyword === 'const') {
+      const allowed = error.keyword === 'enum'
+        ? (error.params.allowedValues as string[])
+        : ((ConfigSchema.properties as Record<string, { anyOf?: Array<{ const?: string }> }>)[name]?.anyOf ?? []).map((option) => option.const)
+      rule = `must be one of ${allowed.join(', ')}`
+    } else if (error.keyword === 'pattern') {
+      rule = name === 'DATABASE_URL' ? 'must start with postgres:// or postgresql://' : 'has the wrong form'
+    }
+    lines.set(name, `${name} ${rule}${schema?.description !== undefined && error.keyword !== 'enum' ? ` (${schema.description})` : ''}`)
+  }
+  return [...lines.values()].join('; ')
 }
 
 declare module 'fastify' {

@@ -1,10 +1,11 @@
 // npm run cleanup -- --days N [--dry-run]
 // Deletes (or, with --dry-run, counts) the accounts not accessed for more than N days, as the
 // service's scheduled cleanup does, under the same lock, and prints how many. Reads DATABASE_URL.
+// Exit status: 0 done, 1 failed, 64 bad arguments, 75 skipped (another run holds the lock), 78 bad environment.
 import { parseArgs } from 'node:util'
 import pg from 'pg'
 import pino from 'pino'
-import { loadConfig } from '../plugins/config.ts'
+import { loadConfig, type Config } from '../plugins/config.ts'
 import { createStorage } from '../plugins/storage.ts'
 import { cleanupInactive } from '../plugins/cleanup.ts'
 import { loggerOptions } from '../logging.ts'
@@ -22,7 +23,14 @@ try {
   process.exit(64)
 }
 
-const config = loadConfig()
+let config: Config
+try {
+  config = loadConfig()
+} catch (err) {
+  // EX_CONFIG: the environment is wrong, and the message says which variable and how.
+  console.error(`cleanup: invalid configuration: ${(err as Error).message}`)
+  process.exit(78)
+}
 if (config.DATABASE_URL === undefined) {
   console.error('cleanup: set DATABASE_URL (the embedded development database is only open inside the running service)')
   process.exit(64)
