@@ -1,0 +1,92 @@
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { randomBytes, randomUUID } from 'node:crypto'
+import { mkdtempSync, readFileSync, rmSync, statSync, truncateSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { promisify } from 'node:util'
+import { build, inspect } from '../helper.ts'
+import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url))
+const run = promisify(execFile)
+const dir = mkdtempSync(join(tmpdir(), 'lk-restore-'))
+t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+
+async function script (name: string, args: string[], databaseUrl: string) {
+  try {
+    const { stdout, stderr } = await run('bash', [join(ROOT, 'scripts', name), ...args], {
+      env: { PATH: process.env.PATH ?? '', DATABASE_URL: databaseUrl }, maxBuffer: 64 * 1024 * 1024
+    })
+    return { code: 0, stdout, stderr }
+  } catch (err) {
+    const failed = err as { code: number, stdout: string, stderr: string }
+    return { code: failed.code, stdout: failed.stdout, stderr: failed.stderr }
+  }
+}
+
+// Every column of every row, as PostgreSQL itself prints it (timestamps to the microsecond).
+const EVERYTHING = 'SELECT row_to_json(u)::text AS row FROM user_sync_data u ORDER BY user_id'
+
+const app = await build(t)
+const source = app.config.DATABASE_URL!
+const db = inspect(t, source)
+const users = [
+  { id: randomUUID(), bytes: MAX_BLOB_BYTES },
+  ...Array.from({ length: 20 }, (_, i) => ({ id: randomUUID(), bytes: 100 * (i + 1) }))
+]
+for (const [i, user] of users.entries()) {
+  const res = await app.inject({
+    method: 'PUT',
+    url: `/api/sync/${user.id}`,
+    payload: {
+      // Random, so the data (not the table of contents) is most of the compressed dump.
+      encryptedBlob: randomBytes(user.bytes).toString('base64'),
+      iv: 'AbCdEfGhIjKl+/9z',
+      timestamp: 1_700_000_000_000 + i,
+      checksum: 'ab'.repeat(32)
+    }
+  })
+  if (res.statusCode !== 200) throw new Error(`seeding failed: ${res.body}`)
+}
+// A second upload and a download, so version and last_accessed differ from their defaults.
+await app.inject({ method: 'PUT', url: `/api/sync/${users[1]!.id}`, payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 9, checksum: 'c'.repeat(64) } })
+await app.inject({ method: 'GET', url: `/api/sync/${users[1]!.id}` })
+
+t.test('a backup cut short is refused with 65 before anything is touched', async (t) => {
+  const file = join(dir, 'cut.dump')
+  const backup = await script('backup.sh', [file], source)
+  t.equal(backup.code, 0, backup.stderr)
+  const size = statSync(file).size
+  truncateSync(file, Math.floor(size * 0.6))
+  t.equal(readFileSync(file).subarray(0, 5).toString(), 'PGDMP', 'still starts like a dump')
+  const toc = await run('pg_restore', ['--list', file]).then(() => 0, (err: { code: number }) => err.code)
+  t.equal(toc, 0, 'its table of contents is whole: only the data is cut off')
+
+  // What the target holds now differs from the backup, so a partial restore would show.
+  const stranger = randomUUID()
+  await app.inject({ method: 'PUT', url: `/api/sync/${stranger}`, payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64) } })
+  await db.query('DELETE FROM user_sync_data WHERE user_id = $1', [users[4]!.id])
+  const before = (await db.query(EVERYTHING)).rows.map((row) => row.row)
+  t.not(before.length, 0)
+
+  const restored = await script('restore.sh', [file, '--force'], source)
+  t.equal(restored.code, 65, `exit status; stderr: ${restored.stderr}`)
+  t.match(restored.stderr, /incomplete|damaged/)
+  t.notMatch(restored.stdout, /restored/)
+  t.strictSame((await db.query(EVERYTHING)).rows.map((row) => row.row), before, 'every row exactly as before')
+
+  const unreachable = await script('restore.sh', [file, '--force'], 'postgres://postgres@127.0.0.1:1/nowhere')
+  t.equal(unreachable.code, 65, 'the file is judged before the database is asked anything')
+})
+
+t.test('the backup it was cut from restores in full (the check refuses only damaged files)', async (t) => {
+  const file = join(dir, 'whole.dump')
+  t.equal((await script('backup.sh', [file], source)).code, 0)
+  const expected = (await db.query(EVERYTHING)).rows.map((row) => row.row)
+  await db.query('DELETE FROM user_sync_data')
+  const restored = await script('restore.sh', [file], source)
+  t.equal(restored.code, 0, restored.stderr)
+  t.strictSame((await db.query(EVERYTHING)).rows.map((row) => row.row), expected)
+})
