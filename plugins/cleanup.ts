@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import type { FastifyBaseLogger } from 'fastify'
-import type { Pool } from 'pg'
+import pg, { type Pool } from 'pg'
 import type { Storage } from './storage.ts'
 
 // One number for every instance of the service (and the cleanup command): whoever holds this
@@ -12,38 +12,71 @@ export type CleanupResult =
   | { ran: false, reason: 'another instance is running it' }
 
 /**
- * Deletes the accounts not accessed for more than `inactiveDays` days (GDPR retention), under
- * an advisory lock so that only one of several instances does it, in batches (see
- * storage.deleteInactive). With dryRun, only counts them.
+ * Deletes the accounts not accessed for more than `inactiveDays` days (GDPR retention), in
+ * batches (see storage.deleteInactive), while holding a transaction-scoped advisory lock so
+ * that only one of several instances does it. With dryRun, only counts them.
+ *
+ * The lock lives in a transaction on a connection of its own, outside the pool: the batches
+ * then run on pooled connections even with DATABASE_POOL_MAX=1, and the lock ends with that
+ * transaction or connection whatever happens (nothing to unlock, nothing left on a pooled
+ * connection, and it works behind PgBouncer in transaction mode). `lock: false` is for the
+ * embedded database, which is one session in one process: there is nobody to exclude.
  */
 export async function cleanupInactive (
-  pool: Pool, storage: Storage, log: FastifyBaseLogger, options: { inactiveDays: number, dryRun?: boolean, batchSize?: number }
+  pool: Pool, storage: Storage, log: FastifyBaseLogger,
+  options: { inactiveDays: number, dryRun?: boolean, batchSize?: number, lock?: boolean }
 ): Promise<CleanupResult> {
-  const lockHolder = await pool.connect()
+  const dryRun = options.dryRun === true
+  const work = async (): Promise<CleanupResult> => {
+    const started = Date.now()
+    const deleted = dryRun
+      ? await storage.countInactive(options.inactiveDays)
+      : await storage.deleteInactive(options.inactiveDays, options.batchSize)
+    const ms = Date.now() - started
+    log.info({ inactiveDays: options.inactiveDays, deleted, ms, dryRun },
+      dryRun ? 'cleanup: dry run, nothing deleted' : 'cleanup: inactive accounts deleted')
+    return { ran: true, deleted, ms, dryRun }
+  }
+  if (options.lock === false) return await work()
+
+  const lockHolder = new pg.Client({ ...pool.options, application_name: 'logikids-sync cleanup lock' })
   const onError = (err: Error) => log.warn({ err }, 'cleanup: lock connection lost')
   lockHolder.on('error', onError)
+  await lockHolder.connect()
   try {
-    const { rows: [lock] } = await lockHolder.query<{ locked: boolean }>('SELECT pg_try_advisory_lock($1) AS locked', [CLEANUP_LOCK])
+    await lockHolder.query('BEGIN')
+    const { rows: [lock] } = await lockHolder.query<{ locked: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS locked', [CLEANUP_LOCK])
     if (lock?.locked !== true) {
       log.info({ inactiveDays: options.inactiveDays }, 'cleanup: skipped, another instance is running it')
       return { ran: false, reason: 'another instance is running it' }
     }
-    try {
-      const started = Date.now()
-      const deleted = options.dryRun === true
-        ? await storage.countInactive(options.inactiveDays)
-        : await storage.deleteInactive(options.inactiveDays, options.batchSize)
-      const ms = Date.now() - started
-      log.info({ inactiveDays: options.inactiveDays, deleted, ms, dryRun: options.dryRun === true },
-        options.dryRun === true ? 'cleanup: dry run, nothing deleted' : 'cleanup: inactive accounts deleted')
-      return { ran: true, deleted, ms, dryRun: options.dryRun === true }
-    } finally {
-      await lockHolder.query('SELECT pg_advisory_unlock($1)', [CLEANUP_LOCK])
-    }
+    return await work()
   } finally {
-    lockHolder.removeListener('error', onError)
-    lockHolder.release()
+    // Ending the connection ends the transaction and its lock, even if COMMIT cannot be sent.
+    await lockHolder.query('COMMIT').catch(() => {})
+    await lockHolder.end().catch(() => {})
   }
+}
+
+// Node fires a timer longer than 2^31-1 ms (24.8 days) after 1 ms instead: wait in steps.
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+/** Like setTimeout (unref'd), for any delay: a CLEANUP_INTERVAL of 30 days waits 30 days. */
+export function setLongTimeout (fn: () => void, ms: number): { clear (): void } {
+  const due = Date.now() + ms
+  let timer: NodeJS.Timeout
+  const arm = () => {
+    const left = due - Date.now()
+    if (left <= 0) {
+      fn()
+      return
+    }
+    timer = setTimeout(arm, Math.min(left, MAX_TIMER_MS))
+    timer.unref()
+  }
+  timer = setTimeout(arm, Math.min(ms, MAX_TIMER_MS))
+  timer.unref()
+  return { clear: () => clearTimeout(timer) }
 }
 
 declare module 'fastify' {
@@ -60,7 +93,7 @@ export default fp(async function cleanup (app) {
   async function run (): Promise<CleanupResult | null> {
     if (inactiveDays === 0) return null
     try {
-      const result = await cleanupInactive(app.pg.pool, app.storage, log, { inactiveDays })
+      const result = await cleanupInactive(app.pg.pool, app.storage, log, { inactiveDays, lock: app.databaseKind !== 'embedded' })
       app.metrics.cleanupRuns.inc({ result: result.ran ? 'deleted' : 'skipped' })
       if (result.ran) app.metrics.cleanupDeleted.inc(result.deleted)
       return result
@@ -75,16 +108,15 @@ export default fp(async function cleanup (app) {
   if (inactiveDays === 0 || intervalMs === 0) return
   // The first run comes a minute after start-up, not a whole interval later: a service that is
   // redeployed more often than the interval would otherwise never clean up.
-  let timer: NodeJS.Timeout | undefined
+  let timer: { clear (): void } | undefined
   let closed = false
   const schedule = (delay: number) => {
     if (closed) return
-    timer = setTimeout(() => { void run().finally(() => schedule(intervalMs)) }, delay)
-    timer.unref()
+    timer = setLongTimeout(() => { void run().finally(() => schedule(intervalMs)) }, delay)
   }
   app.addHook('onReady', async () => schedule(Math.min(60_000, intervalMs)))
   app.addHook('onClose', async () => {
     closed = true
-    clearTimeout(timer)
+    timer?.clear()
   })
 }, { name: 'cleanup', dependencies: ['config', 'db', 'storage', 'metrics'] })
