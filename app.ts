@@ -1,5 +1,6 @@
 import type { Server } from 'node:http'
-import type { FastifyError, FastifyHttpOptions, FastifyInstance, FastifyServerOptions } from 'fastify'
+import type { Socket } from 'node:net'
+import type { FastifyError, FastifyHttpOptions, FastifyInstance, FastifyReply, FastifyServerOptions } from 'fastify'
 import fp from 'fastify-plugin'
 import sensible from '@fastify/sensible'
 import configPlugin, { type Config } from './plugins/config.ts'
@@ -12,14 +13,14 @@ import rateLimitPlugin from './plugins/rate-limit.ts'
 import docsPlugin from './plugins/docs.ts'
 import securityHeadersPlugin from './plugins/security-headers.ts'
 import loadSheddingPlugin from './plugins/load-shedding.ts'
+import bodyPolicyPlugin from './plugins/body-policy.ts'
 import healthRoutes from './routes/health.ts'
 import infoRoutes from './routes/info.ts'
+import metricsRoutes from './routes/metrics.ts'
 import syncRoutes from './routes/api/sync/index.ts'
-import { BASE64_FORMAT, MAX_BLOB_BASE64_CHARS } from './schemas/sync.ts'
+import { BASE64_FORMAT, BODY_LIMIT } from './schemas/sync.ts'
+import { ErrorSchema } from './schemas/error.ts'
 import { OneLinePerRequest, loggerOptions } from './logging.ts'
-
-/** Room for a full 1,000,000-byte blob as base64 JSON plus the other fields and some whitespace. */
-export const BODY_LIMIT = MAX_BLOB_BASE64_CHARS + 8 * 1024
 
 /** The options Fastify must be created with (server.ts and the tests share them). */
 export function serverOptions (config: Config): FastifyHttpOptions<Server> {
@@ -41,6 +42,14 @@ export function serverOptions (config: Config): FastifyHttpOptions<Server> {
     connectionTimeout: 60_000,
     keepAliveTimeout: 72_000,
     return503OnClosing: true,
+    // Errors of the router (a URL that does not decode, a parameter over 100 characters) and of
+    // Node's HTTP parser (408, 431, malformed requests) in the one error shape, like all others.
+    frameworkErrors: function (error, request, reply) {
+      const { statusCode, message } = describeError(error)
+      request.log.info({ code: error.code, statusCode }, 'request refused by the router')
+      return sendError(reply, statusCode, message)
+    },
+    clientErrorHandler,
     ajv: {
       // Types are exact: "123" is not a timestamp, 123 is not a blob.
       customOptions: { coerceTypes: false },
@@ -58,52 +67,97 @@ const addBase64Format = ((ajv: { addFormat (name: string, format: typeof BASE64_
 
 const DATABASE_UNAVAILABLE = 'The database is unavailable; please retry shortly'
 
+/** The one error answer: JSON {error, statusCode}, never cached (it may be about one user's data). */
+function sendError (reply: FastifyReply, statusCode: number, message: string): FastifyReply {
+  reply.header('cache-control', 'no-store')
+  if (statusCode === 503 && !reply.hasHeader('retry-after')) reply.header('retry-after', '5')
+  return reply.code(statusCode).send({ error: message, statusCode })
+}
+
 /** The service as one plugin: configuration, database, storage, routes, and how errors look. */
 export default fp(async function app (app: FastifyInstance, opts: { config: Config }) {
   // Set first: a route keeps the error handler in force when it was declared.
   app.setErrorHandler(function (error: FastifyError, request, reply) {
     const { statusCode, message } = describeError(error)
-    if (statusCode >= 500) {
-      request.log.error({ err: error }, 'request failed')
+    // Shed requests are logged by the load shedder, sampled: never a line (or a stack) each.
+    if (statusCode >= 500 && !request.shed) {
+      if (statusCode === 503) request.log.warn({ err: error }, 'request failed: service unavailable')
+      else request.log.error({ err: error }, 'request failed')
     } else if (isInvalidData(error)) {
       request.log.warn({ err: error }, 'the database refused a value the schemas let through')
     }
-    if (statusCode === 503) {
-      reply.header('retry-after', '5')
-      if (isDatabaseUnavailable(error)) app.metrics.databaseErrors.inc({ kind: 'unavailable' })
-    }
-    return reply.code(statusCode).send({ error: message, statusCode })
+    if (statusCode === 503 && isDatabaseUnavailable(error)) app.metrics.databaseErrors.inc({ kind: 'unavailable' })
+    return sendError(reply, statusCode, message)
+  })
+
+  // Every route answers its errors in the one shape, documented as such in the OpenAPI document.
+  app.addHook('onRoute', (route) => {
+    if (route.schema?.hide === true) return
+    const response = (route.schema?.response ?? {}) as Record<string, unknown>
+    route.schema = { ...route.schema, response: { '4xx': ErrorSchema, '5xx': ErrorSchema, ...response } }
   })
 
   await app.register(configPlugin, { config: opts.config })
-  await app.register(loadSheddingPlugin)
-  await app.register(docsPlugin)
-  await app.register(sensible)
+  // A connection past MAX_CONNECTIONS is closed at once, before it can send anything.
+  app.server.maxConnections = opts.config.MAX_CONNECTIONS
+  // onRequest hooks run in this order: security headers and CORS (so that browsers can read
+  // even a 429 or 503), the per-IP limit, load shedding, then the body rules; all of them
+  // before any body is read.
   await app.register(securityHeadersPlugin)
   await app.register(corsPlugin)
+  await app.register(rateLimitPlugin)
+  await app.register(loadSheddingPlugin)
+  await app.register(bodyPolicyPlugin)
+  if (opts.config.DOCS) await app.register(docsPlugin)
+  await app.register(sensible)
   await app.register(dbPlugin)
   await app.register(metricsPlugin)
   await app.register(storagePlugin)
   await app.register(cleanupPlugin)
-  await app.register(rateLimitPlugin)
 
   app.setNotFoundHandler(function (request, reply) {
     // The URL is not echoed back: it may hold a user id.
-    return reply.code(404).send({ error: `No route for ${request.method} on this path`, statusCode: 404 })
+    return sendError(reply, 404, `No route for ${request.method} on this path`)
   })
 
   await app.register(healthRoutes)
   await app.register(infoRoutes)
+  await app.register(metricsRoutes)
   await app.register(syncRoutes, { prefix: '/api/sync' })
 }, { name: 'logikids-sync' })
 
+// Node's HTTP parser reports these before Fastify sees a request.
+const CLIENT_ERRORS: Record<string, [number, string]> = {
+  ERR_HTTP_REQUEST_TIMEOUT: [408, 'Request timeout: the request was not received in time'],
+  HPE_HEADER_OVERFLOW: [431, 'Request header fields too large'],
+  HPE_URI_TOO_LONG: [414, 'URI too long']
+}
+
+/** A request Node could not parse (or not in time): answered in the one error shape, then closed. */
+function clientErrorHandler (this: FastifyInstance, err: Error & { code?: string }, socket: Socket): void {
+  if (err.code === 'ECONNRESET' || socket.destroyed) return
+  const [statusCode, message] = CLIENT_ERRORS[err.code ?? ''] ?? [400, 'Bad request: the HTTP request is malformed']
+  this.log.info({ code: err.code, statusCode }, 'client error')
+  this.metrics?.clientErrors.inc({ status: statusCode })
+  if (socket.writable) {
+    const body = JSON.stringify({ error: message, statusCode })
+    socket.write(`HTTP/1.1 ${statusCode} ${STATUS_TEXT[statusCode] ?? 'Bad Request'}\r\nContent-Type: application/json; charset=utf-8\r\n` +
+      `Content-Length: ${Buffer.byteLength(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n${body}`)
+  }
+  socket.destroy()
+}
+
+const STATUS_TEXT: Record<number, string> = { 400: 'Bad Request', 408: 'Request Timeout', 414: 'URI Too Long', 431: 'Request Header Fields Too Large' }
+
 /** Maps any error to the status and message a client may see: never a stack, a value or SQL. */
-function describeError (error: FastifyError): { statusCode: number, message: string } {
+export function describeError (error: FastifyError): { statusCode: number, message: string } {
   if (error.validation) {
     return { statusCode: 400, message: `Invalid request: ${error.message}` }
   }
   if (isDatabaseUnavailable(error)) return { statusCode: 503, message: DATABASE_UNAVAILABLE }
-  if (error.code === 'OVERLOADED') return { statusCode: 503, message: error.message }
+  if (error.code === 'OVERLOADED' || error.code === 'NO_BODY_ALLOWED' || error.code === 'UNSUPPORTED_ENCODING') {
+    return { statusCode: error.statusCode!, message: error.message }
+  }
   if (isInvalidData(error)) return { statusCode: 400, message: 'Invalid request: the data does not satisfy the storage rules' }
   switch (error.code) {
     case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
@@ -116,6 +170,10 @@ function describeError (error: FastifyError): { statusCode: number, message: str
       return { statusCode: 400, message: 'Invalid request: the JSON body is empty' }
     case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
       return { statusCode: 400, message: 'Invalid request: Content-Length does not match the body' }
+    case 'FST_ERR_BAD_URL':
+      return { statusCode: 400, message: 'Invalid request: the URL is not correctly percent-encoded' }
+    case 'FST_ERR_MAX_PARAM_LENGTH':
+      return { statusCode: 414, message: 'URI too long: a path segment is longer than 100 characters' }
   }
   const statusCode = error.statusCode ?? 500
   if (statusCode >= 400 && statusCode < 500) return { statusCode, message: error.message }

@@ -1,11 +1,12 @@
 import { createHash } from 'node:crypto'
 import { LogController, type FastifyBaseLogger, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import type { Config } from './plugins/config.ts'
+import { USER_ID_PATTERN } from './schemas/sync.ts'
 
 // The user id is the only secret standing between a stranger and a user's ciphertext,
 // so logs must never hold one. A short hash still lets an operator follow one user.
 const ID_LIKE = /[0-9a-fA-F-]{8,}/g
-const IS_UUID = /^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/
+const IS_USER_ID = new RegExp(USER_ID_PATTERN)
 
 const LEVELS: Record<string, number> = { trace: 10, debug: 20, info: 30, warn: 40, error: 50, fatal: 60, silent: Infinity }
 
@@ -32,10 +33,17 @@ export function pseudonym (userId: string): string {
 /** The request path as it may be logged: ids pseudonymised, the query string dropped. */
 export function redactUrl (url: string): string {
   const queryAt = url.indexOf('?')
-  const path = queryAt === -1 ? url : url.slice(0, queryAt)
+  const rawPath = queryAt === -1 ? url : url.slice(0, queryAt)
+  // The router decodes %61%62... into the id it serves, so the log must see the decoded id too.
+  let path: string
+  try {
+    path = decodeURIComponent(rawPath)
+  } catch {
+    return '[a path that does not decode]' + (queryAt === -1 ? '' : '?[redacted]')
+  }
   // A well-formed id becomes its pseudonym; anything else id-like (a typo, a truncated id)
   // is hidden whole, since it may still be most of somebody's id.
-  const redacted = path.replace(ID_LIKE, (run) => (IS_UUID.test(run) ? `~${pseudonym(run)}` : '[redacted]'))
+  const redacted = path.replace(ID_LIKE, (run) => (IS_USER_ID.test(run) ? `~${pseudonym(run)}` : '[redacted]'))
   return (redacted.length > 200 ? `${redacted.slice(0, 200)}…` : redacted) + (queryAt === -1 ? '' : '?[redacted]')
 }
 
@@ -70,6 +78,8 @@ export class OneLinePerRequest extends LogController {
   override incomingRequest (): void {}
 
   override requestCompleted (error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply): void {
+    // Shed requests are counted in the load shedder's sampled warning instead.
+    if (request.shed) return
     const fields = {
       req: request,
       res: reply,

@@ -1,9 +1,8 @@
 import fp from 'fastify-plugin'
 import fastifyPostgres from '@fastify/postgres'
 import { runner } from 'node-pg-migrate'
-import type { Pool } from 'pg'
+import pg, { type Pool } from 'pg'
 import type { FastifyBaseLogger } from 'fastify'
-import { safeError } from '../logging.ts'
 import { projectFile } from './config.ts'
 import { startEmbeddedDatabase } from './embedded.ts'
 
@@ -11,6 +10,8 @@ declare module 'fastify' {
   interface FastifyInstance {
     /** 'postgresql' for a server given by DATABASE_URL, 'embedded' for the development database. */
     databaseKind: 'postgresql' | 'embedded'
+    /** SELECT 1 on a connection of its own (not the request pool), shared by concurrent callers. */
+    checkDatabase (): Promise<void>
   }
 }
 
@@ -25,6 +26,11 @@ const UNAVAILABLE_NODE_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT
 // 53 insufficient resources, 57 operator intervention (admin shutdown, crash shutdown,
 // cannot connect now, statement timeout), 58 system errors.
 const UNAVAILABLE_SQLSTATE_CLASSES = new Set(['08', '28', '3D', '53', '57', '58'])
+// And single codes: 25006 a write on a read-only server (a failover left us on a standby),
+// 55000 an object not in the state required (a database still starting or being recovered),
+// 40001 and 40P01 a serialization failure or deadlock (the statement was rolled back).
+const UNAVAILABLE_SQLSTATES = new Set(['25006', '55000', '40001', '40P01'])
+const TRANSACTION_ABORTED_SQLSTATES = new Set(['40001', '40P01'])
 // pg and pg-pool report their own connection failures as plain Errors, by message only.
 const UNAVAILABLE_MESSAGES = [
   'timeout exceeded when trying to connect',
@@ -33,8 +39,9 @@ const UNAVAILABLE_MESSAGES = [
   'is not queryable',
   'Cannot use a pool after calling end'
 ]
-// SQLSTATE: 22 data exceptions and 23 integrity constraint violations are the client's fault (400).
-const INVALID_SQLSTATE_CLASSES = new Set(['22', '23'])
+// SQLSTATE: 22 data exceptions are values the client sent that PostgreSQL cannot take (400).
+// Class 23 (a constraint the schemas should have enforced first) is a bug of ours: a 500.
+const INVALID_SQLSTATE_CLASSES = new Set(['22'])
 
 /** Thrown instead of queueing when DATABASE_MAX_WAITING requests already wait for a connection. */
 export const POOL_SATURATED = 'POOL_SATURATED'
@@ -46,7 +53,7 @@ export function isDatabaseUnavailable (err: unknown): boolean {
   if (typeof code === 'string') {
     if (code === POOL_SATURATED) return true
     if (UNAVAILABLE_NODE_CODES.has(code)) return true
-    if (code.length === 5 && UNAVAILABLE_SQLSTATE_CLASSES.has(code.slice(0, 2))) return true
+    if (code.length === 5 && (UNAVAILABLE_SQLSTATE_CLASSES.has(code.slice(0, 2)) || UNAVAILABLE_SQLSTATES.has(code))) return true
   }
   return UNAVAILABLE_MESSAGES.some((text) => err.message.includes(text))
 }
@@ -62,7 +69,13 @@ export function isConnectionLost (err: unknown): boolean {
   return (code !== undefined && CONNECTION_LOST_CODES.has(code)) || err.message.includes('Connection terminated unexpectedly')
 }
 
-/** Whether an error from pg is a constraint or data error: input the schemas should have caught. */
+/** Whether PostgreSQL rolled the statement back (serialization failure, deadlock): trying again is safe. */
+export function isTransactionAborted (err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code
+  return typeof code === 'string' && TRANSACTION_ABORTED_SQLSTATES.has(code)
+}
+
+/** Whether an error from pg is a data error: input the schemas should have caught. */
 export function isInvalidData (err: unknown): boolean {
   const code = (err as { code?: unknown } | null)?.code
   return typeof code === 'string' && code.length === 5 && INVALID_SQLSTATE_CLASSES.has(code.slice(0, 2))
@@ -108,7 +121,8 @@ export default fp(async function db (app) {
   const { config } = app
   let connectionString = config.DATABASE_URL
   if (connectionString === undefined) {
-    const embedded = await startEmbeddedDatabase(config.EMBEDDED_DATA_DIR, config.DATABASE_POOL_MAX + 1)
+    // Room for the pool, the health check's connection and one more (psql, say).
+    const embedded = await startEmbeddedDatabase(config.EMBEDDED_DATA_DIR, config.DATABASE_POOL_MAX + 2)
     connectionString = embedded.url
     // Added before the pool's own hook, so it runs after it: the pool closes, then the database.
     app.addHook('onClose', () => embedded.close())
@@ -131,7 +145,26 @@ export default fp(async function db (app) {
   })
   // pg emits 'error' on the pool when an idle connection dies (server restart, crash,
   // pg_terminate_backend); without a listener Node would crash the process.
-  app.pg.pool.on('error', (err) => app.log.warn({ err: safeError(err) }, 'idle database connection lost'))
+  app.pg.pool.on('error', (err) => app.log.warn({ err }, 'idle database connection lost'))
+
+  // /health checks the database on a connection of its own: a busy request pool is not an
+  // unavailable database, and the load balancer must not take every instance out at once
+  // because all are busy. Concurrent checks share one query.
+  const healthPool = new pg.Pool({
+    connectionString,
+    max: 1,
+    idleTimeoutMillis: 60_000,
+    connectionTimeoutMillis: config.HEALTH_TIMEOUT_MS,
+    statement_timeout: config.HEALTH_TIMEOUT_MS,
+    application_name: 'logikids-sync health'
+  })
+  healthPool.on('error', (err) => app.log.warn({ err }, 'health check connection lost'))
+  app.addHook('onClose', async () => { await healthPool.end() })
+  let check: Promise<void> | undefined
+  app.decorate('checkDatabase', function checkDatabase () {
+    check ??= healthPool.query('SELECT 1').then(() => {}).finally(() => { check = undefined })
+    return check
+  })
 
   const where = app.databaseKind === 'embedded' ? `embedded (${config.EMBEDDED_DATA_DIR})` : describeDatabase(connectionString)
   let applied: string[]

@@ -1,7 +1,6 @@
-import { timingSafeEqual } from 'node:crypto'
+import Fastify from 'fastify'
 import fp from 'fastify-plugin'
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
-import { ErrorSchema } from '../schemas/error.ts'
 
 const STORED_REFRESH_MS = 60_000
 
@@ -37,6 +36,12 @@ export function createMetrics () {
       labelNames: ['status'] as const,
       registers: [registry]
     }),
+    clientErrors: new Counter({
+      name: 'http_client_errors_total',
+      help: 'Requests Node could not parse or that came too slowly (400, 408, 414, 431), answered before routing',
+      labelNames: ['status'] as const,
+      registers: [registry]
+    }),
     cleanupRuns: new Counter({
       name: 'cleanup_runs_total',
       help: 'Inactive-account cleanup runs, by result (deleted, skipped: another instance held the lock, failed)',
@@ -56,10 +61,12 @@ export type Metrics = ReturnType<typeof createMetrics>
 declare module 'fastify' {
   interface FastifyInstance {
     metrics: Metrics
+    /** The separate metrics listener, when there is one (see METRICS_LISTENER). */
+    metricsListener?: FastifyInstance
   }
 }
 
-/** GET /metrics in Prometheus text format, and the metrics every other plugin records into. */
+/** The metrics every other plugin records into (served by routes/metrics.ts or a listener of their own). */
 export default fp(async function metrics (app) {
   const metrics = createMetrics()
   app.decorate('metrics', metrics)
@@ -103,26 +110,20 @@ export default fp(async function metrics (app) {
     }
   })
 
-  const token = app.config.METRICS_TOKEN
-  app.get('/metrics', {
-    schema: {
-      tags: ['service'],
-      summary: 'Prometheus metrics in text format (needs Authorization: Bearer <METRICS_TOKEN> when one is set)',
-      produces: ['text/plain'],
-      response: { 200: { type: 'string', description: 'Prometheus text exposition format' }, 401: ErrorSchema }
-    }
-  }, async function (request, reply) {
-    if (token !== '' && !bearerMatches(request.headers.authorization, token)) {
-      reply.header('www-authenticate', 'Bearer')
-      throw app.httpErrors.unauthorized('Metrics need Authorization: Bearer <METRICS_TOKEN>')
-    }
-    reply.type(metrics.registry.contentType)
-    return metrics.registry.metrics()
-  })
+  // In production without METRICS_TOKEN the figures (stored users and bytes, traffic by
+  // route) are not for the public port: they are served on a listener of their own,
+  // METRICS_HOST:METRICS_PORT (loopback unless set otherwise), and GET /metrics is a 404.
+  if (app.config.METRICS_LISTENER === 'separate') {
+    const listener = Fastify({ logger: false })
+    listener.get('/metrics', async (_request, reply) => {
+      reply.type(metrics.registry.contentType)
+      return await metrics.registry.metrics()
+    })
+    app.decorate('metricsListener', listener)
+    app.addHook('onReady', async () => {
+      const address = await listener.listen({ port: app.config.METRICS_PORT, host: app.config.METRICS_HOST })
+      app.log.info({ address }, 'metrics served on a listener of their own (NODE_ENV=production without METRICS_TOKEN)')
+    })
+    app.addHook('onClose', async () => { await listener.close() })
+  }
 }, { name: 'metrics', dependencies: ['config', 'db'] })
-
-function bearerMatches (header: string | undefined, token: string): boolean {
-  const given = Buffer.from(header?.startsWith('Bearer ') ? header.slice(7) : '')
-  const expected = Buffer.from(token)
-  return given.length === expected.length && timingSafeEqual(given, expected)
-}

@@ -1,46 +1,93 @@
 import fp from 'fastify-plugin'
-import rateLimit from '@fastify/rate-limit'
-import type { onRequestHookHandler } from 'fastify'
+import rateLimit, { type CreateRateLimitOptions } from '@fastify/rate-limit'
+import ipaddr from 'ipaddr.js'
+import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
 import { pseudonym } from '../logging.ts'
 
+/** Routes that are never limited: a load balancer's probes must see the instance as it is. */
+const UNLIMITED_ROUTES = new Set(['/health', '/health/live'])
+
+type Check = ReturnType<FastifyInstance['createRateLimit']>
+type Outcome = Exclude<Awaited<ReturnType<Check>>, { isAllowed: true }>
+
 declare module 'fastify' {
-  interface FastifyInstance {
-    /** onRequest hooks that the sync routes add: per client IP, then per user id. */
-    syncRateLimits: onRequestHookHandler[]
+  interface FastifyRequest {
+    /** The per-IP limit's count for this request, so that a later limit can compare with it. */
+    ipRateLimit: Outcome | null
   }
 }
 
 /**
- * Rate limits of the sync routes (RATE_LIMIT_MAX per user id and RATE_LIMIT_IP_MAX per client
- * IP, per RATE_LIMIT_WINDOW). Counters live in this process: each instance counts on its own.
- * Health, metrics, docs and /info are never limited.
+ * The client a counter belongs to: its IPv4 address, or the /64 network of its IPv6 address
+ * (one subscriber's prefix: rotating addresses within it does not reset the budget).
+ */
+export function clientKey (ip: string): string {
+  if (!ipaddr.isValid(ip)) return ip
+  let address = ipaddr.parse(ip)
+  if (address.kind() === 'ipv6' && (address as ipaddr.IPv6).isIPv4MappedAddress()) {
+    address = (address as ipaddr.IPv6).toIPv4Address()
+  }
+  if (address.kind() === 'ipv4') return address.toString()
+  const parts = (address as ipaddr.IPv6).parts.slice(0, 4).map((part) => part.toString(16))
+  return `${parts.join(':')}::/64`
+}
+
+/**
+ * Per-IP limit of every route but the health probes (RATE_LIMIT_IP_MAX per RATE_LIMIT_WINDOW),
+ * counted in onRequest, before load shedding and before any body is read: a client that is
+ * shed, refused or sent to the 404 handler still spends its budget. The per-user limit is
+ * added by the sync routes (userRateLimit); both hold at once, and the X-RateLimit-* headers
+ * describe whichever is closer to running out. Counters live in this process (an LRU of
+ * RATE_LIMIT_CACHE_KEYS keys per limit): each instance counts on its own.
  */
 export default fp(async function rateLimits (app) {
-  const { RATE_LIMIT_MAX: perUser, RATE_LIMIT_IP_MAX: perIp, RATE_LIMIT_WINDOW: windowMs } = app.config
-  await app.register(rateLimit, {
-    global: false,
-    // One LRU of counters for both limits (keys are prefixed). Past its size the least recent
-    // keys are forgotten, and their budgets start afresh: room for 100,000 users and addresses.
-    cache: 100_000,
-    // The answer is an error like any other, shaped by the app's error handler.
-    errorResponseBuilder: (_request, context) => Object.assign(
-      new Error(`Too many requests: the limit is ${context.max} per ${describeWindow(windowMs)}; retry in ${Math.ceil(context.ttl / 1000)} s`),
-      { statusCode: 429 })
+  const { RATE_LIMIT_IP_MAX: perIp, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
+  await app.register(rateLimit, { global: false, cache })
+  app.decorateRequest('ipRateLimit', null)
+  if (perIp === 0) return
+  const check = app.createRateLimit(limitOptions(perIp, windowMs, cache, (request) => `ip:${clientKey(request.ip)}`))
+  app.addHook('onRequest', async function ipRateLimit (request, reply) {
+    if (UNLIMITED_ROUTES.has(request.routeOptions.url ?? '')) return
+    const outcome = await check(request)
+    if (outcome.isAllowed) return
+    request.ipRateLimit = outcome
+    enforce(reply, outcome, windowMs)
   })
-  const hooks: onRequestHookHandler[] = []
-  if (perIp > 0) {
-    hooks.push(app.rateLimit({ max: perIp, timeWindow: windowMs, keyGenerator: (request) => `ip:${request.ip}` }))
-  }
-  if (perUser > 0) {
-    // Keyed by the pseudonym, so the counters hold no raw user id either.
-    hooks.push(app.rateLimit({
-      max: perUser,
-      timeWindow: windowMs,
-      keyGenerator: (request) => `user:${pseudonym(String((request.params as { userId?: string }).userId ?? ''))}`
-    }))
-  }
-  app.decorate('syncRateLimits', hooks)
 }, { name: 'rate-limit', dependencies: ['config'] })
+
+/**
+ * The per-user limit (RATE_LIMIT_MAX per user id and window), as an onRequest hook for routes
+ * with a :userId; keyed by the pseudonym, so the counters hold no raw user id either.
+ */
+export function userRateLimit (app: FastifyInstance): onRequestHookHandler | null {
+  const { RATE_LIMIT_MAX: perUser, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
+  if (perUser === 0) return null
+  const check = app.createRateLimit(limitOptions(perUser, windowMs, cache,
+    (request) => `user:${pseudonym(String((request.params as { userId?: string }).userId ?? ''))}`))
+  return async function userRateLimit (request, reply) {
+    const outcome = await check(request)
+    if (outcome.isAllowed) return
+    const ip = request.ipRateLimit
+    // The headers tell the client about the limit it will hit first.
+    if (ip === null || outcome.isExceeded || outcome.remaining <= ip.remaining) enforce(reply, outcome, windowMs)
+  }
+}
+
+function limitOptions (max: number, timeWindow: number, cache: number, keyGenerator: (request: FastifyRequest) => string): CreateRateLimitOptions {
+  // createRateLimit passes `cache` on to its store; without it each limit holds 5,000 keys.
+  return { max, timeWindow, keyGenerator, cache } as CreateRateLimitOptions
+}
+
+function enforce (reply: FastifyReply, outcome: Outcome, windowMs: number): void {
+  reply.header('x-ratelimit-limit', outcome.max)
+  reply.header('x-ratelimit-remaining', outcome.remaining)
+  reply.header('x-ratelimit-reset', outcome.ttlInSeconds)
+  if (!outcome.isExceeded) return
+  reply.header('retry-after', outcome.ttlInSeconds)
+  throw Object.assign(
+    new Error(`Too many requests: the limit is ${outcome.max} per ${describeWindow(windowMs)}; retry in ${outcome.ttlInSeconds} s`),
+    { statusCode: 429 })
+}
 
 function describeWindow (ms: number): string {
   for (const [unit, size] of [['day', 86_400_000], ['hour', 3_600_000], ['minute', 60_000], ['second', 1_000]] as const) {

@@ -2,23 +2,25 @@ import fp from 'fastify-plugin'
 import type { FastifyBaseLogger } from 'fastify'
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
-import { logs, pseudonym, safeError } from '../logging.ts'
-import { POOL_SATURATED, isConnectionLost } from './db.ts'
+import { logs, pseudonym } from '../logging.ts'
+import { POOL_SATURATED, isConnectionLost, isTransactionAborted } from './db.ts'
 
 /** What the storage needs of a pool: one query at a time (pg's Pool, or a test's Client). */
 export interface Queryable {
   query<R extends QueryResultRow>(config: QueryConfig): Promise<QueryResult<R>>
 }
 
-// The entity tag of a record: its version, and its creation time in microseconds so that a
-// record deleted and created again never repeats an old tag. Computed in SQL so that a
-// precondition is checked in the same statement as the write.
-const ETAG = "version || '-' || floor(extract(epoch FROM created_at) * 1000000)::bigint"
-const COLUMNS = 'user_id, encrypted_blob, iv, timestamp, checksum, blob_size'
-const PLACEHOLDERS = '$1, $2, $3, $4, $5, $6'
+// The entity tag of a record: its version and a random part that every write draws anew
+// (sql/003_etag.sql), so that no tag is ever repeated for other content: not after a delete
+// and a new upload, and not after a restore from backup. Stored, so that a precondition is
+// checked in the same statement as the write.
+const ETAG = 'etag'
+const RANDOM_PART = "replace(gen_random_uuid()::text, '-', '')"
+const COLUMNS = 'user_id, encrypted_blob, iv, timestamp, checksum, blob_size, etag'
+const PLACEHOLDERS = `$1, $2, $3, $4, $5, $6, '1-' || ${RANDOM_PART}`
 // created_at is never in an update list, so it keeps the first upload's time.
 const SET_PAYLOAD = `encrypted_blob = $2, iv = $3, timestamp = $4, checksum = $5, blob_size = $6,
-  version = user_sync_data.version + 1, last_accessed = now()`
+  version = user_sync_data.version + 1, etag = (user_sync_data.version + 1) || '-' || ${RANDOM_PART}, last_accessed = now()`
 
 // Every statement is named so that pg prepares it once per connection and then only binds.
 const STORE = {
@@ -127,7 +129,9 @@ export interface StoredRecord {
 // A connection the server closed (restart, failover, pg_terminate_backend) fails the one query
 // that finds it (isConnectionLost). Idempotent statements are tried once more on a fresh
 // connection; conditional writes are not, since the first attempt may have committed and a
-// retry would then fail its own precondition.
+// retry would then fail its own precondition. A serialization failure or deadlock
+// (isTransactionAborted) is different: PostgreSQL rolled the statement back, so any statement
+// is tried once more.
 
 /** Receives the duration of every statement (seconds), for the metrics. */
 export type ObserveStatement = (statement: string, outcome: 'ok' | 'error', seconds: number) => void
@@ -152,8 +156,13 @@ export function createStorage (
     const seconds = () => Number(process.hrtime.bigint() - started) / 1e9
     try {
       const result = await db.query<R>(query).catch(async (err: unknown) => {
-        if (!idempotent || !isConnectionLost(err)) throw err
-        log.warn({ err: safeError(err), statement: statement.name }, 'database connection lost mid-query, retrying once')
+        if (isTransactionAborted(err)) {
+          log.warn({ err, statement: statement.name }, 'statement rolled back by the database, retrying once')
+        } else if (idempotent && isConnectionLost(err)) {
+          log.warn({ err, statement: statement.name }, 'database connection lost mid-query, retrying once')
+        } else {
+          throw err
+        }
         return await db.query<R>(query)
       })
       observe(statement.name, 'ok', seconds())

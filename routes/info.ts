@@ -1,9 +1,7 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { InfoSchema } from '../schemas/info.ts'
-import { MAX_BLOB_BYTES } from '../schemas/sync.ts'
-import { BODY_LIMIT } from '../app.ts'
+import { BODY_LIMIT, MAX_BLOB_BYTES } from '../schemas/sync.ts'
 import { VERSION } from '../plugins/config.ts'
-
 
 /** GET /info: the limits a client needs before uploading. */
 const info: FastifyPluginAsyncTypebox = async function (app) {
@@ -14,7 +12,8 @@ const info: FastifyPluginAsyncTypebox = async function (app) {
     version: VERSION,
     maxBlobBytes: MAX_BLOB_BYTES,
     maxBodyBytes: BODY_LIMIT,
-    retentionDays: config.CLEANUP_INACTIVE_DAYS === 0 ? null : config.CLEANUP_INACTIVE_DAYS,
+    // Accounts are only deleted when the scheduled cleanup runs at all.
+    retentionDays: config.CLEANUP_INACTIVE_DAYS === 0 || config.CLEANUP_INTERVAL === 0 ? null : config.CLEANUP_INACTIVE_DAYS,
     rateLimit: { perUser: limit(config.RATE_LIMIT_MAX), perIp: limit(config.RATE_LIMIT_IP_MAX) }
   } as const
   app.get('/info', { schema: { tags: ['service'], summary: 'Limits and version, for clients', response: { 200: InfoSchema } } }, async () => body)

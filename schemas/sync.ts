@@ -6,6 +6,16 @@ export const MAX_BLOB_BYTES = 1_000_000
 /** The base64 length of a MAX_BLOB_BYTES blob: 1,333,336 characters. */
 export const MAX_BLOB_BASE64_CHARS = Math.ceil(MAX_BLOB_BYTES / 3) * 4
 
+/** Largest request body: a full MAX_BLOB_BYTES blob as base64 JSON plus the other fields and some whitespace. */
+export const BODY_LIMIT = MAX_BLOB_BASE64_CHARS + 8 * 1024
+
+/**
+ * A user id: a UUID in any case, except the nil UUID and the all-ones one (RFC 9562 "max"),
+ * which any client could pick by hand: shared buckets anyone could read and overwrite.
+ */
+export const USER_ID_PATTERN = '^(?!0{8}-0{4}-0{4}-0{4}-0{12}$)(?![fF]{8}-[fF]{4}-[fF]{4}-[fF]{4}-[fF]{12}$)' +
+  '[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+
 // A negated class rejects in one linear scan; the equivalent grouped JSON Schema pattern
 // costs about 16 ms per 1 MB blob on these machines against about 3 ms for this check.
 const NOT_BASE64_ALPHABET = /[^A-Za-z0-9+/]/
@@ -29,8 +39,8 @@ export const BASE64_FORMAT = { type: 'string', validate: isStandardBase64 } as c
 
 export const UserParamsSchema = Type.Object({
   userId: Type.String({
-    pattern: '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$',
-    description: 'The user id (a UUID) the client generated; it is the only key to the record'
+    pattern: USER_ID_PATTERN,
+    description: 'The user id (a UUID, not the nil or all-ones one) the client generated; it is the only key to the record'
   })
 })
 export type UserParams = Static<typeof UserParamsSchema>

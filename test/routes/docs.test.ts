@@ -1,7 +1,7 @@
 import t from 'tap'
 import { build } from '../helper.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
-import { BODY_LIMIT } from '../../app.ts'
+import { BODY_LIMIT } from '../../schemas/sync.ts'
 
 const routes: Array<{ method: string, url: string }> = []
 const app = await build(t, {

@@ -1,6 +1,7 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import type { FastifyReply } from 'fastify'
 import { ErrorSchema } from '../../../schemas/error.ts'
+import { userRateLimit } from '../../../plugins/rate-limit.ts'
 import {
   ConditionalHeadersSchema, MAX_BLOB_BYTES, SuccessSchema, SyncPayloadSchema, UserParamsSchema, VerifySchema,
   decodedBase64Bytes
@@ -31,15 +32,13 @@ function sendEtag (reply: FastifyReply, etag: string | null): void {
 
 /** PUT / GET / POST verify / DELETE on /api/sync/:userId: the API the clients already speak. */
 const sync: FastifyPluginAsyncTypebox = async function (app) {
-  // Uploads are JSON only: a text/plain body is refused with 415 rather than misread.
-  app.removeContentTypeParser('text/plain')
-
-  // Ciphertext must never sit in a shared cache, errors included (so this hook comes first).
+  // Ciphertext must never sit in a shared cache (errors say so themselves: see app.ts).
   app.addHook('onRequest', async (_request, reply) => {
     reply.header('cache-control', 'no-store')
   })
 
-  for (const limit of app.syncRateLimits) app.addHook('onRequest', limit)
+  const perUser = userRateLimit(app)
+  if (perUser !== null) app.addHook('onRequest', perUser)
 
   app.put('/:userId', {
     schema: {
@@ -61,6 +60,11 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     if (ifNoneMatch !== undefined && ifNoneMatch !== '*') {
       throw app.httpErrors.badRequest('If-None-Match on PUT supports only * (create only); use If-Match to replace a version')
     }
+    if (ifMatch !== undefined && ifNoneMatch === '*') {
+      // "Replace this version" and "only create" cannot both hold: RFC 9110 says 412, and nothing is written.
+      sendEtag(reply, await app.storage.etagOf(request.params.userId))
+      throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
+    }
     const result = await app.storage.store(request.params.userId, request.body, { ifMatch, ifNoneMatch })
     if (!result.stored) {
       sendEtag(reply, result.currentEtag)
@@ -71,6 +75,8 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
   })
 
   app.get('/:userId', {
+    // HEAD has a route of its own below that never reads the blob.
+    exposeHeadRoute: false,
     schema: {
       tags: ['sync'],
       summary: 'Download the encrypted data of a user',
@@ -86,6 +92,20 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     sendEtag(reply, record.etag)
     if (record.payload === null) return reply.code(304).send()
     return record.payload
+  })
+
+  app.head('/:userId', {
+    schema: {
+      tags: ['sync'],
+      summary: 'Tell whether a user has data stored, with its ETag, without downloading it',
+      params: UserParamsSchema,
+      response: { 200: { type: 'null', description: 'The user has data; ETag names its version' }, ...errors, 404: ErrorSchema }
+    }
+  }, async function (request, reply) {
+    const etag = await app.storage.etagOf(request.params.userId)
+    if (etag === null) throw app.httpErrors.notFound('User not found')
+    sendEtag(reply, etag)
+    return reply.send()
   })
 
   app.post('/:userId/verify', {
