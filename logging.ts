@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto'
-import { LogController, type FastifyBaseLogger, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
+import { LogController, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import type { Config } from './plugins/config.ts'
 import { USER_ID_PATTERN } from './schemas/sync.ts'
 
@@ -7,13 +7,6 @@ import { USER_ID_PATTERN } from './schemas/sync.ts'
 // so logs must never hold one. A short hash still lets an operator follow one user.
 const ID_LIKE = /[0-9a-fA-F-]{8,}/g
 const IS_USER_ID = new RegExp(USER_ID_PATTERN)
-
-const LEVELS: Record<string, number> = { trace: 10, debug: 20, info: 30, warn: 40, error: 50, fatal: 60, silent: Infinity }
-
-/** Whether a line at `level` would be written, so that its fields need not be computed otherwise. */
-export function logs (log: FastifyBaseLogger, level: 'debug' | 'info'): boolean {
-  return LEVELS[level]! >= (LEVELS[log.level] ?? LEVELS.info!)
-}
 
 // Hashing costs about 7 µs a request (most of it creating the Hash object); active users repeat.
 const pseudonyms = new Map<string, string>()

@@ -111,8 +111,14 @@ async function startServer (name: 'service' | 'baseline', port: number): Promise
     // The service runs as in production: info-level logs (to /dev/null here), default pool.
     // Rate limits off: the bench sends thousands of requests per user.
     env: {
-      PATH: process.env.PATH ?? '', DATABASE_URL: benchUrl, PORT: String(port), HOST: '127.0.0.1',
-      LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'info', NODE_ENV: 'production', RATE_LIMIT_MAX: '0', RATE_LIMIT_IP_MAX: '0'
+      PATH: process.env.PATH ?? '',
+      DATABASE_URL: benchUrl,
+      PORT: String(port),
+      HOST: '127.0.0.1',
+      LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'info',
+      NODE_ENV: 'production',
+      RATE_LIMIT_MAX: '0',
+      RATE_LIMIT_IP_MAX: '0'
     },
     stdio: ['ignore', 'ignore', 'inherit']
   })
@@ -164,20 +170,32 @@ function scenarios (): Scenario[] {
     for (const size of Object.keys(SIZES) as Size[]) {
       list.push({ name: `GET ${size} c${connections}`, connections, method: 'GET', path: () => `/api/sync/${pick(ids[size])}`, expect: [200] })
       list.push({
-        name: `PUT ${size} c${connections}`, connections, method: 'PUT', path: () => `/api/sync/${pick(ids[size])}`,
-        body: bodies[size], headers: () => ({ 'content-type': 'application/json' }), expect: [200]
+        name: `PUT ${size} c${connections}`,
+        connections,
+        method: 'PUT',
+        path: () => `/api/sync/${pick(ids[size])}`,
+        body: bodies[size],
+        headers: () => ({ 'content-type': 'application/json' }),
+        expect: [200]
       })
     }
     list.push({ name: `verify c${connections}`, connections, method: 'POST', path: () => `/api/sync/${pick(ids['1KiB'])}/verify`, expect: [200] })
     list.push({
-      name: `DELETE 1KiB c${connections}`, connections, method: 'DELETE', expect: [200],
+      name: `DELETE 1KiB c${connections}`,
+      connections,
+      method: 'DELETE',
+      expect: [200],
       path: () => `/api/sync/${deleteIds[deleteCursor++ % deleteIds.length]}`
     })
   }
   for (const size of ['1KiB', '1MB'] as const) {
     let current = ''
     list.push({
-      name: `GET ${size} If-None-Match c16`, connections: 16, method: 'GET', expect: [200], serviceExpect: [304],
+      name: `GET ${size} If-None-Match c16`,
+      connections: 16,
+      method: 'GET',
+      expect: [200],
+      serviceExpect: [304],
       path: () => { current = pick(ids[size]); return `/api/sync/${current}` },
       headers: () => ({ 'if-none-match': etags.get(current) ?? '"none"' })
     })
@@ -186,8 +204,17 @@ function scenarios (): Scenario[] {
 }
 
 interface Result {
-  scenario: string, server: string, rps: number, p50: number, p975: number, p99: number,
-  max: number, errors: number, unexpected: number, rssMb: number, cpuUs: number
+  scenario: string,
+  server: string,
+  rps: number,
+  p50: number,
+  p975: number,
+  p99: number,
+  max: number,
+  errors: number,
+  unexpected: number,
+  rssMb: number,
+  cpuUs: number
 }
 
 async function measure (server: Server, scenario: Scenario, duration: number): Promise<Result> {
@@ -335,9 +362,9 @@ async function scaleExperiment (service: Server, compare: Compare, results: Resu
   let busy: Result | undefined
   let worst = 0
   const during: Promise<void> = (async () => {
-    let done = false
-    void cleanup.finally(() => { done = true })
-    while (!done) {
+    const cleanupState = { done: false }
+    cleanup.finally(() => { cleanupState.done = true }).catch(() => {})
+    while (!cleanupState.done) {
       const run = await measure(service, putSmall, 3)
       worst = Math.max(worst, run.max)
       busy ??= run
@@ -359,7 +386,6 @@ async function scaleExperiment (service: Server, compare: Compare, results: Resu
     `Uploads before it: ${fmt(quiet.rps, 0)} req/s, p99 ${fmt(quiet.p99)} ms; during it: ${fmt(busy?.rps ?? 0, 0)} req/s, p99 ${fmt(busy?.p99 ?? 0)} ms, **worst upload ${fmt(worst)} ms**.`
   ].join('\n')
 }
-
 
 function average (runs: Result[]): Result {
   const mean = (pick: (run: Result) => number) => runs.reduce((sum, run) => sum + pick(run), 0) / runs.length

@@ -112,7 +112,12 @@ export default fp(async function cleanup (app) {
   let closed = false
   const schedule = (delay: number) => {
     if (closed) return
-    timer = setLongTimeout(() => { void run().finally(() => schedule(intervalMs)) }, delay)
+    // run() catches its own failures: the next run is always scheduled.
+    const tick = async () => {
+      await run()
+      schedule(intervalMs)
+    }
+    timer = setLongTimeout(() => { tick().catch(() => {}) }, delay)
   }
   app.addHook('onReady', async () => schedule(Math.min(60_000, intervalMs)))
   app.addHook('onClose', async () => {

@@ -46,7 +46,9 @@ export const ConfigSchema = Type.Object({
     description: 'prepare each statement once per connection; false behind a pooler that cannot (PgBouncer in transaction mode before 1.21)'
   }),
   DATABASE_MAX_WAITING: Type.Integer({
-    minimum: 1, maximum: 100_000, default: 100,
+    minimum: 1,
+    maximum: 100_000,
+    default: 100,
     description: 'requests that may wait for a pooled connection; beyond that a request gets a 503 at once'
   }),
   DATABASE_CONNECT_TIMEOUT_MS: Milliseconds(2_000, 'how long a request waits for a pooled connection before a 503'),
@@ -54,11 +56,15 @@ export const ConfigSchema = Type.Object({
   HEALTH_TIMEOUT_MS: Milliseconds(2_000, 'how long /health waits for SELECT 1'),
   REQUEST_TIMEOUT_MS: Milliseconds(30_000, 'how long a client may take to send a whole request (headers: at most 10 s of it)'),
   MAX_CONNECTIONS: Type.Integer({
-    minimum: 1, maximum: 1_000_000, default: 1024,
+    minimum: 1,
+    maximum: 1_000_000,
+    default: 1024,
     description: 'open client connections the server accepts; past it a new connection is closed at once'
   }),
   MAX_EVENT_LOOP_DELAY_MS: Type.Integer({
-    minimum: 0, maximum: 600_000, default: 1000,
+    minimum: 0,
+    maximum: 600_000,
+    default: 1000,
     description: 'above this event-loop delay requests get a 503 (load shedding); 0 disables'
   }),
   CLEANUP_INACTIVE_DAYS: Type.Integer({
@@ -69,7 +75,9 @@ export const ConfigSchema = Type.Object({
   RATE_LIMIT_IP_MAX: Type.Integer({ minimum: 0, default: 2000, description: 'requests per client IP (IPv6: per /64) per window; 0 disables' }),
   RATE_LIMIT_WINDOW: Duration('1h', 'the rate-limit window (e.g. 1h, 15m, 15 minutes)'),
   RATE_LIMIT_CACHE_KEYS: Type.Integer({
-    minimum: 100, maximum: 10_000_000, default: 100_000,
+    minimum: 100,
+    maximum: 10_000_000,
+    default: 100_000,
     description: 'counters each limit keeps in memory; past it the least recently seen start afresh'
   }),
   TRUST_PROXY: Type.String({
@@ -78,7 +86,9 @@ export const ConfigSchema = Type.Object({
   }),
   METRICS_TOKEN: Type.String({ default: '', description: 'when set, GET /metrics needs Authorization: Bearer <token>' }),
   METRICS_PORT: Type.Integer({
-    minimum: 0, maximum: 65535, default: 9464,
+    minimum: 0,
+    maximum: 65535,
+    default: 9464,
     description: 'port of the separate metrics listener used in production when METRICS_TOKEN is empty'
   }),
   METRICS_HOST: Type.String({ minLength: 1, default: '127.0.0.1', description: 'address of the separate metrics listener' }),
@@ -209,7 +219,7 @@ function checkCorsOrigins (setting: string): void {
       url = new URL(origin)
     } catch {}
     if (url === undefined || !['http:', 'https:'].includes(url.protocol) || url.origin !== origin) {
-      throw new ConfigError(`CORS_ORIGINS must list origins such as https://app.example or http://localhost:5173 ` +
+      throw new ConfigError('CORS_ORIGINS must list origins such as https://app.example or http://localhost:5173 ' +
         `(scheme, host and port only), or *; "${origin.slice(0, 100)}" is not one`)
     }
   }

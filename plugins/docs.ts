@@ -3,7 +3,6 @@ import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
 import { VERSION } from './config.ts'
 
-
 /**
  * The OpenAPI 3 description, generated from the routes' TypeBox schemas, at /docs/json, and
  * Swagger UI at /docs. Registered before the routes so that it sees every one of them.

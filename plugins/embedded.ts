@@ -28,10 +28,15 @@ export async function startEmbeddedDatabase (dataDir: string, maxConnections: nu
   const releaseLock = inMemory ? () => {} : takeLock(directory)
   let db: PGlite | undefined
   try {
-    // Loaded only here: a service with DATABASE_URL never pays for the WebAssembly build.
+    // Loaded only here: a service with DATABASE_URL never pays for the WebAssembly build. They
+    // are optional dependencies, left out of the production image (npm ci --omit=optional).
     const [{ PGlite }, { PGLiteSocketServer }] = await Promise.all([
       import('@electric-sql/pglite'), import('@electric-sql/pglite-socket')
-    ])
+    ]).catch((err: unknown) => {
+      if ((err as { code?: string }).code !== 'ERR_MODULE_NOT_FOUND') throw err
+      throw new Error('the embedded development database is not installed here (the production image leaves it out): ' +
+        'set DATABASE_URL to a PostgreSQL server, or run npm install without --omit=optional', { cause: err })
+    })
     db = inMemory ? new PGlite() : new PGlite(directory)
     await db.waitReady
     const server = new PGLiteSocketServer({ db, host: '127.0.0.1', port: 0, maxConnections })

@@ -78,7 +78,7 @@ export default fp(async function metrics (app) {
     ['db_pool_connections_idle', 'Pooled connections not in use', () => pool.idleCount],
     ['db_pool_requests_waiting', 'Queries waiting for a pooled connection', () => pool.waitingCount]
   ] as const) {
-    new Gauge({ name, help, registers: [metrics.registry], collect () { this.set(read()) } })
+    metrics.registry.registerMetric(new Gauge({ name, help, registers: [], collect () { this.set(read()) } }))
   }
 
   // Counted by one query at most once a minute, never per scrape: scrapes must not become load
@@ -93,14 +93,18 @@ export default fp(async function metrics (app) {
       .finally(() => { refreshing = undefined })
     await refreshing
   }
-  new Gauge({
-    name: 'stored_users', help: 'Users with data stored (refreshed at most once a minute)', registers: [metrics.registry],
+  metrics.registry.registerMetric(new Gauge({
+    name: 'stored_users',
+    help: 'Users with data stored (refreshed at most once a minute)',
+    registers: [],
     async collect () { await refreshStored(); this.set(stored.users) }
-  })
-  new Gauge({
-    name: 'stored_bytes', help: 'Decoded bytes of all stored blobs (refreshed at most once a minute)', registers: [metrics.registry],
+  }))
+  metrics.registry.registerMetric(new Gauge({
+    name: 'stored_bytes',
+    help: 'Decoded bytes of all stored blobs (refreshed at most once a minute)',
+    registers: [],
     async collect () { await refreshStored(); this.set(stored.bytes) }
-  })
+  }))
 
   app.addHook('onResponse', async (request, reply) => {
     const route = request.routeOptions.url ?? 'unmatched'

@@ -2,7 +2,8 @@ import fp from 'fastify-plugin'
 import type { FastifyBaseLogger } from 'fastify'
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
-import { logs, pseudonym } from '../logging.ts'
+import type { Logger } from 'pino'
+import { pseudonym } from '../logging.ts'
 import { POOL_SATURATED, isConnectionLost, isTransactionAborted } from './db.ts'
 
 /** What the storage needs of a pool: one query at a time (pg's Pool, or a test's Client). */
@@ -178,7 +179,8 @@ export function createStorage (
   // so the database's share of it is a debug line; cleanup runs are rare and logged at info.
   function logged (op: string, userId: string | undefined, started: bigint, extra: Record<string, unknown> = {}) {
     const level = op === 'cleanup' ? 'info' : 'debug'
-    if (!logs(log, level)) return
+    // Fastify's logger type leaves out pino's isLevelEnabled; the logger is pino's all the same.
+    if (!(log as FastifyBaseLogger & Pick<Logger, 'isLevelEnabled'>).isLevelEnabled(level)) return
     const ms = Number(process.hrtime.bigint() - started) / 1e6
     log[level]({ op, user: userId === undefined ? undefined : pseudonym(userId), ms: Math.round(ms * 100) / 100, ...extra }, 'storage')
   }
@@ -310,9 +312,18 @@ declare module 'fastify' {
 
 // Statement names map to the operation they serve, for the metrics' label.
 const OPERATION_OF: Record<string, string> = {
-  'sync-store': 'store', 'sync-store-if-match': 'store', 'sync-store-if-exists': 'store', 'sync-store-if-absent': 'store',
-  'sync-get': 'get', 'sync-delete': 'delete', 'sync-delete-if-match': 'delete', 'sync-etag': 'exists',
-  'sync-all-user-ids': 'list', 'sync-delete-inactive': 'cleanup', 'sync-count-inactive': 'cleanup', 'sync-totals': 'totals'
+  'sync-store': 'store',
+  'sync-store-if-match': 'store',
+  'sync-store-if-exists': 'store',
+  'sync-store-if-absent': 'store',
+  'sync-get': 'get',
+  'sync-delete': 'delete',
+  'sync-delete-if-match': 'delete',
+  'sync-etag': 'exists',
+  'sync-all-user-ids': 'list',
+  'sync-delete-inactive': 'cleanup',
+  'sync-count-inactive': 'cleanup',
+  'sync-totals': 'totals'
 }
 
 export default fp(async function storage (app) {

@@ -39,4 +39,42 @@ $lint"
 
 shellcheck scripts/*.sh .ci/run
 
-echo "check-deploy: compose files, Dockerfile and scripts are fine"
+# The runtime image's contents without an engine: the production install the Dockerfile makes
+# (no dev, no optional dependencies: no PGlite), the compiled service and sql/, started as the
+# image starts it. With DATABASE_URL it must serve; without it, say the embedded database is
+# not installed, and exit 1.
+if [ -n "${DATABASE_URL:-}" ]; then
+  image=$(mktemp -d)
+  # A database of its own on that server, dropped afterwards.
+  check_db="lk_check_deploy_$$"
+  check_url="${DATABASE_URL%/*}/$check_db"
+  psql -q -d "$DATABASE_URL" -c "CREATE DATABASE $check_db"
+  trap 'rm -rf "$image"; psql -q -d "$DATABASE_URL" -c "DROP DATABASE IF EXISTS $check_db WITH (FORCE)"' EXIT
+  npm run --silent build
+  cp package.json package-lock.json "$image/"
+  cp -r dist sql "$image/"
+  (cd "$image" && npm ci --omit=dev --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null)
+  [ ! -e "$image/node_modules/@electric-sql/pglite" ] || fail "the production install contains PGlite"
+  if out=$(cd "$image" && env -i PATH="$PATH" PORT=0 node dist/server.js 2>&1); then
+    fail "without DATABASE_URL the production install should exit 1, it exited 0"
+  fi
+  grep -q 'embedded development database is not installed here' <<<"$out" \
+    || fail "without DATABASE_URL the production install should say the embedded database is missing, got: $out"
+  log="$image/server.log"
+  (cd "$image" && exec env -i PATH="$PATH" PORT=0 HOST=127.0.0.1 DATABASE_URL="$check_url" CLEANUP_INTERVAL=0 \
+    node dist/server.js >"$log" 2>&1) &
+  pid=$!
+  url=""
+  for _ in $(seq 1 100); do
+    url=$(grep -o 'Server listening at http://127.0.0.1:[0-9]*' "$log" | head -1 | sed 's/Server listening at //' || true)
+    [ -n "$url" ] && break
+    sleep 0.2
+  done
+  [ -n "$url" ] || { kill "$pid" 2>/dev/null; fail "the production install did not start: $(cat "$log")"; }
+  health=$(node -e "fetch(process.argv[1] + '/health').then(async (r) => console.log(r.status, await r.text()))" "$url")
+  kill -TERM "$pid"
+  wait "$pid" || fail "the production install did not exit 0 on SIGTERM"
+  [[ "$health" == 200* ]] || fail "the production install's /health: $health"
+fi
+
+echo "check-deploy: compose files, Dockerfile, scripts and the production install are fine"
