@@ -1,4 +1,6 @@
-import { randomBytes } from 'node:crypto'
+import { createHash, randomBytes } from 'node:crypto'
+import { execFileSync } from 'node:child_process'
+import { hostname } from 'node:os'
 import { Writable } from 'node:stream'
 import tap from 'tap'
 import Fastify, { type FastifyInstance } from 'fastify'
@@ -56,7 +58,9 @@ async function findTestServer (): Promise<TestServer> {
     const missing = await containerRuntimeMissing()
     if (missing === null) {
       const { PostgreSqlContainer } = await import('@testcontainers/postgresql')
-      const container = await new PostgreSqlContainer('postgres:16-alpine').start()
+      // The tests run this machine's pg_dump and psql against it: a server of the same major
+      // version (pg_dump refuses a newer server), else the version production runs.
+      const container = await new PostgreSqlContainer(`postgres:${clientMajorVersion() ?? 16}-alpine`).start()
       tap.teardown(() => container.stop())
       return serverDatabases('testcontainers postgres:16-alpine', container.getConnectionUri())
     }
@@ -88,7 +92,7 @@ function serverDatabases (kind: string, serverUrl: string): TestServer {
   return {
     kind,
     async newDatabase (t) {
-      const name = `lk_test_${process.pid}_${randomBytes(4).toString('hex')}`
+      const name = `lk_test_${HOST_TAG}_${process.pid}_${randomBytes(4).toString('hex')}`
       const admin = new pg.Client({ connectionString: serverUrl })
       await admin.connect()
       try {
@@ -112,14 +116,19 @@ function serverDatabases (kind: string, serverUrl: string): TestServer {
   }
 }
 
-/** Test databases whose test process died before its teardown (a crash, a kill) are dropped. */
+// Test databases are named after this host too: on a server shared by several machines, only
+// this host's abandoned databases are its to drop (a pid means nothing on another host).
+const HOST_TAG = createHash('sha256').update(hostname()).digest('hex').slice(0, 8)
+
+/** This host's test databases whose test process died before its teardown (a crash, a kill) are dropped. */
 async function dropAbandonedDatabases (serverUrl: string): Promise<void> {
   const admin = new pg.Client({ connectionString: serverUrl })
   await admin.connect()
   try {
-    const { rows } = await admin.query<{ datname: string }>("SELECT datname FROM pg_database WHERE datname ~ '^lk_test_[0-9]+_[0-9a-f]+$'")
+    const { rows } = await admin.query<{ datname: string }>('SELECT datname FROM pg_database WHERE datname ~ $1',
+      [`^lk_test_${HOST_TAG}_[0-9]+_[0-9a-f]+$`])
     for (const { datname } of rows) {
-      const pid = Number(datname.split('_')[2])
+      const pid = Number(datname.split('_')[3])
       if (!isAlive(pid)) await admin.query(`DROP DATABASE IF EXISTS ${datname} WITH (FORCE)`).catch(() => {})
     }
   } finally {
@@ -127,6 +136,15 @@ async function dropAbandonedDatabases (serverUrl: string): Promise<void> {
   }
 }
 
+/** The major version of this machine's pg_dump, or null without one. */
+function clientMajorVersion (): number | null {
+  try {
+    const version = /\b(\d+)(\.\d+)?/.exec(execFileSync('pg_dump', ['--version']).toString())
+    return version === null ? null : Number(version[1])
+  } catch {
+    return null
+  }
+}
 
 async function containerRuntimeMissing (): Promise<string | null> {
   try {
@@ -169,10 +187,19 @@ export interface BuildOptions {
   routes?: Array<{ method: string, url: string }>
 }
 
-/** The whole service on a fresh database, ready for app.inject(); closed when the test ends. */
+/**
+ * The whole service on a fresh database, ready for app.inject(); closed when the test ends.
+ * With embedded test databases and no DATABASE_URL given, the service starts its own embedded
+ * database (in memory) exactly as it does for a newcomer without DATABASE_URL.
+ */
 export async function build (t: TestContext, options: BuildOptions = {}): Promise<FastifyInstance> {
-  const databaseUrl = options.env?.DATABASE_URL ?? await createTestDatabase(t)
-  const config = testConfig({ DATABASE_URL: databaseUrl, ...options.env })
+  const server = await testServer()
+  const ownEmbedded = resolvedKind === 'embedded' && options.env?.DATABASE_URL === undefined
+  const databaseUrl = options.env?.DATABASE_URL ?? (ownEmbedded ? undefined : await createTestDatabase(t))
+  if (ownEmbedded) t.comment(`test database: the service's own embedded database (${server.kind})`)
+  const config = ownEmbedded
+    ? testConfig({ EMBEDDED_DATA_DIR: 'memory://', ...options.env })
+    : testConfig({ DATABASE_URL: databaseUrl!, ...options.env })
   const fastifyOptions = serverOptions(config)
   if (options.logLines !== undefined) {
     const lines = options.logLines
@@ -184,22 +211,28 @@ export async function build (t: TestContext, options: BuildOptions = {}): Promis
     })
     fastifyOptions.logger = { ...(fastifyOptions.logger as object), stream }
   }
-  const server = Fastify(fastifyOptions)
+  const service = Fastify(fastifyOptions)
   const routes = options.routes
   if (routes !== undefined) {
-    server.addHook('onRoute', (route) => {
+    service.addHook('onRoute', (route) => {
       for (const method of [route.method].flat()) routes.push({ method, url: route.url })
     })
   }
-  t.teardown(() => server.close())
-  await server.register(app, { config })
-  await server.ready()
-  return server
+  t.teardown(() => service.close())
+  await service.register(app, { config })
+  await service.ready()
+  return service
+}
+
+/** The connection string of the database an app uses (its DATABASE_URL, or its own embedded one). */
+export function databaseUrlOf (app: FastifyInstance): string {
+  return (app.pg.pool.options as { connectionString: string }).connectionString
 }
 
 /** Settings as the service would load them from an environment holding only `env`. */
 export function testConfig (env: Record<string, string>): Config {
-  // The embedded database has one session for all connections: no named statements there.
+  // The embedded database has one session for all connections: no named statements there
+  // (the service knows that of its own embedded database, not of one given by DATABASE_URL).
   const shared = embeddedTests() ? { DATABASE_PREPARED_STATEMENTS: 'false' } : {}
   return loadConfig({ LOG_LEVEL: 'silent', NODE_ENV: 'test', ...shared, ...env })
 }

@@ -1,7 +1,7 @@
 import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
-import { build, inspect } from '../helper.ts'
+import { build, databaseUrlOf, inspect } from '../helper.ts'
 import * as cleanupPlugin from '../../plugins/cleanup.ts'
 
 const { CLEANUP_LOCK } = cleanupPlugin
@@ -41,7 +41,7 @@ async function waitFor (done: () => boolean, ms: number, what: string): Promise<
 
 t.test('a pool of one connection: the cleanup still deletes the inactive accounts', async (t) => {
   const app = await build(t, { env: { DATABASE_POOL_MAX: '1', CLEANUP_INACTIVE_DAYS: '30', CLEANUP_INTERVAL: '0' } })
-  const db = inspect(t, app.config.DATABASE_URL!)
+  const db = inspect(t, databaseUrlOf(app))
   await seedIdle(db, 3)
   await db.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
     VALUES (gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 3)`)
@@ -53,9 +53,9 @@ t.test('a pool of one connection: the cleanup still deletes the inactive account
 
 t.test('a lock held in another session\'s transaction: skip, then run once it commits; no lock left behind', async (t) => {
   const app = await build(t, { env: { CLEANUP_INACTIVE_DAYS: '30', CLEANUP_INTERVAL: '0' } })
-  const db = inspect(t, app.config.DATABASE_URL!)
+  const db = inspect(t, databaseUrlOf(app))
   await seedIdle(db, 4)
-  const other = new pg.Client({ connectionString: app.config.DATABASE_URL! })
+  const other = new pg.Client({ connectionString: databaseUrlOf(app) })
   await other.connect()
   t.teardown(() => other.end())
   const { rows: [{ pid: otherPid }] } = await other.query('SELECT pg_backend_pid() AS pid')
@@ -114,7 +114,7 @@ t.test('a lost idle connection is logged with its SQLSTATE code', async (t) => {
   const app = await build(t, { env: { LOG_LEVEL: 'warn' }, logLines })
   await app.pg.pool.query('SELECT 1')
   t.ok(app.pg.pool.idleCount > 0, 'the pool holds an idle connection')
-  const admin = new pg.Client({ connectionString: app.config.DATABASE_URL! })
+  const admin = new pg.Client({ connectionString: databaseUrlOf(app) })
   await admin.connect()
   t.teardown(() => admin.end())
   await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()')
@@ -125,4 +125,3 @@ t.test('a lost idle connection is logged with its SQLSTATE code', async (t) => {
   t.match(JSON.parse(line), { err: { code: '57P01' } }, line)
   t.notOk(line.includes('[object Object]'), 'the error is not printed as [object Object]')
 })
-

@@ -4,13 +4,13 @@ import { randomUUID } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import pino from 'pino'
-import { build, inspect } from '../helper.ts'
+import { build, databaseUrlOf, inspect } from '../helper.ts'
 import { cleanupInactive, CLEANUP_LOCK } from '../../plugins/cleanup.ts'
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
 const logLines: string[] = []
 const app = await build(t, { env: { CLEANUP_INTERVAL: '0', CLEANUP_INACTIVE_DAYS: '730', LOG_LEVEL: 'info' }, logLines })
-const db = inspect(t, app.config.DATABASE_URL!)
+const db = inspect(t, databaseUrlOf(app))
 const payload = { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64) }
 
 async function seed (idleDays: number[]): Promise<string[]> {
@@ -18,7 +18,7 @@ async function seed (idleDays: number[]): Promise<string[]> {
   for (const days of idleDays) {
     const id = randomUUID()
     await app.inject({ method: 'PUT', url: `/api/sync/${id}`, payload })
-    await db.query("UPDATE user_sync_data SET last_accessed = now() - make_interval(days => $2) WHERE user_id = $1", [id, days])
+    await db.query('UPDATE user_sync_data SET last_accessed = now() - make_interval(days => $2) WHERE user_id = $1', [id, days])
     ids.push(id)
   }
   return ids
@@ -73,11 +73,14 @@ t.test('two cleanups at once: while one holds the lock, the other skips', async 
   const gate = new Promise<void>((resolve) => { letGo = resolve })
   let entered: () => void = () => {}
   const inside = new Promise<void>((resolve) => { entered = resolve })
-  const held = { ...app.storage, deleteInactive: async (days: number, batch?: number) => {
-    entered()
-    await gate
-    return await app.storage.deleteInactive(days, batch)
-  } }
+  const held = {
+    ...app.storage,
+    deleteInactive: async (days: number, batch?: number) => {
+      entered()
+      await gate
+      return await app.storage.deleteInactive(days, batch)
+    }
+  }
   const first = cleanupInactive(app.pg.pool, held, log, { inactiveDays: 730 })
   await inside
   const second = await cleanupInactive(app.pg.pool, app.storage, log, { inactiveDays: 730 })
@@ -94,7 +97,7 @@ t.test('two cleanups at once: while one holds the lock, the other skips', async 
 t.test('npm run cleanup: dry run, then the real thing', async (t) => {
   const idle = await seed([900, 900])
   const run = promisify(execFile)
-  const env = { PATH: process.env.PATH ?? '', DATABASE_URL: app.config.DATABASE_URL! }
+  const env = { PATH: process.env.PATH ?? '', DATABASE_URL: databaseUrlOf(app) }
   const dry = await run(process.execPath, ['--import', 'tsx', 'scripts/cleanup.ts', '--days', '730', '--dry-run'], { cwd: ROOT, env })
   t.match(dry.stdout, /would delete 2 accounts not accessed for more than 730 days \(dry run, nothing deleted\)/)
   t.equal(await remaining(idle), 2)

@@ -71,7 +71,10 @@ t.test('without DATABASE_URL (development): the embedded database in ./data', as
 
 t.test('durations, proxies and switches', async (t) => {
   const config = loadConfig({
-    DATABASE_URL, CLEANUP_INTERVAL: '12h', RATE_LIMIT_WINDOW: '15m', TRUST_PROXY: '10.0.0.0/8, 172.16.0.1, ::1, loopback',
+    DATABASE_URL,
+    CLEANUP_INTERVAL: '12h',
+    RATE_LIMIT_WINDOW: '15m',
+    TRUST_PROXY: '10.0.0.0/8, 172.16.0.1, ::1, loopback',
     DATABASE_PREPARED_STATEMENTS: 'false'
   })
   t.equal(config.CLEANUP_INTERVAL, 12 * 3_600_000)

@@ -1,12 +1,12 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import fc from 'fast-check'
-import { build, inspect } from '../helper.ts'
+import { build, databaseUrlOf, inspect } from '../helper.ts'
 
 // Property-based fuzzing of every route: whatever arrives, never a 5xx, never a crash, nothing
 // stored by a rejected request, and the data of other users unchanged.
 const app = await build(t, { env: { RATE_LIMIT_MAX: '0', RATE_LIMIT_IP_MAX: '0' } })
-const db = inspect(t, app.config.DATABASE_URL!)
+const db = inspect(t, databaseUrlOf(app))
 
 const valid = () => ({
   encryptedBlob: Buffer.from('bystander data').toString('base64'), iv: 'AbCdEfGhIjKl+/9z', timestamp: 1_700_000_000_000, checksum: 'd'.repeat(64)

@@ -1,10 +1,15 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { build, inspect } from '../helper.ts'
+import { build, databaseUrlOf, embeddedTests, inspect } from '../helper.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
 
 const app = await build(t)
-const db = inspect(t, app.config.DATABASE_URL!)
+const db = inspect(t, databaseUrlOf(app))
+
+t.test('the service runs on the kind of database this suite chose, as it would start on it', async (t) => {
+  t.equal(app.databaseKind, embeddedTests() ? 'embedded' : 'postgresql')
+  t.match((await app.inject({ method: 'GET', url: '/health' })).json(), { databaseKind: app.databaseKind })
+})
 
 function payload (bytes = 48, fill = 3) {
   return {

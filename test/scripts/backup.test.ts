@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
-import { build, createTestDatabase, inspect } from '../helper.ts'
+import { build, databaseUrlOf, createTestDatabase, inspect } from '../helper.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
@@ -30,7 +30,7 @@ async function script (name: string, args: string[], databaseUrl: string) {
 const EVERYTHING = 'SELECT row_to_json(u)::text AS row FROM user_sync_data u ORDER BY user_id'
 
 const app = await build(t)
-const source = app.config.DATABASE_URL!
+const source = databaseUrlOf(app)
 const db = inspect(t, source)
 const users = [
   { id: randomUUID(), bytes: MAX_BLOB_BYTES },
