@@ -66,8 +66,12 @@ export const SuccessSchema = Type.Object({ success: Type.Literal(true) })
 
 export const VerifySchema = Type.Object({ exists: Type.Boolean() })
 
-/** The conditional-request headers the sync routes honour (RFC 9110 section 13). */
-export const ConditionalHeadersSchema = Type.Object({
-  'if-match': Type.Optional(Type.String({ maxLength: 2048, description: 'an ETag from an earlier answer, or *' })),
-  'if-none-match': Type.Optional(Type.String({ maxLength: 2048, description: 'an ETag from an earlier answer, or *' }))
-})
+const IfMatch = Type.Optional(Type.String({ maxLength: 2048, description: 'write only if the current ETag is one of these (or *: if there is data)' }))
+const IfNoneMatch = Type.Optional(Type.String({ maxLength: 2048, description: 'an ETag the client holds (GET: 304 if current), or * (PUT: create only)' }))
+
+/** The conditional-request headers (RFC 9110 section 13) of PUT, which honours both. */
+export const ConditionalHeadersSchema = Type.Object({ 'if-match': IfMatch, 'if-none-match': IfNoneMatch })
+/** GET honours If-None-Match only. */
+export const IfNoneMatchHeadersSchema = Type.Object({ 'if-none-match': IfNoneMatch })
+/** DELETE honours If-Match only. */
+export const IfMatchHeadersSchema = Type.Object({ 'if-match': IfMatch })

@@ -28,7 +28,7 @@ t.test('the OpenAPI document describes every route the app serves, with its erro
   const doc = res.json()
   t.equal(doc.openapi, '3.0.3')
   const served = [
-    ['put', '/api/sync/{userId}'], ['get', '/api/sync/{userId}'], ['delete', '/api/sync/{userId}'],
+    ['put', '/api/sync/{userId}'], ['get', '/api/sync/{userId}'], ['head', '/api/sync/{userId}'], ['delete', '/api/sync/{userId}'],
     ['post', '/api/sync/{userId}/verify'], ['get', '/health'], ['get', '/health/live'], ['get', '/info'], ['get', '/metrics']
   ]
   for (const [method, path] of served) {
@@ -44,6 +44,19 @@ t.test('the OpenAPI document describes every route the app serves, with its erro
   t.ok(doc.paths['/api/sync/{userId}'].get.responses['304'], 'GET documents 304')
   t.match(put.responses['400'].content['application/json'].schema, { properties: { error: { type: 'string' }, statusCode: { type: 'integer' } } })
   t.match(put.requestBody.content['application/json'].schema.properties.encryptedBlob, { type: 'string', format: 'base64' })
+
+  // Each route lists the conditional headers it honours, and no other.
+  const headersOf = (operation: { parameters?: Array<{ in: string, name: string }> }) =>
+    (operation.parameters ?? []).filter((parameter) => parameter.in === 'header').map((parameter) => parameter.name).sort()
+  const sync = doc.paths['/api/sync/{userId}']
+  t.strictSame(headersOf(sync.put), ['if-match', 'if-none-match'], 'PUT: If-Match and If-None-Match')
+  t.strictSame(headersOf(sync.get), ['if-none-match'], 'GET: If-None-Match only')
+  t.strictSame(headersOf(sync.delete), ['if-match'], 'DELETE: If-Match only')
+  for (const [path, methods] of Object.entries(doc.paths as Record<string, Record<string, { responses: Record<string, unknown> }>>)) {
+    for (const [method, operation] of Object.entries(methods)) {
+      t.ok(operation.responses['4XX'] ?? operation.responses['4xx'], `${method.toUpperCase()} ${path} documents its client errors`)
+    }
+  }
 })
 
 t.test('every route the app registers is in the document', async (t) => {

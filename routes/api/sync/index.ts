@@ -3,7 +3,7 @@ import type { FastifyReply } from 'fastify'
 import { ErrorSchema } from '../../../schemas/error.ts'
 import { userRateLimit } from '../../../plugins/rate-limit.ts'
 import {
-  ConditionalHeadersSchema, MAX_BLOB_BYTES, SuccessSchema, SyncPayloadSchema, UserParamsSchema, VerifySchema,
+  ConditionalHeadersSchema, IfMatchHeadersSchema, IfNoneMatchHeadersSchema, MAX_BLOB_BYTES, SuccessSchema, SyncPayloadSchema, UserParamsSchema, VerifySchema,
   decodedBase64Bytes
 } from '../../../schemas/sync.ts'
 
@@ -82,7 +82,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
       summary: 'Download the encrypted data of a user',
       description: 'With If-None-Match holding the current ETag, answers 304 with no body.',
       params: UserParamsSchema,
-      headers: ConditionalHeadersSchema,
+      headers: IfNoneMatchHeadersSchema,
       response: { 200: SyncPayloadSchema, 304: { type: 'null', description: 'Not Modified' }, ...errors, 404: ErrorSchema }
     }
   }, async function (request, reply) {
@@ -95,6 +95,8 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
   })
 
   app.head('/:userId', {
+    // Swagger leaves HEAD routes out unless told: this one is part of the API.
+    config: { swagger: { exposeHeadRoute: true } },
     schema: {
       tags: ['sync'],
       summary: 'Tell whether a user has data stored, with its ETag, without downloading it',
@@ -127,7 +129,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
       summary: 'Delete the data of a user (succeeds when there was none)',
       description: 'With If-Match, deletes only the version the client read.',
       params: UserParamsSchema,
-      headers: ConditionalHeadersSchema,
+      headers: IfMatchHeadersSchema,
       response: { 200: SuccessSchema, ...errors, 412: ErrorSchema }
     }
   }, async function (request, reply) {
