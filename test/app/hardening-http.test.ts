@@ -9,6 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
 import type { LightMyRequestResponse } from 'fastify'
 import { build, createTestDatabase, inspect } from '../helper.ts'
+import { whileOverloaded } from '../overload.ts'
 import { pseudonym } from '../../logging.ts'
 
 // The HTTP edge, hardened: one error shape everywhere, limits that hold together, requests
@@ -328,16 +329,8 @@ t.test('4. while the service sheds load', async (t) => {
   const routes: Array<{ method: string, url: string }> = []
   const loaded = await build(t, { env: { DATABASE_URL: databaseUrl, MAX_EVENT_LOOP_DELAY_MS: '50' }, routes })
   await loaded.loadSheddingArmed
-  const overload = async () => {
-    // A CPU-bound burst; the sampler, overdue, runs first when the loop is free.
-    const until = Date.now() + 600
-    while (Date.now() < until) { /* busy */ }
-    await sleep(20)
-  }
-
   await t.test('/health answers 503 in the error shape, with Retry-After (not a 500)', async (t) => {
-    await overload()
-    const res = await loaded.inject({ method: 'GET', url: '/health' })
+    const res = await whileOverloaded(loaded, () => loaded.inject({ method: 'GET', url: '/health' }))
     t.equal(res.statusCode, 503)
     t.match(res.json(), { error: String, statusCode: 503 })
     t.ok(res.headers['retry-after'], 'retry-after')
@@ -354,10 +347,9 @@ t.test('4. while the service sheds load', async (t) => {
       requests.set(`${route.method} ${url}`, { method: route.method, url })
     }
     t.ok(requests.size >= 10, `${requests.size} routes`)
-    await overload()
-    const answers = await Promise.all([...requests.values()].map(async (request) => ({
+    const answers = await whileOverloaded(loaded, () => Promise.all([...requests.values()].map(async (request) => ({
       request, res: await loaded.inject(request as { method: 'GET', url: string })
-    })))
+    }))))
     for (const { request, res } of answers) {
       await t.test(`${request.method} ${request.url.replace(userId, '<uuid>')}`, async (t) => {
         if (request.method === 'HEAD') {

@@ -1,9 +1,9 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify from 'fastify'
 import app, { serverOptions } from '../../app.ts'
 import { build, createTestDatabase, inspect, testConfig } from '../helper.ts'
+import { whileOverloaded } from '../overload.ts'
 
 // What an operator relies on: how load shedding logs and when it starts, how a database that
 // rolls a statement back is answered, and where metrics and API docs are served in production.
@@ -11,11 +11,10 @@ const databaseUrl = await createTestDatabase(t)
 const db = inspect(t, databaseUrl)
 const payload = { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64) }
 
-/** Holds the event loop, as a CPU-bound burst would; the overdue sampler then records the delay. */
-async function block (ms: number): Promise<void> {
+/** Holds the event loop in one piece, as a slow start-up does. */
+function block (ms: number): void {
   const until = Date.now() + ms
   while (Date.now() < until) { /* busy */ }
-  await sleep(20)
 }
 
 t.test('start-up delay is not load: the first request after ready is served, later overload is shed', async (t) => {
@@ -24,23 +23,22 @@ t.test('start-up delay is not load: the first request after ready is served, lat
   t.teardown(() => server.close())
   await server.register(app, { config })
   // A slow start (compiling, loading WebAssembly) after the load shedder began sampling.
-  await server.register(async () => { await block(600) })
+  await server.register(async () => { block(600) })
   await server.ready()
   const first = await server.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })
   t.equal(first.statusCode, 404, 'the first request is served, not shed')
-  await server.loadSheddingArmed
-  await block(600)
-  const later = await server.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })
+  const later = await whileOverloaded(server, () => server.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` }))
   t.equal(later.statusCode, 503, 'an overload after start-up is shed')
 })
 
 t.test('shed requests are logged at warn, without a stack, one line for many', async (t) => {
   const logLines: string[] = []
   const loaded = await build(t, { env: { DATABASE_URL: databaseUrl, MAX_EVENT_LOOP_DELAY_MS: '50', LOG_LEVEL: 'info' }, logLines })
-  await loaded.loadSheddingArmed
-  await block(600)
-  const statuses = []
-  for (let i = 0; i < 20; i++) statuses.push((await loaded.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).statusCode)
+  const statuses = await whileOverloaded(loaded, async () => {
+    const answers = []
+    for (let i = 0; i < 20; i++) answers.push((await loaded.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).statusCode)
+    return answers
+  })
   t.strictSame(statuses, Array(20).fill(503), '20 requests shed')
   const entries = logLines.map((line) => JSON.parse(line) as { level: number, msg: string, err?: unknown, shed?: number })
   const shedLines = entries.filter((entry) => entry.msg === 'overloaded: shedding requests')
