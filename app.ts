@@ -41,12 +41,16 @@ export function serverOptions (config: Config): FastifyHttpOptions<Server> {
     },
     connectionTimeout: 60_000,
     keepAliveTimeout: 72_000,
-    return503OnClosing: true,
+    // During shutdown the app answers 503 itself (below), in the one error shape.
+    return503OnClosing: false,
+    // The embedded database's first start (WebAssembly) can take longer than Fastify's 10 s.
+    pluginTimeout: 60_000,
     // Errors of the router (a URL that does not decode, a parameter over 100 characters) and of
     // Node's HTTP parser (408, 431, malformed requests) in the one error shape, like all others.
     frameworkErrors: function (error, request, reply) {
       const { statusCode, message } = describeError(error)
       request.log.info({ code: error.code, statusCode }, 'request refused by the router')
+      request.server.metrics?.clientErrors.inc({ status: statusCode })
       return sendError(reply, statusCode, message)
     },
     clientErrorHandler,
@@ -95,6 +99,16 @@ export default fp(async function app (app: FastifyInstance, opts: { config: Conf
     if (route.schema?.hide === true) return
     const response = (route.schema?.response ?? {}) as Record<string, unknown>
     route.schema = { ...route.schema, response: { '4xx': ErrorSchema, '5xx': ErrorSchema, ...response } }
+  })
+
+  // Shutting down: in-flight requests finish; a new one (on an open keep-alive connection) is
+  // told to go elsewhere, and its connection is closed.
+  let closing = false
+  app.addHook('preClose', async () => { closing = true })
+  app.addHook('onRequest', async (_request, reply) => {
+    if (!closing) return
+    reply.header('connection', 'close')
+    throw Object.assign(new Error('The service is shutting down; please retry shortly'), { statusCode: 503, code: 'SHUTTING_DOWN' })
   })
 
   await app.register(configPlugin, { config: opts.config })
@@ -155,7 +169,7 @@ export function describeError (error: FastifyError): { statusCode: number, messa
     return { statusCode: 400, message: `Invalid request: ${error.message}` }
   }
   if (isDatabaseUnavailable(error)) return { statusCode: 503, message: DATABASE_UNAVAILABLE }
-  if (error.code === 'OVERLOADED' || error.code === 'NO_BODY_ALLOWED' || error.code === 'UNSUPPORTED_ENCODING') {
+  if (error.code === 'OVERLOADED' || error.code === 'SHUTTING_DOWN' || error.code === 'NO_BODY_ALLOWED' || error.code === 'UNSUPPORTED_ENCODING') {
     return { statusCode: error.statusCode!, message: error.message }
   }
   if (isInvalidData(error)) return { statusCode: 400, message: 'Invalid request: the data does not satisfy the storage rules' }

@@ -19,7 +19,7 @@ export type CleanupResult =
  * The lock lives in a transaction on a connection of its own, outside the pool: the batches
  * then run on pooled connections even with DATABASE_POOL_MAX=1, and the lock ends with that
  * transaction or connection whatever happens (nothing to unlock, nothing left on a pooled
- * connection, and it works behind PgBouncer in transaction mode). `lock: false` is for the
+ * connection, and a transaction-mode pooler keeps it as well). `lock: false` is for the
  * embedded database, which is one session in one process: there is nobody to exclude.
  */
 export async function cleanupInactive (

@@ -43,7 +43,7 @@ export const ConfigSchema = Type.Object({
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 1000, default: 10 }),
   DATABASE_PREPARED_STATEMENTS: Type.Boolean({
     default: true,
-    description: 'prepare each statement once per connection; false behind a pooler that cannot (PgBouncer in transaction mode before 1.21)'
+    description: 'prepare each statement once per connection; false sends them unnamed (the embedded database always does)'
   }),
   DATABASE_MAX_WAITING: Type.Integer({
     minimum: 1,

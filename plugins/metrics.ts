@@ -38,7 +38,7 @@ export function createMetrics () {
     }),
     clientErrors: new Counter({
       name: 'http_client_errors_total',
-      help: 'Requests Node could not parse or that came too slowly (400, 408, 414, 431), answered before routing',
+      help: 'Requests refused before routing: 400 malformed HTTP or URL encoding, 408 too slow, 414 a path segment over 100 characters, 431 headers too large',
       labelNames: ['status'] as const,
       registers: [registry]
     }),

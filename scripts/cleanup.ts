@@ -32,8 +32,8 @@ try {
   process.exit(78)
 }
 if (config.DATABASE_URL === undefined) {
-  console.error('cleanup: set DATABASE_URL (the embedded development database is only open inside the running service)')
-  process.exit(64)
+  console.error('cleanup: invalid configuration: set DATABASE_URL (the embedded development database is only open inside the running service)')
+  process.exit(78)
 }
 const log = pino({ ...(loggerOptions({ LOG_LEVEL: config.LOG_LEVEL === 'info' ? 'warn' : config.LOG_LEVEL }) as object) })
 const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: 2, connectionTimeoutMillis: config.DATABASE_CONNECT_TIMEOUT_MS })

@@ -1,9 +1,11 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
+import { once } from 'node:events'
+import net from 'node:net'
 import Fastify from 'fastify'
 import app, { serverOptions } from '../../app.ts'
 import { build, createTestDatabase, inspect, testConfig } from '../helper.ts'
-import { whileOverloaded } from '../overload.ts'
+import { until, whileOverloaded } from '../overload.ts'
 
 // What an operator relies on: how load shedding logs and when it starts, how a database that
 // rolls a statement back is answered, and where metrics and API docs are served in production.
@@ -115,4 +117,48 @@ t.test('production with METRICS_TOKEN and DOCS=true: metrics on the service port
   t.equal((await server.inject({ method: 'GET', url: '/metrics' })).statusCode, 401)
   t.equal((await server.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer a-long-scrape-token' } })).statusCode, 200)
   t.equal((await server.inject({ method: 'GET', url: '/docs/json' })).statusCode, 200)
+})
+
+t.test('a request that arrives while the service shuts down gets a 503 in the error shape, and the connection closes', async (t) => {
+  const logLines: string[] = []
+  const server = await build(t, { env: { DATABASE_URL: databaseUrl, RATE_LIMIT_MAX: '0', LOG_LEVEL: 'warn' }, logLines })
+  const address = await server.listen({ port: 0, host: '127.0.0.1' })
+  const userId = randomUUID()
+  t.equal((await server.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload })).statusCode, 200)
+  // An upload waits on a row lock the test holds, so the service is provably busy with it
+  // (and its connection open) when the shutdown starts; a second request then comes on the
+  // same keep-alive connection.
+  const locker = await db.connect()
+  await locker.query('BEGIN')
+  await locker.query('SELECT 1 FROM user_sync_data WHERE user_id = $1 FOR UPDATE', [userId])
+  const body = JSON.stringify({ ...payload, timestamp: 2 })
+  const socket = net.connect(Number(new URL(address).port), '127.0.0.1')
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString() })
+  const closed = once(socket, 'close')
+  socket.write(`PUT /api/sync/${userId} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`)
+  const waiting = async () => (await db.query(
+    "SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")).rows[0].n as number
+  for (let tries = 0; (await waiting()) === 0; tries++) {
+    if (tries > 2000) throw new Error('the upload never waited on the lock')
+    await new Promise((resolve) => setTimeout(resolve, 10))
+  }
+  const closing = server.close()
+  await new Promise((resolve) => setImmediate(resolve))
+  socket.write('GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n')
+  // Answers go out in order, after the upload's; the service logs the refusal at once.
+  await until(() => logLines.some((line) => line.includes('The service is shutting down')), 'the second request is refused')
+  await locker.query('COMMIT')
+  locker.release()
+  await closed
+  await closing
+  const answers = received.split(/(?=HTTP\/1\.1 )/)
+  t.equal(answers.length, 2, 'two answers on the connection')
+  t.match(answers[0], /^HTTP\/1\.1 200 /, 'the upload in flight finishes')
+  t.match(answers[1], /^HTTP\/1\.1 503 /, 'the request that came during the shutdown: 503')
+  t.match(answers[1], /connection: close/i)
+  t.match(answers[1], /cache-control: no-store/i)
+  t.match(answers[1], /retry-after: 5/i)
+  t.strictSame(JSON.parse(answers[1]!.split('\r\n\r\n')[1]!), { error: 'The service is shutting down; please retry shortly', statusCode: 503 })
+  t.equal((await db.query('SELECT timestamp FROM user_sync_data WHERE user_id = $1', [userId])).rows[0].timestamp, '2', 'and the upload is stored')
 })

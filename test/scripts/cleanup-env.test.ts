@@ -25,7 +25,8 @@ async function cleanup (env: Record<string, string>) {
 t.test('npm run cleanup with a bad setting: exit 78 (EX_CONFIG) and one line naming it, no stack trace', async (t) => {
   for (const [name, env] of [
     ['LOG_LEVEL', { LOG_LEVEL: 'verbose' }],
-    ['PORT', { PORT: 'abc' }]
+    ['PORT', { PORT: 'abc' }],
+    ['DATABASE_URL', { DATABASE_URL: '' }]
   ] as const) {
     const result = await cleanup(env)
     t.equal(result.code, 78, `${name}: exit code`)
