@@ -18,8 +18,15 @@ async function start (): Promise<Running> {
   const child = spawn(process.execPath, ['--import', 'tsx', 'server.ts'], {
     cwd: ROOT,
     env: {
-      PATH: process.env.PATH ?? '', DATABASE_URL: databaseUrl, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info',
-      REQUEST_TIMEOUT_MS: '1500', RATE_LIMIT_MAX: '0', RATE_LIMIT_IP_MAX: '0', CLEANUP_INTERVAL: '0'
+      PATH: process.env.PATH ?? '',
+      DATABASE_URL: databaseUrl,
+      PORT: '0',
+      HOST: '127.0.0.1',
+      LOG_LEVEL: 'info',
+      REQUEST_TIMEOUT_MS: '1500',
+      RATE_LIMIT_MAX: '0',
+      RATE_LIMIT_IP_MAX: '0',
+      CLEANUP_INTERVAL: '0'
     },
     stdio: ['ignore', 'pipe', 'inherit']
   })

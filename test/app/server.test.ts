@@ -86,8 +86,13 @@ t.test('serves, shuts down cleanly on SIGTERM and SIGINT, and finds its data aft
   t.match(text, /"op":"get"/)
   t.match(text, /"op":"delete"/)
   for (const [name, secret] of Object.entries({
-    userId, userIdUpperCase: userId.toUpperCase(), idPrefix: userId.slice(0, 30),
-    blob: payload.encryptedBlob, iv: payload.iv, checksum: payload.checksum, password: PASSWORD
+    userId,
+    userIdUpperCase: userId.toUpperCase(),
+    idPrefix: userId.slice(0, 30),
+    blob: payload.encryptedBlob,
+    iv: payload.iv,
+    checksum: payload.checksum,
+    password: PASSWORD
   })) {
     t.notOk(text.includes(secret), `no ${name} in ${lines.length} log lines`)
   }
