@@ -39,7 +39,7 @@ t.test('kill -9 the database during a stream of uploads: no acknowledged write i
   let stop = false
   let crashed = false
   async function uploader (): Promise<void> {
-    for (let n = 0; !stop && n < 10_000; n++) {
+    for (let n = 0; !stop && n < 10_000; n++) { // eslint-disable-line no-unmodified-loop-condition -- set by the test while this loop awaits
       const userId = randomUUID()
       const started = Date.now()
       const res = await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: payload(n) })
