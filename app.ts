@@ -14,6 +14,7 @@ import docsPlugin from './plugins/docs.ts'
 import securityHeadersPlugin from './plugins/security-headers.ts'
 import loadSheddingPlugin from './plugins/load-shedding.ts'
 import bodyPolicyPlugin from './plugins/body-policy.ts'
+import pipeliningPlugin from './plugins/pipelining.ts'
 import healthRoutes from './routes/health.ts'
 import infoRoutes from './routes/info.ts'
 import metricsRoutes from './routes/metrics.ts'
@@ -82,6 +83,12 @@ function sendError (reply: FastifyReply, statusCode: number, message: string): F
 export default fp(async function app (app: FastifyInstance, opts: { config: Config }) {
   // Set first: a route keeps the error handler in force when it was declared.
   app.setErrorHandler(function (error: FastifyError, request, reply) {
+    if (clientWentAway(error, request.raw.socket)) {
+      // A client that closed the connection mid-upload (a phone losing its signal): nothing
+      // is stored, nobody reads the answer, and the database is not to blame.
+      request.log.info({ code: error.code }, 'the client closed the connection before its request was complete')
+      return sendError(reply, 400, 'The request was not received completely')
+    }
     const { statusCode, message } = describeError(error)
     // Shed requests are logged by the load shedder, sampled: never a line (or a stack) each.
     if (statusCode >= 500 && !request.shed) {
@@ -111,6 +118,7 @@ export default fp(async function app (app: FastifyInstance, opts: { config: Conf
     throw Object.assign(new Error('The service is shutting down; please retry shortly'), { statusCode: 503, code: 'SHUTTING_DOWN' })
   })
 
+  await app.register(pipeliningPlugin)
   await app.register(configPlugin, { config: opts.config })
   // A connection past MAX_CONNECTIONS is closed at once, before it can send anything.
   app.server.maxConnections = opts.config.MAX_CONNECTIONS
@@ -140,6 +148,12 @@ export default fp(async function app (app: FastifyInstance, opts: { config: Conf
   await app.register(syncRoutes, { prefix: '/api/sync' })
 }, { name: 'logikids-sync' })
 
+/** Whether reading the request failed because the client closed its connection. */
+function clientWentAway (error: FastifyError, socket: Socket | null): boolean {
+  return (socket === null || socket.destroyed) &&
+    (error.code === 'ECONNRESET' || error.code === 'ECONNABORTED' || error.message === 'aborted')
+}
+
 // Node's HTTP parser reports these before Fastify sees a request.
 const CLIENT_ERRORS: Record<string, [number, string]> = {
   ERR_HTTP_REQUEST_TIMEOUT: [408, 'Request timeout: the request was not received in time'],
@@ -163,13 +177,18 @@ function clientErrorHandler (this: FastifyInstance, err: Error & { code?: string
 
 const STATUS_TEXT: Record<number, string> = { 400: 'Bad Request', 408: 'Request Timeout', 414: 'URI Too Long', 431: 'Request Header Fields Too Large' }
 
+// The service's own errors (plugins/load-shedding.ts, plugins/body-policy.ts, shutdown): their
+// status and message are meant for the client, 5xx included.
+const SERVICE_ERRORS = new Set(['OVERLOADED', 'SHUTTING_DOWN', 'NO_BODY_ALLOWED', 'UNSUPPORTED_ENCODING',
+  'UNSUPPORTED_TRANSFER_ENCODING', 'UNREASONABLE_JSON'])
+
 /** Maps any error to the status and message a client may see: never a stack, a value or SQL. */
 export function describeError (error: FastifyError): { statusCode: number, message: string } {
   if (error.validation) {
     return { statusCode: 400, message: `Invalid request: ${error.message}` }
   }
   if (isDatabaseUnavailable(error)) return { statusCode: 503, message: DATABASE_UNAVAILABLE }
-  if (error.code === 'OVERLOADED' || error.code === 'SHUTTING_DOWN' || error.code === 'NO_BODY_ALLOWED' || error.code === 'UNSUPPORTED_ENCODING') {
+  if (SERVICE_ERRORS.has(error.code)) {
     return { statusCode: error.statusCode!, message: error.message }
   }
   if (isInvalidData(error)) return { statusCode: 400, message: 'Invalid request: the data does not satisfy the storage rules' }

@@ -5,7 +5,7 @@ import { USER_ID_PATTERN } from './schemas/sync.ts'
 
 // The user id is the only secret standing between a stranger and a user's ciphertext,
 // so logs must never hold one. A short hash still lets an operator follow one user.
-const ID_LIKE = /[0-9a-fA-F-]{8,}/g
+const HEX_DIGIT = /[0-9a-fA-F]/g
 const IS_USER_ID = new RegExp(USER_ID_PATTERN)
 
 // Hashing costs about 7 µs a request (most of it creating the Hash object); active users repeat.
@@ -23,20 +23,26 @@ export function pseudonym (userId: string): string {
   return name
 }
 
-/** The request path as it may be logged: ids pseudonymised, the query string dropped. */
+// A path segment with this many hex digits may be (most of) a user id, however it is written:
+// a UUID with other separators, spaced out, cut short. Route names have far fewer.
+const HEX_DIGITS_OF_AN_ID = 8
+
+/** The request path as it may be logged: ids pseudonymised, anything id-like hidden, the query string dropped. */
 export function redactUrl (url: string): string {
   const queryAt = url.indexOf('?')
   const rawPath = queryAt === -1 ? url : url.slice(0, queryAt)
-  // The router decodes %61%62... into the id it serves, so the log must see the decoded id too.
-  let path: string
+  // The router decodes %61%62... into the id it serves, so the log judges each decoded segment
+  // (split first: an encoded slash must not cut an id into harmless-looking pieces).
+  let redacted: string
   try {
-    path = decodeURIComponent(rawPath)
+    redacted = rawPath.split('/').map((raw) => {
+      const segment = decodeURIComponent(raw)
+      if (IS_USER_ID.test(segment)) return `~${pseudonym(segment)}`
+      return (segment.match(HEX_DIGIT) ?? []).length >= HEX_DIGITS_OF_AN_ID ? '[redacted]' : segment
+    }).join('/')
   } catch {
     return '[a path that does not decode]' + (queryAt === -1 ? '' : '?[redacted]')
   }
-  // A well-formed id becomes its pseudonym; anything else id-like (a typo, a truncated id)
-  // is hidden whole, since it may still be most of somebody's id.
-  const redacted = path.replace(ID_LIKE, (run) => (IS_USER_ID.test(run) ? `~${pseudonym(run)}` : '[redacted]'))
   return (redacted.length > 200 ? `${redacted.slice(0, 200)}…` : redacted) + (queryAt === -1 ? '' : '?[redacted]')
 }
 

@@ -1,4 +1,4 @@
-import Fastify from 'fastify'
+import Fastify, { type FastifyReply } from 'fastify'
 import fp from 'fastify-plugin'
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
 
@@ -118,7 +118,15 @@ export default fp(async function metrics (app) {
   // route) are not for the public port: they are served on a listener of their own,
   // METRICS_HOST:METRICS_PORT (loopback unless set otherwise), and GET /metrics is a 404.
   if (app.config.METRICS_LISTENER === 'separate') {
-    const listener = Fastify({ logger: false })
+    // Its errors in the service's one shape too, never echoing a URL.
+    const refuse = (reply: FastifyReply, statusCode: number, error: string) =>
+      reply.code(statusCode).header('cache-control', 'no-store').send({ error, statusCode })
+    const listener = Fastify({
+      logger: false,
+      frameworkErrors: (_error, _request, reply) => refuse(reply, 400, 'Invalid request: the URL is not correctly percent-encoded')
+    })
+    listener.setNotFoundHandler((request, reply) => refuse(reply, 404, `No route for ${request.method} on this path`))
+    listener.setErrorHandler((_error, _request, reply) => refuse(reply, 500, 'Internal Server Error'))
     listener.get('/metrics', async (_request, reply) => {
       reply.type(metrics.registry.contentType)
       return await metrics.registry.metrics()

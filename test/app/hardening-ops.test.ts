@@ -1,11 +1,15 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
+import { Writable } from 'node:stream'
 import { once } from 'node:events'
 import net from 'node:net'
 import Fastify from 'fastify'
 import app, { serverOptions } from '../../app.ts'
 import { build, createTestDatabase, inspect, testConfig } from '../helper.ts'
 import { until, whileOverloaded } from '../overload.ts'
+import { pseudonym, redactUrl } from '../../logging.ts'
+
+type Test = Parameters<Parameters<typeof t.test>[0]>[0]
 
 // What an operator relies on: how load shedding logs and when it starts, how a database that
 // rolls a statement back is answered, and where metrics and API docs are served in production.
@@ -161,4 +165,129 @@ t.test('a request that arrives while the service shuts down gets a 503 in the er
   t.match(answers[1], /retry-after: 5/i)
   t.strictSame(JSON.parse(answers[1]!.split('\r\n\r\n')[1]!), { error: 'The service is shutting down; please retry shortly', statusCode: 503 })
   t.equal((await db.query('SELECT timestamp FROM user_sync_data WHERE user_id = $1', [userId])).rows[0].timestamp, '2', 'and the upload is stored')
+})
+
+/**
+ * A listening service and raw connections to it, for what app.inject cannot show (sockets,
+ * pipelining). `arrivals` lists each request the moment it reaches the service, before any of
+ * the service's own hooks: a test can wait until the service has read a request.
+ */
+async function listening (t: Test, env: Record<string, string> = {}) {
+  const logLines: string[] = []
+  const config = testConfig({ DATABASE_URL: databaseUrl, RATE_LIMIT_MAX: '0', LOG_LEVEL: 'info', ...env })
+  const options = serverOptions(config)
+  const stream = new Writable({
+    write (chunk, _encoding, done) {
+      logLines.push(...String(chunk).split('\n').filter((line) => line !== ''))
+      done()
+    }
+  })
+  const server = Fastify({ ...options, logger: { ...(options.logger as object), stream } })
+  t.teardown(() => server.close())
+  const arrivals: string[] = []
+  server.addHook('onRequest', async (request) => { arrivals.push(`${request.method} ${request.url}`) })
+  await server.register(app, { config })
+  const port = Number(new URL(await server.listen({ port: 0, host: '127.0.0.1' })).port)
+  const connect = () => {
+    const socket = net.connect(port, '127.0.0.1')
+    let received = ''
+    socket.on('data', (chunk: Buffer) => { received += chunk.toString() })
+    t.teardown(() => { socket.destroy() })
+    return { socket, received: () => received, closed: once(socket, 'close') }
+  }
+  return { server, logLines, arrivals, connect }
+}
+
+const putRequest = (userId: string, body: string) =>
+  `PUT /api/sync/${userId} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`
+
+t.test('pipelined requests on one connection run in the order they were sent', async (t) => {
+  const { server, arrivals, connect } = await listening(t)
+  const userId = randomUUID()
+  t.equal((await server.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload })).statusCode, 200)
+  // The upload waits on a row lock the test holds; a read does not wait for row locks, so
+  // without ordering the GET would run first and answer the old version.
+  const locker = await db.connect()
+  await locker.query('BEGIN')
+  await locker.query('SELECT 1 FROM user_sync_data WHERE user_id = $1 FOR UPDATE', [userId])
+  const connection = connect()
+  connection.socket.write(putRequest(userId, JSON.stringify({ ...payload, timestamp: 2 })) +
+    `GET /api/sync/${userId} HTTP/1.1\r\nHost: x\r\n\r\n` +
+    `DELETE /api/sync/${userId} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  await until(() => arrivals.length === 4, 'the service has read all three requests')
+  await locker.query('COMMIT')
+  locker.release()
+  await connection.closed
+  const answers = connection.received().split(/(?=HTTP\/1\.1 )/)
+  t.strictSame(answers.map((answer) => answer.split('\r\n')[0]), ['HTTP/1.1 200 OK', 'HTTP/1.1 200 OK', 'HTTP/1.1 200 OK'])
+  t.equal(JSON.parse(answers[1]!.split('\r\n\r\n')[1]!).timestamp, 2, 'the GET sent after the PUT reads what the PUT stored')
+  t.equal((await server.inject({ method: 'HEAD', url: `/api/sync/${userId}` })).statusCode, 404, 'and the DELETE sent last deleted it')
+})
+
+t.test('a client that hangs up mid-upload is not a database outage', async (t) => {
+  const { server, logLines, arrivals, connect } = await listening(t)
+  const userId = randomUUID()
+  const connection = connect()
+  connection.socket.write(`PUT /api/sync/${userId} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"encryptedBlob":"AAAA"`)
+  await until(() => arrivals.length === 1, 'the service is reading the upload')
+  connection.socket.destroy()
+  await until(() => logLines.some((line) => line.includes('closed the connection before its request was complete')), 'the abort is logged')
+  const metrics = await server.metrics.registry.metrics()
+  t.notMatch(metrics, /database_connection_errors_total\{kind="unavailable"\} [1-9]/, 'not counted as the database being unavailable')
+  t.notOk(logLines.some((line) => JSON.parse(line).level >= 40), 'nothing at warn or error')
+  t.equal((await db.query('SELECT count(*)::int AS n FROM user_sync_data WHERE user_id = $1', [userId])).rows[0].n, 0, 'nothing stored')
+})
+
+t.test('bodies no upload can be are refused before they are parsed', async (t) => {
+  const server = await build(t, { env: { DATABASE_URL: databaseUrl, RATE_LIMIT_MAX: '0' } })
+  const userId = randomUUID()
+  const nested = await server.inject({ method: 'PUT', url: `/api/sync/${userId}`, headers: { 'content-type': 'application/json' }, payload: `{"x":${'['.repeat(100_000)}${']'.repeat(100_000)}}` })
+  t.equal(nested.statusCode, 400)
+  t.match(nested.json(), { error: /nests more than 16 objects or arrays/, statusCode: 400 })
+  const keys = Object.fromEntries(Array.from({ length: 1000 }, (_, i) => [`k${i}`, 1]))
+  const many = await server.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: { ...payload, ...keys } })
+  t.equal(many.statusCode, 400)
+  t.match(many.json(), { error: /more than 64 keys/, statusCode: 400 })
+  t.equal((await server.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload })).statusCode, 200, 'an upload is fine')
+})
+
+t.test('transfer codings other than chunked: 501; Content-Length: 00 is no body', async (t) => {
+  const { connect } = await listening(t)
+  const userId = randomUUID()
+  const gzip = connect()
+  gzip.socket.write(`PUT /api/sync/${userId} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n`)
+  await gzip.closed
+  t.match(gzip.received(), /^HTTP\/1\.1 501 /)
+  t.match(gzip.received(), /"statusCode":501/)
+  const zeros = connect()
+  zeros.socket.write(`POST /api/sync/${userId}/verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 00\r\nConnection: close\r\n\r\n`)
+  await zeros.closed
+  t.match(zeros.received(), /^HTTP\/1\.1 200 /)
+  t.match(zeros.received(), /\{"exists":false\}/)
+})
+
+t.test('the production metrics listener answers errors in the one shape, never echoing the URL', async (t) => {
+  const server = await build(t, { env: { DATABASE_URL: databaseUrl, NODE_ENV: 'production', METRICS_PORT: '0' } })
+  const address = server.metricsListener!.server.address() as net.AddressInfo
+  const userId = randomUUID()
+  for (const path of [`/api/sync/${userId}`, '/%ZZ']) {
+    const res = await fetch(`http://127.0.0.1:${address.port}${path}`)
+    const body = await res.text()
+    t.equal(res.headers.get('cache-control'), 'no-store', path)
+    t.strictSame(Object.keys(JSON.parse(body)).sort(), ['error', 'statusCode'], path)
+    t.notOk(body.includes(userId) || body.includes('%ZZ'), `${path}: the URL is not echoed`)
+  }
+})
+
+t.test('logs hide anything that may be most of a user id, however it is written', async (t) => {
+  const id = '4a7c2e91-b3d5-4f68-9e12-0c3b5d7f9a1e'
+  const hex = id.replaceAll('-', '')
+  for (const written of [id.replaceAll('-', '_'), id.replaceAll('-', '%2F'), hex.split('').join('%20'), id.slice(0, 13), id.replaceAll('-', '.')]) {
+    const logged = redactUrl(`/api/sync/${written}/verify`)
+    const digits = logged.replace(/[^0-9a-f]/gi, '')
+    t.ok(!hex.includes(digits.slice(0, 8)) || digits.length < 8, `${written} -> ${logged}`)
+    t.notMatch(logged, /b3d5|4f68|9e12/, `${written}: no piece of it`)
+  }
+  t.equal(redactUrl(`/api/sync/${id.toUpperCase()}`), `/api/sync/~${pseudonym(id)}`, 'a well-formed id becomes its pseudonym')
+  t.equal(redactUrl('/docs/static/swagger-initializer.js'), '/docs/static/swagger-initializer.js', 'route names stay readable')
 })
