@@ -28,8 +28,10 @@ dev_db_ports=$(docker-compose config | ports_of postgres)
 [ "$dev_db_ports" = "127.0.0.1:5432:5432/tcp" ] || fail "development should publish PostgreSQL on 127.0.0.1:5432 only, got: $dev_db_ports"
 prod_db_ports=$(POSTGRES_PASSWORD=x docker-compose -f docker-compose.yml -f docker-compose.prod.yml config | ports_of postgres)
 [ -z "$prod_db_ports" ] || fail "production must publish no database port, got: $prod_db_ports"
-POSTGRES_PASSWORD=x docker-compose -f docker-compose.yml -f docker-compose.prod.yml config | grep -q 'NODE_ENV: production' \
-  || fail "production compose must set NODE_ENV=production"
+# Captured first: grep -q stops reading at the match, and under pipefail the writer's SIGPIPE
+# would fail the check at random.
+prod_config=$(POSTGRES_PASSWORD=x docker-compose -f docker-compose.yml -f docker-compose.prod.yml config)
+grep -q 'NODE_ENV: production' <<<"$prod_config" || fail "production compose must set NODE_ENV=production"
 
 # The Dockerfile linter (its findings go to stdout; it exits 0 either way). It would download
 # its own copy of shellcheck; -s none and no install scripts skip that (Debian's runs below).
