@@ -1,9 +1,6 @@
 import t from 'tap'
-import { spawn, type ChildProcess } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
-import { once } from 'node:events'
 import net from 'node:net'
-import { fileURLToPath } from 'node:url'
 import { gzipSync } from 'node:zlib'
 import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
@@ -11,12 +8,12 @@ import type { LightMyRequestResponse } from 'fastify'
 import { build, createTestDatabase, inspect } from '../helper.ts'
 import { whileOverloaded } from '../overload.ts'
 import { pseudonym } from '../../logging.ts'
+import { startServer } from '../server-process.ts'
 
 // The HTTP edge, hardened: one error shape everywhere, limits that hold together, requests
 // refused before their body is read, health checks and database faults that say only what a
 // client may know. Through app.inject where that suffices, on the real server process where
 // the socket matters.
-const ROOT = fileURLToPath(new URL('../../', import.meta.url))
 const databaseUrl = await createTestDatabase(t)
 const db = inspect(t, databaseUrl)
 const app = await build(t, { env: { DATABASE_URL: databaseUrl, RATE_LIMIT_MAX: '0', RATE_LIMIT_IP_MAX: '0' } })
@@ -62,36 +59,17 @@ const nameOf = (url: string) => new URL(url).pathname.slice(1)
 
 // --- the real server process, for what only a socket shows ---------------------------------
 
-interface Running { child: ChildProcess, port: number }
-
-async function start (env: Record<string, string>): Promise<Running> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'server.ts'], {
-    cwd: ROOT,
+function start (env: Record<string, string>) {
+  return startServer(t, {
     env: {
-      PATH: process.env.PATH ?? '',
       DATABASE_URL: databaseUrl,
-      PORT: '0',
-      HOST: '127.0.0.1',
       LOG_LEVEL: 'info',
       RATE_LIMIT_MAX: '0',
       RATE_LIMIT_IP_MAX: '0',
       CLEANUP_INTERVAL: '0',
       ...env
-    },
-    stdio: ['ignore', 'pipe', 'inherit']
+    }
   })
-  const exited = once(child, 'exit')
-  t.teardown(() => { child.kill('SIGTERM') })
-  let output = ''
-  const port = await new Promise<number>((resolve, reject) => {
-    child.stdout!.on('data', (chunk: Buffer) => {
-      output += chunk.toString()
-      const match = /Server listening at http:\/\/127\.0\.0\.1:(\d+)/.exec(output)
-      if (match) resolve(Number(match[1]))
-    })
-    exited.then(() => reject(new Error(`server exited: ${output}`)))
-  })
-  return { child, port }
 }
 
 // Started together, while the first tests run: each takes a second or two to come up.

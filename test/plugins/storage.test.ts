@@ -2,14 +2,19 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import pg from 'pg'
 import pino from 'pino'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { createStorage } from '../../plugins/storage.ts'
 import { migrate } from '../../plugins/db.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
 import { createTestDatabase, embeddedTests } from '../helper.ts'
 
+/** A tap subtest (the type of the callback's argument). */
+type Test = Parameters<Parameters<typeof t.test>[0]>[0]
+
 const log = pino({ level: 'silent' })
 const url = await createTestDatabase(t)
-const pool = new pg.Pool({ connectionString: url, max: 8 })
+const STORAGE = 'storage under test'
+const pool = new pg.Pool({ connectionString: url, max: 8, application_name: STORAGE })
 // Like the service's pool: idle connections killed by the server must not crash the test.
 pool.on('error', () => {})
 t.teardown(() => pool.end())
@@ -23,6 +28,45 @@ function payload (bytes = 32, fill = 1) {
     timestamp: 1_732_780_800_123,
     checksum: 'f'.repeat(63) + String(fill % 10)
   }
+}
+
+// On PostgreSQL the race tests force the interleaving that matters: a connection of the test's
+// holds the row, every write starts and is seen waiting for it, then the row is let go, so the
+// writes all meet the same version. The embedded database has one session for all connections:
+// a held row cannot make a write wait there, and the writes run one after the other, unforced.
+const embedded = embeddedTests()
+
+/** Holds the row of `userId` (FOR UPDATE) on a connection of its own until `release`. */
+async function holdRow (t: Test, userId: string) {
+  const holder = new pg.Client({ connectionString: url, application_name: 'lock holder' })
+  await holder.connect()
+  t.teardown(() => holder.end())
+  await holder.query('BEGIN')
+  await holder.query('SELECT 1 FROM user_sync_data WHERE user_id = $1 FOR UPDATE', [userId])
+  return { release: (how: 'COMMIT' | 'ROLLBACK') => holder.query(how) }
+}
+
+/** How many of the storage's statements wait for a lock, once there are `count` (polled, at most 10 s). */
+async function waitingForLock (count: number): Promise<number> {
+  let waiting = 0
+  for (const deadline = Date.now() + 10_000; Date.now() < deadline;) {
+    const { rows } = await pool.query('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() ' +
+      "AND application_name = $1 AND wait_event_type = 'Lock'", [STORAGE])
+    waiting = rows[0].n
+    if (waiting >= count) break
+    await sleep(10)
+  }
+  return waiting
+}
+
+/** Runs the writes against one version of the row: forced together on PostgreSQL (see above). */
+async function together<R> (t: Test, userId: string, writes: Array<() => Promise<R>>, release: 'COMMIT' | 'ROLLBACK' = 'ROLLBACK'): Promise<R[]> {
+  if (embedded) return await Promise.all(writes.map((write) => write()))
+  const row = await holdRow(t, userId)
+  const results = Promise.all(writes.map((write) => write()))
+  t.equal(await waitingForLock(writes.length), writes.length, `all ${writes.length} writes wait for the row`)
+  await row.release(release)
+  return await results
 }
 
 async function row (userId: string) {
@@ -128,14 +172,19 @@ t.test('the table constraints refuse what the schemas refuse', async (t) => {
   t.equal(await storage.exists(userId), false)
 })
 
-t.test('concurrent upserts of one user leave one whole record from one of them', async (t) => {
+t.test('concurrent upserts of one user: each applies in turn, and the record is one whole upload', async (t) => {
+  if (embedded) t.comment('embedded database: one session, so the writes cannot be made to wait together; they run unforced')
   const userId = randomUUID()
-  const writes = Array.from({ length: 20 }, (_, i) => payload(1000 + i, i + 1))
-  await Promise.all(writes.map((data) => storage.store(userId, data)))
-  const stored = (await storage.get(userId))?.payload
-  const winner = writes.find((data) => data.encryptedBlob === stored?.encryptedBlob)
-  t.ok(winner, 'the stored blob is one that was sent')
-  t.strictSame(stored, winner, 'and every field comes from the same upload')
+  await storage.store(userId, payload(64, 0))
+  const writes = Array.from({ length: 6 }, (_, i) => payload(1000 + i, i + 1))
+  const results = await together(t, userId, writes.map((data) => () => storage.store(userId, data)))
+  t.ok(results.every((result) => result.stored), 'every upsert stored')
+  const versions = results.map((result) => Number((result as { etag: string }).etag.split('-')[0])).sort((a, b) => a - b)
+  t.strictSame(versions, [2, 3, 4, 5, 6, 7], 'each one a version of its own: none was lost')
+  const stored = await storage.get(userId)
+  const winner = writes[results.findIndex((result) => (result as { etag: string }).etag === stored?.etag)]
+  t.ok(winner, 'the stored record is the last upsert')
+  t.strictSame(stored?.payload, winner, 'and every field comes from that one upload')
   t.equal((await row(userId)).blob_size, Buffer.from(winner!.encryptedBlob, 'base64').length)
 })
 
@@ -196,17 +245,19 @@ t.test('conditional delete', async (t) => {
   t.equal(await storage.exists(userId), false)
 })
 
-t.test('concurrent writes with the same If-Match: exactly one wins, every time', async (t) => {
+t.test('concurrent writes with the same If-Match: exactly one wins, every time, and the other learns its tag', async (t) => {
+  if (embedded) t.comment('embedded database: one session, so the writes cannot be made to wait together; they race unforced')
   const userId = randomUUID()
   let { etag } = await storage.store(userId, payload(64, 0)) as { etag: string }
-  for (let round = 1; round <= 25; round++) {
+  for (let round = 1; round <= 8; round++) {
     const contenders = [payload(5000, round), payload(7000, round + 100)]
-    const results = await Promise.all(contenders.map((data) => storage.store(userId, data, { ifMatch: [etag] })))
-    const winners = results.filter((result) => result.stored)
-    t.equal(winners.length, 1, `round ${round}: one winner`)
+    const results = await together(t, userId, contenders.map((data) => () => storage.store(userId, data, { ifMatch: [etag] })),
+      round % 2 === 0 ? 'COMMIT' : 'ROLLBACK')
+    t.strictSame(results.map((result) => result.stored).sort(), [false, true], `round ${round}: one winner, one loser`)
     const winner = contenders[results.findIndex((result) => result.stored)]!
     const stored = await storage.get(userId)
     t.strictSame(stored?.payload, winner, `round ${round}: the stored record is the winner's, whole`)
+    t.strictSame(results.find((result) => !result.stored), { stored: false, currentEtag: stored?.etag }, `round ${round}: the loser is told the winner's tag`)
     etag = stored!.etag
   }
 })

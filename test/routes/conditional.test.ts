@@ -1,6 +1,8 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { build } from '../helper.ts'
+import { setTimeout as sleep } from 'node:timers/promises'
+import pg from 'pg'
+import { build, embeddedTests } from '../helper.ts'
 import { parseEntityTags } from '../../routes/api/sync/index.ts'
 
 // The race rounds send many requests for one user: the per-user limit is not what they test.
@@ -14,6 +16,8 @@ function payload (bytes = 48, fill = 3) {
     checksum: '0123456789abcdef'.repeat(4)
   }
 }
+/** A tap subtest (the type of the callback's argument). */
+type Test = Parameters<Parameters<typeof t.test>[0]>[0]
 const url = (userId: string) => `/api/sync/${userId}`
 const put = (userId: string, body: object, headers: Record<string, string> = {}) =>
   app.inject({ method: 'PUT', url: url(userId), payload: body, headers })
@@ -130,15 +134,52 @@ t.test('DELETE with If-Match', async (t) => {
   t.equal(plain.statusCode, 200, 'without a header, deleting nothing still succeeds')
 })
 
-t.test('two devices racing with the same If-Match: exactly one wins each time, whole', async (t) => {
+// Two devices upload over the same version. On PostgreSQL the test forces the interleaving that
+// matters: it holds the row, both writes start and are seen waiting for it, then it lets go, so
+// that both statements run against the same version every round. The embedded database has one
+// session for all connections: a held row cannot make a write wait there, and the writes run one
+// after the other.
+const embedded = embeddedTests()
+
+/** How many of the service's backends wait for a lock, once there are `count` (polled, at most 10 s). */
+async function waitingForLock (observer: pg.Client, count: number): Promise<number> {
+  let waiting = 0
+  for (const deadline = Date.now() + 10_000; Date.now() < deadline;) {
+    const { rows } = await observer.query('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() ' +
+      "AND application_name = 'logikids-sync' AND wait_event_type = 'Lock'")
+    waiting = rows[0].n
+    if (waiting >= count) break
+    await sleep(10)
+  }
+  return waiting
+}
+
+async function client (t: Test, name: string): Promise<pg.Client> {
+  const connection = new pg.Client({ connectionString: app.config.DATABASE_URL, application_name: name })
+  await connection.connect()
+  t.teardown(() => connection.end())
+  return connection
+}
+
+t.test('two devices racing with the same If-Match, both waiting on the row: exactly one 200, one 412, whole', async (t) => {
   const userId = randomUUID()
   let etag = (await put(userId, payload(64, 0))).headers.etag as string
-  const rounds = 40
-  for (let round = 1; round <= rounds; round++) {
-    const contenders = [payload(20_000, round % 250), payload(30_000, (round + 100) % 250)]
-    const results = await Promise.all(contenders.map((data) => put(userId, data, { 'if-match': etag })))
-    const statuses = results.map((res) => res.statusCode).sort()
-    t.strictSame(statuses, [200, 412], `round ${round}: one 200, one 412`)
+  const holder = embedded ? undefined : await client(t, 'lock holder')
+  const observer = embedded ? undefined : await client(t, 'observer')
+  if (embedded) t.comment('embedded database: one session, so the writes cannot be made to wait together; they race unforced')
+  for (let round = 1; round <= 8; round++) {
+    const contenders = [payload(20_000, round), payload(30_000, round + 100)]
+    if (holder !== undefined) {
+      await holder.query('BEGIN')
+      await holder.query('SELECT 1 FROM user_sync_data WHERE user_id = $1 FOR UPDATE', [userId])
+    }
+    const racing = Promise.all(contenders.map((data) => put(userId, data, { 'if-match': etag })))
+    if (holder !== undefined && observer !== undefined) {
+      t.equal(await waitingForLock(observer, 2), 2, `round ${round}: both writes wait for the row`)
+      await holder.query(round % 2 === 0 ? 'COMMIT' : 'ROLLBACK')
+    }
+    const results = await racing
+    t.strictSame(results.map((res) => res.statusCode).sort(), [200, 412], `round ${round}: one 200, one 412`)
     const winner = contenders[results.findIndex((res) => res.statusCode === 200)]
     const stored = await app.inject({ method: 'GET', url: url(userId) })
     t.strictSame(stored.json(), winner, `round ${round}: the stored record is the winner's`)
