@@ -79,6 +79,28 @@ export function setLongTimeout (fn: () => void, ms: number): { clear (): void } 
   return { clear: () => clearTimeout(timer) }
 }
 
+/**
+ * Runs `run` after `firstDelayMs`, then `intervalMs` after each run ends (never two at once),
+ * for any interval: 30 days waits 30 days. `stop()` ends it.
+ */
+export function scheduleEvery (run: () => Promise<unknown>, firstDelayMs: number, intervalMs: number): { stop (): void } {
+  let timer: { clear (): void } | undefined
+  let stopped = false
+  const schedule = (delay: number) => {
+    if (stopped) return
+    timer = setLongTimeout(() => {
+      run().catch(() => {}).finally(() => schedule(intervalMs))
+    }, delay)
+  }
+  schedule(firstDelayMs)
+  return {
+    stop () {
+      stopped = true
+      timer?.clear()
+    }
+  }
+}
+
 declare module 'fastify' {
   interface FastifyInstance {
     cleanup: { run: () => Promise<CleanupResult | null> }
@@ -108,20 +130,7 @@ export default fp(async function cleanup (app) {
   if (inactiveDays === 0 || intervalMs === 0) return
   // The first run comes a minute after start-up, not a whole interval later: a service that is
   // redeployed more often than the interval would otherwise never clean up.
-  let timer: { clear (): void } | undefined
-  let closed = false
-  const schedule = (delay: number) => {
-    if (closed) return
-    // run() catches its own failures: the next run is always scheduled.
-    const tick = async () => {
-      await run()
-      schedule(intervalMs)
-    }
-    timer = setLongTimeout(() => { tick().catch(() => {}) }, delay)
-  }
-  app.addHook('onReady', async () => schedule(Math.min(60_000, intervalMs)))
-  app.addHook('onClose', async () => {
-    closed = true
-    timer?.clear()
-  })
+  let schedule: { stop (): void } | undefined
+  app.addHook('onReady', async () => { schedule = scheduleEvery(run, Math.min(60_000, intervalMs), intervalMs) })
+  app.addHook('onClose', async () => { schedule?.stop() })
 }, { name: 'cleanup', dependencies: ['config', 'db', 'storage', 'metrics'] })

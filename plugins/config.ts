@@ -118,15 +118,24 @@ export function projectFile (name: string): string {
 /** The service's version, from package.json (shown by /info and the OpenAPI document). */
 export const VERSION = (JSON.parse(readFileSync(projectFile('package.json'), 'utf8')) as { version: string }).version
 
-// The compose file's old development default, and the passwords a tutorial would use.
-const COMMON_PASSWORDS = new Set(['development', 'postgres', 'password', 'logikids', 'changeme', 'secret', 'admin'])
+// The compose file's old development default, and the words a tutorial or a hurry would use.
+const COMMON_WORDS = ['development', 'postgres', 'password', 'passwort', 'logikids', 'changeme', 'secret', 'admin',
+  'qwerty', 'letmein', 'welcome', 'sync', 'test', 'root', 'database', 'default']
 export const MIN_PASSWORD_LENGTH = 12
 
-/** Why a database password is too weak for production, or null when it is not. */
+/**
+ * Why a database password is too weak for production, or null when it is not: shorter than 12
+ * characters, fewer than 6 different characters, or fewer than 8 characters left once common
+ * words are taken out (after undoing the usual substitutions: P@ssw0rd1234, Development2024
+ * and postgrespostgres are all weak).
+ */
 export function passwordWeakness (password: string): string | null {
-  if (COMMON_PASSWORDS.has(password.toLowerCase())) return 'is a well-known default'
   if (password.length < MIN_PASSWORD_LENGTH) return `is shorter than ${MIN_PASSWORD_LENGTH} characters`
   if (new Set(password).size < 6) return 'repeats too few different characters'
+  const plain = password.toLowerCase().replace(/@/g, 'a').replace(/0/g, 'o').replace(/\$/g, 's').replace(/3/g, 'e').replace(/!/g, 'i')
+  let rest = plain
+  for (const word of COMMON_WORDS) rest = rest.replaceAll(word, '')
+  if (rest.length < 8) return 'is mostly a well-known word'
   return null
 }
 
@@ -158,6 +167,9 @@ export function loadConfig (env: Record<string, string | undefined> = process.en
     }
   }
   if (config.RATE_LIMIT_WINDOW === 0) throw new ConfigError('RATE_LIMIT_WINDOW must be longer than 0 (set RATE_LIMIT_MAX=0 to disable)')
+  if (config.METRICS_LISTENER === 'separate' && config.METRICS_PORT !== 0 && config.METRICS_PORT === config.PORT) {
+    throw new ConfigError(`METRICS_PORT must differ from PORT (both ${config.PORT}): in production without METRICS_TOKEN, metrics have a listener of their own`)
+  }
   checkTrustProxy(config.TRUST_PROXY)
   checkCorsOrigins(config.CORS_ORIGINS)
   const database = config.DATABASE_URL === undefined ? undefined : parseDatabaseUrl(config.DATABASE_URL)

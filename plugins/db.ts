@@ -156,6 +156,9 @@ export default fp(async function db (app) {
     idleTimeoutMillis: 60_000,
     connectionTimeoutMillis: config.HEALTH_TIMEOUT_MS,
     statement_timeout: config.HEALTH_TIMEOUT_MS,
+    // A connection the network silently dropped never answers: without a client-side limit its
+    // SELECT 1, shared by every later check, would keep /health at 503 (and hold up shutdown).
+    query_timeout: config.HEALTH_TIMEOUT_MS,
     application_name: 'logikids-sync health'
   })
   healthPool.on('error', (err) => app.log.warn({ err }, 'health check connection lost'))

@@ -49,7 +49,7 @@ if [ -n "${DATABASE_URL:-}" ]; then
   image=$(mktemp -d)
   # A database of its own on that server, dropped afterwards.
   check_db="lk_check_deploy_$$"
-  check_url="${DATABASE_URL%/*}/$check_db"
+  check_url=$(node -e 'const url = new URL(process.argv[1]); url.pathname = "/" + process.argv[2]; console.log(url.toString())' "$DATABASE_URL" "$check_db")
   psql -q -d "$DATABASE_URL" -c "CREATE DATABASE $check_db"
   trap 'rm -rf "$image"; psql -q -d "$DATABASE_URL" -c "DROP DATABASE IF EXISTS $check_db WITH (FORCE)"' EXIT
   npm run --silent build

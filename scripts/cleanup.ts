@@ -36,7 +36,15 @@ if (config.DATABASE_URL === undefined) {
   process.exit(78)
 }
 const log = pino({ ...(loggerOptions({ LOG_LEVEL: config.LOG_LEVEL === 'info' ? 'warn' : config.LOG_LEVEL }) as object) })
-const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: 2, connectionTimeoutMillis: config.DATABASE_CONNECT_TIMEOUT_MS })
+// Bounded like the service's pool, so that a network that drops packets cannot hang the command:
+// each batch is one short statement (the lock connection copies these settings).
+const pool = new pg.Pool({
+  connectionString: config.DATABASE_URL,
+  max: 2,
+  connectionTimeoutMillis: config.DATABASE_CONNECT_TIMEOUT_MS,
+  statement_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS,
+  query_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS + 1_000
+})
 pool.on('error', (err) => log.warn({ err }, 'database connection lost'))
 try {
   const result = await cleanupInactive(pool, createStorage(pool, log), log, { inactiveDays: days, dryRun })

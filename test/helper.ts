@@ -32,7 +32,7 @@ let resolvedKind: Kind | undefined
 
 /**
  * The PostgreSQL for this test file, in this order (TEST_DATABASE=url|container|local|embedded
- * forces one): DATABASE_URL; a throwaway postgres:16-alpine from testcontainers when a container
+ * forces one): DATABASE_URL; a throwaway postgres:<major>-alpine (the local pg_dump's) from testcontainers when a container
  * runtime answers within a few seconds; a throwaway cluster from this machine's server binaries;
  * the embedded database (PGlite), which needs nothing installed.
  */
@@ -60,9 +60,10 @@ async function findTestServer (): Promise<TestServer> {
       const { PostgreSqlContainer } = await import('@testcontainers/postgresql')
       // The tests run this machine's pg_dump and psql against it: a server of the same major
       // version (pg_dump refuses a newer server), else the version production runs.
-      const container = await new PostgreSqlContainer(`postgres:${clientMajorVersion() ?? 16}-alpine`).start()
+      const image = `postgres:${clientMajorVersion() ?? 16}-alpine`
+      const container = await new PostgreSqlContainer(image).start()
       tap.teardown(() => container.stop())
-      return serverDatabases('testcontainers postgres:16-alpine', container.getConnectionUri())
+      return serverDatabases(`testcontainers ${image}`, container.getConnectionUri())
     }
     if (forced === 'container') throw new Error(`TEST_DATABASE=container, but no container runtime: ${missing}`)
     tried.push(`no container runtime (${missing})`)

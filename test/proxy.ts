@@ -13,6 +13,11 @@ export interface Proxy {
   stall (): void
   /** Forwards again, including what was held back while stalled. */
   resume (): void
+  /**
+   * The connections open now lose every byte from here on, both ways, but stay open (a
+   * silent network drop: a failover, a firewall that forgot them); new connections work.
+   */
+  blackhole (): void
   /** Resets every open connection (TCP RST), as a crashed middlebox would. */
   reset (): void
   /** Refuses new connections and destroys the open ones: the database is gone. */
@@ -27,9 +32,11 @@ export async function startProxy (target: { host: string, port: number }): Promi
   let latencyMs = 0
   let stalled = false
   const held: Array<() => void> = []
+  const lost = new WeakSet<net.Socket>()
 
   function forward (from: net.Socket, to: net.Socket): void {
     from.on('data', (chunk) => {
+      if (lost.has(from)) return
       const send = () => { if (!to.destroyed) to.write(chunk) }
       const deliver = () => (stalled ? held.push(send) : send())
       if (latencyMs > 0) setTimeout(deliver, latencyMs)
@@ -71,6 +78,7 @@ export async function startProxy (target: { host: string, port: number }): Promi
       stalled = false
       for (const send of held.splice(0)) send()
     },
+    blackhole: () => { for (const socket of sockets) lost.add(socket) },
     reset: () => { for (const socket of sockets) socket.resetAndDestroy() },
     cut: stop,
     restore: () => listen(port),

@@ -24,13 +24,16 @@ function block (ms: number): void {
 }
 
 t.test('start-up delay is not load: the first request after ready is served, later overload is shed', async (t) => {
-  const config = testConfig({ DATABASE_URL: databaseUrl, MAX_EVENT_LOOP_DELAY_MS: '50' })
+  const config = testConfig({ DATABASE_URL: databaseUrl, MAX_EVENT_LOOP_DELAY_MS: '20' })
   const server = Fastify(serverOptions(config))
   t.teardown(() => server.close())
   await server.register(app, { config })
   // A slow start (compiling, loading WebAssembly) after the load shedder began sampling.
-  await server.register(async () => { block(600) })
+  await server.register(async () => { block(1500) })
   await server.ready()
+  // As on a listening server, where the first request comes over the network: the shedder's
+  // first sample after ready has measured the start-up delay before it arrives.
+  await until(() => server.memoryUsage().eventLoopDelay > 20, 'the load shedder has measured the start-up delay')
   const first = await server.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })
   t.equal(first.statusCode, 404, 'the first request is served, not shed')
   const later = await whileOverloaded(server, () => server.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` }))
@@ -48,7 +51,8 @@ t.test('shed requests are logged at warn, without a stack, one line for many', a
   t.strictSame(statuses, Array(20).fill(503), '20 requests shed')
   const entries = logLines.map((line) => JSON.parse(line) as { level: number, msg: string, err?: unknown, shed?: number })
   const shedLines = entries.filter((entry) => entry.msg === 'overloaded: shedding requests')
-  t.equal(shedLines.length, 1, 'one line for the 20')
+  // One line per 10 s at most: 20 shed requests take well under 20 s even on a loaded machine.
+  t.ok(shedLines.length >= 1 && shedLines.length <= 2, `one or two lines for the 20 (${shedLines.length})`)
   t.equal(shedLines[0]?.level, 40, 'at warn')
   t.notOk(logLines.some((line) => line.includes('"stack"')), 'no stack anywhere')
   t.notOk(entries.some((entry) => entry.level >= 50), 'nothing at error level')
@@ -58,24 +62,36 @@ t.test('shed requests are logged at warn, without a stack, one line for many', a
     'but every one is counted')
 })
 
+t.test('a shed request spends the client\'s per-IP budget', async (t) => {
+  const limited = await build(t, { env: { DATABASE_URL: databaseUrl, MAX_EVENT_LOOP_DELAY_MS: '50', RATE_LIMIT_IP_MAX: '3', RATE_LIMIT_MAX: '0' } })
+  const shed = await whileOverloaded(limited, async () => {
+    const answers = []
+    for (let i = 0; i < 3; i++) answers.push((await limited.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).statusCode)
+    return answers
+  })
+  t.strictSame(shed, [503, 503, 503], 'three requests shed')
+  const after = await limited.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })
+  t.equal(after.statusCode, 429, 'once the loop is calm, the fourth is over the limit of 3: the shed ones counted')
+})
+
 t.test('a statement PostgreSQL rolls back (serialization failure, deadlock) is tried once more, then 503', async (t) => {
   const logLines: string[] = []
   const server = await build(t, { env: { DATABASE_URL: databaseUrl, LOG_LEVEL: 'warn', RATE_LIMIT_MAX: '0' }, logLines })
   // A real 40001 from a real statement: a trigger that fails the next N writes. It counts
   // attempts with a sequence, since everything else a failing statement did is rolled back.
   await db.query('CREATE SEQUENCE test_attempt')
-  await db.query("CREATE TABLE test_failures AS SELECT nextval('test_attempt') AS fail_until")
+  await db.query("CREATE TABLE test_failures AS SELECT nextval('test_attempt') AS fail_until, '40001'::text AS code")
   await db.query(`CREATE FUNCTION test_fail_write () RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
       IF nextval('test_attempt') <= (SELECT fail_until FROM test_failures) THEN
-        RAISE EXCEPTION 'simulated conflict' USING ERRCODE = '40001';
+        RAISE EXCEPTION 'simulated failure' USING ERRCODE = (SELECT code FROM test_failures);
       END IF;
       RETURN NEW;
     END $$`)
   await db.query(`CREATE TRIGGER test_fail_write BEFORE INSERT OR UPDATE ON user_sync_data
     FOR EACH ROW EXECUTE FUNCTION test_fail_write()`)
-  const failNext = (writes: number) =>
-    db.query('UPDATE test_failures SET fail_until = (SELECT last_value FROM test_attempt) + $1', [writes])
+  const failNext = (writes: number, code = '40001') =>
+    db.query('UPDATE test_failures SET fail_until = (SELECT last_value FROM test_attempt) + $1, code = $2', [writes, code])
   t.teardown(async () => {
     await db.query('DROP TRIGGER IF EXISTS test_fail_write ON user_sync_data')
   })
@@ -98,6 +114,14 @@ t.test('a statement PostgreSQL rolls back (serialization failure, deadlock) is t
   t.strictSame(twice.json(), { error: 'The database is unavailable; please retry shortly', statusCode: 503 })
   const stored = await server.inject({ method: 'GET', url: `/api/sync/${userId}` })
   t.equal(stored.json().timestamp, 2, 'nothing of the refused upload is stored')
+
+  await failNext(1, '40P01')
+  const deadlock = await server.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: { ...payload, timestamp: 4 } })
+  t.equal(deadlock.statusCode, 200, 'a deadlock victim is retried like a serialization failure')
+  await failNext(1, '55000')
+  const notReady = await server.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: { ...payload, timestamp: 5 } })
+  t.equal(notReady.statusCode, 503, 'SQLSTATE 55000 (a database not in the state to serve): 503, not 500')
+  t.equal(notReady.headers['retry-after'], '5')
 })
 
 t.test('production without METRICS_TOKEN: metrics only on their own loopback listener, no API docs', async (t) => {
@@ -148,7 +172,8 @@ t.test('a request that arrives while the service shuts down gets a 503 in the er
     await new Promise((resolve) => setTimeout(resolve, 10))
   }
   const closing = server.close()
-  await new Promise((resolve) => setImmediate(resolve))
+  // Fastify stops the listener after the preClose hooks, where the service marks itself closing.
+  await until(() => !server.server.listening, 'the shutdown has begun')
   socket.write('GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n')
   // Answers go out in order, after the upload's; the service logs the refusal at once.
   await until(() => logLines.some((line) => line.includes('The service is shutting down')), 'the second request is refused')

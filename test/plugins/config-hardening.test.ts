@@ -17,7 +17,9 @@ function refusal (env: Record<string, string>): string {
 }
 
 t.test('production refuses a weak database password, in DATABASE_URL or in PGPASSWORD', async (t) => {
-  for (const password of ['Password', 'Tr0ub4dor', 'development', 'postgres', 'password', 'logikids', 'changeme']) {
+  for (const password of ['Password', 'Tr0ub4dor', 'development', 'postgres', 'password', 'logikids', 'changeme',
+    // long enough, but a common word with a few characters around it, or repeated
+    'password1234', 'Development2024', 'postgrespostgres', 'P@ssw0rd1234', 'aaaaaaaaaaaaaaaa']) {
     t.throws(() => loadConfig({ NODE_ENV: 'production', DATABASE_URL: `postgres://logikids:${password}@db:5432/logikids` }),
       { message: /DATABASE_URL/ }, `${password} in DATABASE_URL`)
     t.throws(() => loadConfig({ NODE_ENV: 'production', DATABASE_URL: 'postgres://logikids@db:5432/logikids', PGPASSWORD: password }),
@@ -37,8 +39,17 @@ t.test('the refusal of a weak password does not repeat the password', async (t) 
 
 t.test('production accepts a long random password, in DATABASE_URL or in PGPASSWORD', async (t) => {
   t.equal(loadConfig(PRODUCTION).NODE_ENV, 'production')
+  for (const password of ['correct-horse-battery', 'Xq7-v9-long-random', 'changeme-now-please-ok']) {
+    t.equal(loadConfig({ NODE_ENV: 'production', DATABASE_URL: `postgres://logikids:${password}@db:5432/logikids` }).NODE_ENV,
+      'production', `${password}: long, and more than a common word`)
+  }
   t.equal(loadConfig({ NODE_ENV: 'production', DATABASE_URL: 'postgres://logikids@db:5432/logikids', PGPASSWORD: STRONG }).NODE_ENV,
     'production')
+})
+
+t.test('production: METRICS_PORT must differ from PORT when metrics have a listener of their own', async (t) => {
+  t.match(refusal({ ...PRODUCTION, PORT: '9464' }), /METRICS_PORT must differ from PORT/)
+  t.equal(loadConfig({ ...PRODUCTION, PORT: '9464', METRICS_TOKEN: 'a-long-scrape-token' }).PORT, 9464, 'with a token there is no second listener')
 })
 
 t.test('production accepts no password at all (pgpass, client certificates, peer authentication)', async (t) => {

@@ -74,7 +74,20 @@ t.test('with the database gone: 503s with Retry-After, liveness stays up, and it
   t.equal(back.headers.etag, etag, 'untouched by the writes refused during the outage')
 })
 
-t.test('with every pooled connection busy: requests wait at most the connect timeout, then 503; /health stays ok', async (t) => {
+t.test('a health connection the network silently dropped is given up: /health recovers by itself', async (t) => {
+  t.equal((await app.inject({ method: 'GET', url: '/health' })).statusCode, 200, 'its connection is open')
+  proxy.blackhole()
+  t.equal((await app.inject({ method: 'GET', url: '/health' })).statusCode, 503, 'no answer within HEALTH_TIMEOUT_MS')
+  // A new connection works: the next checks must not keep waiting on the lost one.
+  let status = 0
+  for (const deadline = Date.now() + 20_000; Date.now() < deadline && status !== 200;) {
+    status = (await app.inject({ method: 'GET', url: '/health' })).statusCode
+    if (status !== 200) await new Promise((resolve) => setTimeout(resolve, 100))
+  }
+  t.equal(status, 200, 'healthy again on a new connection')
+})
+
+t.test('with every pooled connection busy: a request waits for the connect timeout, then 503; /health stays ok', async (t) => {
   const holders = await Promise.all(Array.from({ length: app.config.DATABASE_POOL_MAX }, () => app.pg.pool.connect()))
   t.teardown(() => { for (const client of holders) client.release() })
   const started = Date.now()
