@@ -1,10 +1,10 @@
 import t from 'tap'
-import { execFile, spawn } from 'node:child_process'
-import { once } from 'node:events'
+import { execFile } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
-import { createTestDatabase, type TestContext } from '../helper.ts'
+import { createTestDatabase } from '../helper.ts'
+import { startServer } from '../server-process.ts'
 
 // docs/sync-protocol.md's curl walk-through, run as written against the real server: every line
 // it prints must be the one the document shows after it (`# ...`), in order.
@@ -31,36 +31,6 @@ function matches (printed: string, shown: string): boolean {
   return new RegExp(`^${pattern}$`).test(printed)
 }
 
-/** `node --import tsx server.ts` on a port of its own; stopped (SIGTERM) by stop() or at teardown. */
-async function startServer (t: TestContext, databaseUrl: string): Promise<{ url: string, stop: () => Promise<void> }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'server.ts'], {
-    cwd: ROOT,
-    // LOG_LEVEL=info: the "Server listening at" line that names the port is an info line.
-    env: { PATH: process.env.PATH ?? '', DATABASE_URL: databaseUrl, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', CLEANUP_INTERVAL: '0' },
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  const exited = once(child, 'exit')
-  const stop = async () => {
-    if (child.exitCode === null && child.signalCode === null) {
-      child.kill('SIGTERM')
-      await exited
-    }
-  }
-  t.teardown(stop)
-  let output = ''
-  const url = await new Promise<string>((resolve, reject) => {
-    const read = (chunk: Buffer) => {
-      output += chunk.toString()
-      const match = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)
-      if (match) resolve(match[1]!)
-    }
-    child.stdout!.on('data', read)
-    child.stderr!.on('data', read)
-    exited.then(([code]) => reject(new Error(`the server exited with ${String(code)} before listening:\n${output}`)))
-  })
-  return { url, stop }
-}
-
 const { script, expected } = walkthrough(readFileSync(new URL('../../docs/sync-protocol.md', import.meta.url), 'utf8'))
 
 t.test('the walk-through promises the protocol\'s answers', async (t) => {
@@ -73,10 +43,10 @@ t.test('the walk-through promises the protocol\'s answers', async (t) => {
 
 t.test('run as written against the real server, it prints exactly what the document shows', async (t) => {
   await run('curl', ['--version']).catch(() => { throw new Error('the walk-through needs curl on the PATH') })
-  const server = await startServer(t, await createTestDatabase(t))
+  const server = await startServer(t, { env: { DATABASE_URL: await createTestDatabase(t), CLEANUP_INTERVAL: '0' } })
   const { stdout } = await run('bash', ['-c', `set -euo pipefail\n${script}`], {
     cwd: ROOT, env: { PATH: process.env.PATH ?? '', BASE: server.url }, timeout: 120_000
-  }).finally(server.stop)
+  }).finally(() => server.stop())
   const printed = stdout.split('\n').filter((line) => line !== '')
   t.equal(printed.length, expected.length, `${printed.length} lines printed, ${expected.length} shown in the document`)
   for (const [i, shown] of expected.entries()) {
