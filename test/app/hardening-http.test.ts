@@ -283,8 +283,8 @@ t.test('3. MAX_CONNECTIONS caps open connections', async (t) => {
   const server = await servers.capped
   const held = [connect(server.port), connect(server.port)]
   t.teardown(() => { for (const raw of held) raw.socket.destroy() })
+  // The kernel queues connections in order: the server accepts these two before the third.
   await Promise.all(held.map((raw) => raw.connected))
-  await sleep(200) // the server accepts them before the third arrives
   const third = connect(server.port)
   t.teardown(() => { third.socket.destroy() })
   await third.connected
