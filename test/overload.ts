@@ -1,14 +1,5 @@
-import { setTimeout as sleep } from 'node:timers/promises'
 import type { FastifyInstance } from 'fastify'
-
-/** Polls `condition` every 10 ms until it holds; fails after `boundMs` (a bound, not a timing assertion). */
-export async function until (condition: () => boolean, what: string, boundMs = 20_000): Promise<void> {
-  const giveUp = Date.now() + boundMs
-  while (!condition()) {
-    if (Date.now() > giveUp) throw new Error(`gave up after ${boundMs} ms waiting until ${what}`)
-    await sleep(10)
-  }
-}
+import { until } from './wait.ts'
 
 /**
  * Runs `fn` while this process's event loop is saturated, as under a CPU-bound overload: busy

@@ -1,7 +1,7 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
+import { eventually, within } from '../wait.ts'
 import { build, createTestDatabase, inspect } from '../helper.ts'
 import { startCluster } from '../pg-cluster.ts'
 
@@ -12,26 +12,10 @@ const payload = (n: number) => ({
 })
 const RETRY_LINE = 'database connection lost mid-query, retrying once'
 
-/** Polls `condition` until it holds or `ms` have passed; says which. */
-async function until (condition: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
-  for (const deadline = Date.now() + ms; ;) {
-    if (await condition()) return true
-    if (Date.now() > deadline) return false
-    await sleep(20)
-  }
-}
-
-/** Resolves with the value, or with 'timeout' after ms: a bounded wait, never a time assertion. */
-function within<T> (ms: number, promise: Promise<T>): Promise<T | 'timeout'> {
-  let timer: NodeJS.Timeout | undefined
-  return Promise.race([promise, new Promise<'timeout'>((resolve) => { timer = setTimeout(() => resolve('timeout'), ms) })])
-    .finally(() => clearTimeout(timer))
-}
-
 /** The service's backends that wait for a lock (other than `except`), once there are any (at most 10 s). */
 async function blockedOnLock (db: pg.Pool, except: number[] = []): Promise<number[]> {
   let pids: number[] = []
-  await until(async () => {
+  await eventually(async () => {
     const { rows } = await db.query<{ pid: number }>(
       "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'logikids-sync' " +
       "AND wait_event_type = 'Lock' AND NOT pid = ANY($1)", [except])
@@ -139,18 +123,18 @@ t.test('kill -9 the database during a stream of uploads: every failure is a 503,
   const uploaders = Array.from({ length: 4 }, uploader)
   t.teardown(() => { uploads.stop = true })
 
-  t.ok(await until(() => acknowledged.size >= 20, 30_000), `uploads acknowledged before the crash: ${acknowledged.size}`)
+  t.ok(await eventually(() => acknowledged.size >= 20, 30_000), `uploads acknowledged before the crash: ${acknowledged.size}`)
   phase = 'crashed'
   await cluster.crash()
-  t.ok(await until(() => outage.length >= 8, 30_000), `the service answers during the outage (${outage.length} answers)`)
+  t.ok(await eventually(() => outage.length >= 8, 30_000), `the service answers during the outage (${outage.length} answers)`)
   const restarted = Date.now()
   await cluster.start()
   // The service was never restarted: it must serve again on its own.
-  const recovered = await until(async () => (await app.inject({ method: 'GET', url: '/health' })).statusCode === 200, 30_000)
+  const recovered = await eventually(async () => (await app.inject({ method: 'GET', url: '/health' })).statusCode === 200, 30_000)
   t.ok(recovered, 'healthy again after the database restarted')
   const recoveredMs = Date.now() - restarted
   phase = 'recovered'
-  t.ok(await until(() => acknowledgedAfterRecovery >= 20, 30_000), `uploads acknowledged after the recovery: ${acknowledgedAfterRecovery}`)
+  t.ok(await eventually(() => acknowledgedAfterRecovery >= 20, 30_000), `uploads acknowledged after the recovery: ${acknowledgedAfterRecovery}`)
   uploads.stop = true
   await Promise.all(uploaders)
 

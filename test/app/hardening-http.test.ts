@@ -5,6 +5,7 @@ import { gzipSync } from 'node:zlib'
 import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
 import type { LightMyRequestResponse } from 'fastify'
+import { within } from '../wait.ts'
 import { build, createTestDatabase, inspect } from '../helper.ts'
 import { whileOverloaded } from '../overload.ts'
 import { pseudonym } from '../../logging.ts'
@@ -92,13 +93,6 @@ function connect (port: number): Raw {
   const closed = new Promise<string>((resolve) => socket.once('close', () => resolve(received)))
   const connected = new Promise<void>((resolve) => { socket.once('connect', resolve); socket.once('close', () => resolve()) })
   return { socket, received: () => received, closed, connected }
-}
-
-/** Resolves with the promise's value, or with 'timeout' after ms: a bounded wait, never a time assertion. */
-function within<T> (ms: number, promise: Promise<T>): Promise<T | 'timeout'> {
-  let timer: NodeJS.Timeout | undefined
-  return Promise.race([promise, new Promise<'timeout'>((resolve) => { timer = setTimeout(() => resolve('timeout'), ms) })])
-    .finally(() => clearTimeout(timer))
 }
 
 interface RawResponse { statusCode: number, headers: Record<string, string>, body: string }

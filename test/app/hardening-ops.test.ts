@@ -6,7 +6,8 @@ import net from 'node:net'
 import Fastify from 'fastify'
 import app, { serverOptions } from '../../app.ts'
 import { build, createTestDatabase, inspect, testConfig } from '../helper.ts'
-import { until, whileOverloaded } from '../overload.ts'
+import { whileOverloaded } from '../overload.ts'
+import { until } from '../wait.ts'
 import { pseudonym, redactUrl } from '../../logging.ts'
 
 type Test = Parameters<Parameters<typeof t.test>[0]>[0]

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { setTimeout as sleep } from 'node:timers/promises'
+import { eventually } from '../wait.ts'
 import { build, createTestDatabase } from '../helper.ts'
 import { whileOverloaded } from '../overload.ts'
 import { startProxy, targetOf, throughProxy } from '../proxy.ts'
@@ -30,15 +30,6 @@ async function timed (request: () => Promise<{ statusCode: number }>) {
   return { statusCode, ms: Date.now() - started }
 }
 const get = () => app.inject({ method: 'GET', url: `/api/sync/${userId}` })
-
-/** Polls `condition` until it holds or `ms` have passed; says which. */
-async function until (condition: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
-  for (const deadline = Date.now() + ms; ;) {
-    if (await condition()) return true
-    if (Date.now() > deadline) return false
-    await sleep(10)
-  }
-}
 
 /** Opens `count` connections of the service's pool (idle afterwards), so that the next requests need no new one. */
 async function warm (service: typeof app, count: number): Promise<boolean> {
@@ -83,7 +74,7 @@ t.test('connections reset under requests in flight', async (t) => {
     const from = logLines.length
     proxy.stall()
     const answers = requests.map((request) => timed(request))
-    const inFlight = await until(() => pool.idleCount === idle - requests.length && pool.totalCount === total && pool.waitingCount === 0, 30_000)
+    const inFlight = await eventually(() => pool.idleCount === idle - requests.length && pool.totalCount === total && pool.waitingCount === 0, 30_000)
     proxy.reset()
     proxy.resume()
     const results = await Promise.all(answers)
@@ -110,7 +101,7 @@ t.test('connections reset under requests in flight', async (t) => {
     t.strictSame(results.map((r) => r.statusCode), [503])
     t.strictSame(retried, [], 'no retry')
     // The pool's idle connections were reset too; it drops them as their errors arrive.
-    t.ok(await until(() => pool.idleCount === 0, 10_000), 'the reset idle connections are discarded')
+    t.ok(await eventually(() => pool.idleCount === 0, 10_000), 'the reset idle connections are discarded')
     const stored = await service.inject({ method: 'GET', url: `/api/sync/${other}` })
     t.equal(stored.headers.etag, etag, 'the record is unchanged')
   })

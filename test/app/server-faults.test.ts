@@ -5,6 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
 import { createTestDatabase, embeddedTests, inspect } from '../helper.ts'
 import { startServer } from '../server-process.ts'
+import { within } from '../wait.ts'
 
 // Faults at the HTTP edge of the real server process: a killed service, hostile clients.
 const databaseUrl = await createTestDatabase(t)
@@ -14,13 +15,6 @@ const env = { DATABASE_URL: databaseUrl, REQUEST_TIMEOUT_MS: '1500', RATE_LIMIT_
 function version (fill: number) {
   const encryptedBlob = Buffer.alloc(1_000_000, fill).toString('base64')
   return { encryptedBlob, iv: 'AAAAAAAAAAAAAAAA', timestamp: fill, checksum: createHash('sha256').update(encryptedBlob).digest('hex') }
-}
-
-/** Resolves with the value, or with 'timeout' after ms: a bounded wait, never a time assertion. */
-function within<T> (ms: number, promise: Promise<T>): Promise<T | 'timeout'> {
-  let timer: NodeJS.Timeout | undefined
-  return Promise.race([promise, new Promise<'timeout'>((resolve) => { timer = setTimeout(() => resolve('timeout'), ms) })])
-    .finally(() => clearTimeout(timer))
 }
 
 /** The service's backends on this database that wait for a lock, once there are `count` of them (at most 10 s). */

@@ -1,6 +1,7 @@
 import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
+import { until } from '../wait.ts'
 import { build, databaseUrlOf, inspect } from '../helper.ts'
 import { mock } from 'node:test'
 import { CLEANUP_LOCK, scheduleEvery, setLongTimeout } from '../../plugins/cleanup.ts'
@@ -23,15 +24,6 @@ async function advisoryLocks (db: pg.Pool, except: number[] = []): Promise<numbe
   const { rows: [row] } = await db.query(`SELECT count(*)::int AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
     WHERE l.locktype = 'advisory' AND a.datname = current_database() AND NOT (l.pid = ANY($1::int[]))`, [except])
   return row.n
-}
-
-/** Resolves once `done` is true, checking every 20 ms, or rejects after `ms`. */
-async function waitFor (done: () => boolean, ms: number, what: string): Promise<void> {
-  const deadline = Date.now() + ms
-  while (!done()) {
-    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${what}`)
-    await sleep(20)
-  }
 }
 
 t.test('a pool of one connection: the cleanup still deletes the inactive accounts', async (t) => {
@@ -146,7 +138,7 @@ t.test('a lost idle connection is logged with its SQLSTATE code', async (t) => {
   await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()')
 
   const lost = () => logLines.find((line) => (JSON.parse(line) as { msg?: string }).msg === 'idle database connection lost')
-  await waitFor(() => lost() !== undefined, 5_000, 'the idle database connection lost line')
+  await until(() => lost() !== undefined, 'the idle database connection lost line', 5_000)
   const line = lost()!
   t.match(JSON.parse(line), { err: { code: '57P01' } }, line)
   t.notOk(line.includes('[object Object]'), 'the error is not printed as [object Object]')
