@@ -186,6 +186,10 @@ export interface BuildOptions {
   logLines?: string[]
   /** Receives every route the app registers. */
   routes?: Array<{ method: string, url: string }>
+  /** Runs on the bare server before the app is registered (a hook that must come before the app's own). */
+  beforeApp?: (server: FastifyInstance) => unknown
+  /** Runs after the app is registered, before ready (a plugin that must load after the app). */
+  afterApp?: (server: FastifyInstance) => unknown
 }
 
 /**
@@ -220,7 +224,9 @@ export async function build (t: TestContext, options: BuildOptions = {}): Promis
     })
   }
   t.teardown(() => service.close())
+  await options.beforeApp?.(service)
   await service.register(app, { config })
+  await options.afterApp?.(service)
   await service.ready()
   return service
 }

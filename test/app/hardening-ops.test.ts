@@ -1,11 +1,8 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { Writable } from 'node:stream'
 import { once } from 'node:events'
 import net from 'node:net'
-import Fastify from 'fastify'
-import app, { serverOptions } from '../../app.ts'
-import { build, createTestDatabase, inspect, testConfig } from '../helper.ts'
+import { build, createTestDatabase, inspect } from '../helper.ts'
 import { whileOverloaded } from '../overload.ts'
 import { until } from '../wait.ts'
 import { pseudonym, redactUrl } from '../../logging.ts'
@@ -25,13 +22,11 @@ function block (ms: number): void {
 }
 
 t.test('start-up delay is not load: the first request after ready is served, later overload is shed', async (t) => {
-  const config = testConfig({ DATABASE_URL: databaseUrl, MAX_EVENT_LOOP_DELAY_MS: '20' })
-  const server = Fastify(serverOptions(config))
-  t.teardown(() => server.close())
-  await server.register(app, { config })
-  // A slow start (compiling, loading WebAssembly) after the load shedder began sampling.
-  await server.register(async () => { block(1500) })
-  await server.ready()
+  const server = await build(t, {
+    env: { DATABASE_URL: databaseUrl, MAX_EVENT_LOOP_DELAY_MS: '20' },
+    // A slow start (compiling, loading WebAssembly) after the load shedder began sampling.
+    afterApp: (server) => server.register(async () => { block(1500) })
+  })
   // As on a listening server, where the first request comes over the network: the shedder's
   // first sample after ready has measured the start-up delay before it arrives.
   await until(() => server.memoryUsage().eventLoopDelay > 20, 'the load shedder has measured the start-up delay')
@@ -200,19 +195,12 @@ t.test('a request that arrives while the service shuts down gets a 503 in the er
  */
 async function listening (t: Test, env: Record<string, string> = {}) {
   const logLines: string[] = []
-  const config = testConfig({ DATABASE_URL: databaseUrl, RATE_LIMIT_MAX: '0', LOG_LEVEL: 'info', ...env })
-  const options = serverOptions(config)
-  const stream = new Writable({
-    write (chunk, _encoding, done) {
-      logLines.push(...String(chunk).split('\n').filter((line) => line !== ''))
-      done()
-    }
-  })
-  const server = Fastify({ ...options, logger: { ...(options.logger as object), stream } })
-  t.teardown(() => server.close())
   const arrivals: string[] = []
-  server.addHook('onRequest', async (request) => { arrivals.push(`${request.method} ${request.url}`) })
-  await server.register(app, { config })
+  const server = await build(t, {
+    env: { DATABASE_URL: databaseUrl, RATE_LIMIT_MAX: '0', LOG_LEVEL: 'info', ...env },
+    logLines,
+    beforeApp: (server) => server.addHook('onRequest', async (request) => { arrivals.push(`${request.method} ${request.url}`) })
+  })
   const port = Number(new URL(await server.listen({ port: 0, host: '127.0.0.1' })).port)
   const connect = () => {
     const socket = net.connect(port, '127.0.0.1')
