@@ -1,7 +1,7 @@
 import t from 'tap'
 import { execFile } from 'node:child_process'
-import { randomUUID } from 'node:crypto'
-import { mkdtempSync, writeFileSync, existsSync, rmSync } from 'node:fs'
+import { randomBytes, randomUUID } from 'node:crypto'
+import { mkdtempSync, writeFileSync, existsSync, readFileSync, rmSync, statSync, truncateSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -41,7 +41,9 @@ for (const [i, user] of users.entries()) {
     method: 'PUT',
     url: `/api/sync/${user.id}`,
     payload: {
-      encryptedBlob: Buffer.alloc(user.bytes, i + 1).toString('base64'),
+      // Random, so that the data (not the table of contents) is most of the compressed dump:
+      // a dump cut short below is then cut in its data.
+      encryptedBlob: randomBytes(user.bytes).toString('base64'),
       iv: 'AbCdEfGhIjKl+/9z',
       timestamp: 1_700_000_000_000 + i,
       checksum: 'ab'.repeat(32)
@@ -129,4 +131,41 @@ t.test('backup.sh names its file by default, and fails loudly on a bad database'
   t.not(failed.code, 0)
   t.notOk(existsSync(bad), 'no file for a failed backup')
   t.notOk(existsSync(`${bad}.partial`))
+})
+
+t.test('a backup cut short is refused with 65 before anything is touched', async (t) => {
+  const file = join(dir, 'cut.dump')
+  const backup = await script('backup.sh', [file], source)
+  t.equal(backup.code, 0, backup.stderr)
+  const size = statSync(file).size
+  truncateSync(file, Math.floor(size * 0.6))
+  t.equal(readFileSync(file).subarray(0, 5).toString(), 'PGDMP', 'still starts like a dump')
+  const toc = await run('pg_restore', ['--list', file]).then(() => 0, (err: { code: number }) => err.code)
+  t.equal(toc, 0, 'its table of contents is whole: only the data is cut off')
+
+  // What the target holds now differs from the backup, so a partial restore would show.
+  const stranger = randomUUID()
+  await app.inject({ method: 'PUT', url: `/api/sync/${stranger}`, payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64) } })
+  await db.query('DELETE FROM user_sync_data WHERE user_id = $1', [users[4]!.id])
+  const before = (await db.query(EVERYTHING)).rows.map((row) => row.row)
+  t.not(before.length, 0)
+
+  const restored = await script('restore.sh', [file, '--force'], source)
+  t.equal(restored.code, 65, `exit status; stderr: ${restored.stderr}`)
+  t.match(restored.stderr, /incomplete|damaged/)
+  t.notMatch(restored.stdout, /restored/)
+  t.strictSame((await db.query(EVERYTHING)).rows.map((row) => row.row), before, 'every row exactly as before')
+
+  const unreachable = await script('restore.sh', [file, '--force'], 'postgres://postgres@127.0.0.1:1/nowhere')
+  t.equal(unreachable.code, 65, 'the file is judged before the database is asked anything')
+})
+
+t.test('the backup it was cut from restores in full (the check refuses only damaged files)', async (t) => {
+  const file = join(dir, 'whole.dump')
+  t.equal((await script('backup.sh', [file], source)).code, 0)
+  const expected = (await db.query(EVERYTHING)).rows.map((row) => row.row)
+  await db.query('DELETE FROM user_sync_data')
+  const restored = await script('restore.sh', [file], source)
+  t.equal(restored.code, 0, restored.stderr)
+  t.strictSame((await db.query(EVERYTHING)).rows.map((row) => row.row), expected)
 })
