@@ -1,4 +1,4 @@
-import type { Server } from 'node:http'
+import { STATUS_CODES, type Server } from 'node:http'
 import type { Socket } from 'node:net'
 import type { FastifyError, FastifyHttpOptions, FastifyInstance, FastifyReply, FastifyServerOptions } from 'fastify'
 import fp from 'fastify-plugin'
@@ -169,13 +169,11 @@ function clientErrorHandler (this: FastifyInstance, err: Error & { code?: string
   this.metrics?.clientErrors.inc({ status: statusCode })
   if (socket.writable) {
     const body = JSON.stringify({ error: message, statusCode })
-    socket.write(`HTTP/1.1 ${statusCode} ${STATUS_TEXT[statusCode] ?? 'Bad Request'}\r\nContent-Type: application/json; charset=utf-8\r\n` +
+    socket.write(`HTTP/1.1 ${statusCode} ${STATUS_CODES[statusCode]}\r\nContent-Type: application/json; charset=utf-8\r\n` +
       `Content-Length: ${Buffer.byteLength(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n${body}`)
   }
   socket.destroy()
 }
-
-const STATUS_TEXT: Record<number, string> = { 400: 'Bad Request', 408: 'Request Timeout', 414: 'URI Too Long', 431: 'Request Header Fields Too Large' }
 
 // The service's own errors (plugins/load-shedding.ts, plugins/body-policy.ts, shutdown): their
 // status and message are meant for the client, 5xx included.
