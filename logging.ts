@@ -61,6 +61,9 @@ export function safeError (err: unknown): { type: string, message: string, stack
 export function loggerOptions (config: Pick<Config, 'LOG_LEVEL'>): FastifyServerOptions['logger'] {
   return {
     level: config.LOG_LEVEL,
+    // The request serializer logs no header at all; should a line ever carry headers, the
+    // access token (and the metrics token) are still left out.
+    redact: { paths: ['req.headers.authorization', 'headers.authorization', 'request.headers.authorization'], censor: '[redacted]' },
     serializers: {
       req: (req: FastifyRequest) => ({ method: req.method, url: redactUrl(req.url), reqId: req.id }),
       err: safeError

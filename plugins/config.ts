@@ -15,6 +15,7 @@ const Duration = (defaultValue: string, description: string) =>
 // Plain enums, not unions of literals: Ajv then reports one error that lists the values.
 const Level = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const
 const Environments = ['development', 'production', 'test'] as const
+const AuthModes = ['optional', 'required'] as const
 
 // Node clamps a timer longer than this to 1 ms; plugins/cleanup.ts splits longer waits.
 const MAX_DURATION_MS = 10 * 365 * 86_400_000
@@ -77,6 +78,18 @@ export const ConfigSchema = Type.Object({
     maximum: 10_000_000,
     default: 100_000,
     description: 'counters each limit keeps in memory; past it the least recently seen start afresh'
+  }),
+  AUTH_MODE: Type.Unsafe<typeof AuthModes[number]>({
+    type: 'string',
+    enum: [...AuthModes],
+    default: 'optional',
+    description: 'optional: records no device has claimed with an access token stay open to clients without one; required: every sync request needs a token'
+  }),
+  AUTH_FAILURE_LIMIT: Type.Integer({
+    minimum: 0,
+    maximum: 1_000_000,
+    default: 20,
+    description: 'refused access tokens per client IP per rate-limit window before further refusals are 429; 0 disables'
   }),
   TRUST_PROXY: Type.String({
     default: '',

@@ -18,9 +18,10 @@ export default fp(async function corsPolicy (app) {
       ? (origin, callback) => { callback(null, origin !== undefined && allowed.includes(origin) ? origin : false) }
       : allowed,
     methods: ['GET', 'PUT', 'POST', 'DELETE'],
-    allowedHeaders: ['Content-Type', 'If-Match', 'If-None-Match'],
-    // Scripts may read only the headers listed here: the version (sync-protocol.md), when to retry, the limits.
-    exposedHeaders: ['ETag', 'Retry-After', 'X-RateLimit-Limit', 'X-RateLimit-Remaining', 'X-RateLimit-Reset'],
+    allowedHeaders: ['Authorization', 'Content-Type', 'If-Match', 'If-None-Match'],
+    // Scripts may read only the headers listed here: the version (sync-protocol.md), why a token
+    // was refused, when to retry, the limits.
+    exposedHeaders: ['ETag', 'WWW-Authenticate', 'Retry-After', 'X-RateLimit-Limit', 'X-RateLimit-Remaining', 'X-RateLimit-Reset'],
     credentials: false,
     // Browsers re-ask at most every 10 minutes (Chromium caps the cache at 2 hours anyway).
     maxAge: 600,

@@ -17,6 +17,16 @@ export default fp(async function docs (app) {
         description: 'Zero-knowledge sync store: keeps client-side-encrypted blobs keyed by user id. ' +
           'Errors are JSON {"error": string, "statusCode": number}. See docs/sync-protocol.md for ETag and If-Match.'
       },
+      components: {
+        securitySchemes: {
+          accessToken: {
+            type: 'http',
+            scheme: 'bearer',
+            description: 'The access token a device derives from the user\'s key (docs/sync-protocol.md); ' +
+              'optional for records no device has claimed, unless AUTH_MODE=required'
+          }
+        }
+      },
       tags: [
         { name: 'sync', description: 'The encrypted data of one user' },
         { name: 'service', description: 'Health, limits and metrics' }

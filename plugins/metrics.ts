@@ -32,8 +32,14 @@ export function createMetrics () {
     }),
     rejectedUploads: new Counter({
       name: 'rejected_uploads_total',
-      help: 'Uploads (PUT) refused, by status: 400 invalid, 412 precondition, 413 too large, 415 not JSON, 429 rate limit',
+      help: 'Uploads (PUT) refused, by status: 400 invalid, 401 access token, 412 precondition, 413 too large, 415 not JSON, 429 rate limit',
       labelNames: ['status'] as const,
+      registers: [registry]
+    }),
+    authFailures: new Counter({
+      name: 'auth_failures_total',
+      help: 'Sync requests refused for their access token: missing (on a claimed record, or in AUTH_MODE=required), malformed, wrong',
+      labelNames: ['reason'] as const,
       registers: [registry]
     }),
     clientErrors: new Counter({

@@ -57,13 +57,16 @@ export default fp(async function rateLimits (app) {
 
 /**
  * The per-user limit (RATE_LIMIT_MAX per user id and window), as an onRequest hook for routes
- * with a :userId; keyed by the pseudonym, so the counters hold no raw user id either.
+ * with a :userId; keyed by the pseudonym, so the counters hold no raw user id either. Each
+ * access token a request carries (plugins/auth.ts) has a budget of its own, as have requests
+ * without one: whoever sends a wrong token or none spends that budget, never the owner's.
  */
 export function userRateLimit (app: FastifyInstance): onRequestHookHandler | null {
   const { RATE_LIMIT_MAX: perUser, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
   if (perUser === 0) return null
   const check = app.createRateLimit(limitOptions(perUser, windowMs, cache,
-    (request) => `user:${pseudonym(String((request.params as { userId?: string }).userId ?? ''))}`))
+    (request) => `user:${pseudonym(String((request.params as { userId?: string }).userId ?? ''))}:` +
+      (request.accessToken === null ? '-' : request.accessToken.toString('base64', 0, 9))))
   return async function userRateLimit (request, reply) {
     const outcome = await check(request)
     if (outcome.isAllowed) return
@@ -73,7 +76,7 @@ export function userRateLimit (app: FastifyInstance): onRequestHookHandler | nul
   }
 }
 
-function limitOptions (max: number, timeWindow: number, cache: number, keyGenerator: (request: FastifyRequest) => string): CreateRateLimitOptions {
+export function limitOptions (max: number, timeWindow: number, cache: number, keyGenerator: (request: FastifyRequest) => string): CreateRateLimitOptions {
   // createRateLimit passes `cache` on to its store; without it each limit holds 5,000 keys.
   return { max, timeWindow, keyGenerator, cache } as CreateRateLimitOptions
 }

@@ -23,58 +23,90 @@ const PLACEHOLDERS = `$1, $2, $3, $4, $5, $6, '1-' || ${RANDOM_PART}`
 const SET_PAYLOAD = `encrypted_blob = $2, iv = $3, timestamp = $4, checksum = $5, blob_size = $6,
   version = user_sync_data.version + 1, etag = (user_sync_data.version + 1) || '-' || ${RANDOM_PART}, last_accessed = now()`
 
+// Access tokens (plugins/auth.ts): a record is open to a request when no device has claimed it
+// (token_hash NULL) or when the request's token hash is the stored one. The check is part of
+// each operation's statement, evaluated on the row the statement writes (a concurrent write is
+// waited for and the condition re-checked on its result), so no window separates check and write.
+// Never NULL (a request without a token on a claimed record is false, not unknown), since the
+// statements also return it.
+const authorized = (param: number) =>
+  `coalesce(user_sync_data.token_hash = $${param}::bytea, user_sync_data.token_hash IS NULL)`
+// An upload with a token claims an unclaimed record; it never replaces another token.
+const CLAIM = (param: number) => `token_hash = coalesce(user_sync_data.token_hash, $${param}::bytea)`
+
 // Every statement is named so that pg prepares it once per connection and then only binds.
+// No row back means the record is claimed by another token: an upload never fails otherwise.
 const STORE = {
   name: 'sync-store',
-  text: `INSERT INTO user_sync_data (${COLUMNS}) VALUES (${PLACEHOLDERS})
-         ON CONFLICT (user_id) DO UPDATE SET ${SET_PAYLOAD}
+  text: `INSERT INTO user_sync_data (${COLUMNS}, token_hash) VALUES (${PLACEHOLDERS}, $7::bytea)
+         ON CONFLICT (user_id) DO UPDATE SET ${SET_PAYLOAD}, ${CLAIM(7)} WHERE ${authorized(7)}
          RETURNING ${ETAG} AS etag`
 }
-// Conditional writes return the new tag when they wrote, else the current tag, in one round trip.
-// A plain sub-select would see the statement's snapshot, which misses the write of a device that
-// won a race a moment earlier; FOR SHARE waits for such a write and reads the committed row.
-const CURRENT_ETAG = `SELECT ${ETAG} FROM user_sync_data WHERE user_id = $1 FOR SHARE`
-const STORE_IF_MATCH = {
-  name: 'sync-store-if-match',
+// Conditional writes return the new tag when they wrote, else the current tag and whether the
+// request may see it, in one round trip. A plain sub-select would see the statement's snapshot,
+// which misses the write of a device that won a race a moment earlier; FOR SHARE waits for such
+// a write and reads the committed row.
+const CURRENT = (param: number) => `LEFT JOIN LATERAL (
+           SELECT ${ETAG}, ${authorized(param)} AS authorized FROM user_sync_data WHERE user_id = $1 FOR SHARE) AS current ON true`
+const conditionalUpdate = (name: string, condition: string, token: number) => ({
+  name,
   text: `WITH written AS (
-           UPDATE user_sync_data SET ${SET_PAYLOAD}
-           WHERE user_id = $1 AND ${ETAG} = ANY($7::text[]) RETURNING ${ETAG} AS etag)
-         SELECT (SELECT etag FROM written) AS etag, (${CURRENT_ETAG}) AS current`
-}
-const STORE_IF_EXISTS = {
-  name: 'sync-store-if-exists',
-  text: `UPDATE user_sync_data SET ${SET_PAYLOAD} WHERE user_id = $1 RETURNING ${ETAG} AS etag`
-}
+           UPDATE user_sync_data SET ${SET_PAYLOAD}, ${CLAIM(token)}
+           WHERE user_id = $1 AND ${condition} AND ${authorized(token)} RETURNING ${ETAG} AS etag)
+         SELECT (SELECT etag FROM written) AS etag, current.etag AS current, current.authorized
+         FROM (VALUES (1)) AS one ${CURRENT(token)}`
+})
+const STORE_IF_MATCH = conditionalUpdate('sync-store-if-match', `${ETAG} = ANY($7::text[])`, 8)
+const STORE_IF_EXISTS = conditionalUpdate('sync-store-if-exists', 'true', 7)
 const STORE_IF_ABSENT = {
   name: 'sync-store-if-absent',
   text: `WITH written AS (
-           INSERT INTO user_sync_data (${COLUMNS}) VALUES (${PLACEHOLDERS})
+           INSERT INTO user_sync_data (${COLUMNS}, token_hash) VALUES (${PLACEHOLDERS}, $7::bytea)
            ON CONFLICT (user_id) DO NOTHING RETURNING ${ETAG} AS etag)
-         SELECT (SELECT etag FROM written) AS etag, (${CURRENT_ETAG}) AS current`
+         SELECT (SELECT etag FROM written) AS etag, current.etag AS current, current.authorized
+         FROM (VALUES (1)) AS one ${CURRENT(7)}`
 }
 // A download is an access: the inactivity rule counts from the last one. The row is rewritten
 // at most once a day (a write per GET would cost a WAL flush per download, and the rule needs
 // no finer grain), so most downloads are pure reads. When the client already holds the
-// current version (If-None-Match), the blob is not even sent over.
+// current version (If-None-Match), the blob is not even sent over; nor is it to a request the
+// record is not open to, which does not count as an access either.
 const NOT_MODIFIED = `(${ETAG} = ANY($2::text[]) OR '*' = ANY($2::text[]))`
 const GET = {
   name: 'sync-get',
   text: `WITH touched AS (
            UPDATE user_sync_data SET last_accessed = now()
-           WHERE user_id = $1 AND last_accessed < now() - interval '1 day' RETURNING 1)
-         SELECT ${ETAG} AS etag, ${NOT_MODIFIED} AS not_modified,
-           CASE WHEN ${NOT_MODIFIED} THEN NULL ELSE encrypted_blob END AS encrypted_blob,
+           WHERE user_id = $1 AND last_accessed < now() - interval '1 day' AND ${authorized(3)} RETURNING 1)
+         SELECT ${ETAG} AS etag, ${authorized(3)} AS authorized, ${NOT_MODIFIED} AS not_modified,
+           CASE WHEN ${NOT_MODIFIED} OR NOT ${authorized(3)} THEN NULL ELSE encrypted_blob END AS encrypted_blob,
            iv, timestamp, checksum, blob_size
          FROM user_sync_data WHERE user_id = $1`
 }
-const DELETE = { name: 'sync-delete', text: 'DELETE FROM user_sync_data WHERE user_id = $1' }
+// A delete that removed nothing tells apart "no record" (authorized NULL) from "not this token".
+const DELETE = {
+  name: 'sync-delete',
+  text: `WITH deleted AS (DELETE FROM user_sync_data WHERE user_id = $1 AND ${authorized(2)} RETURNING 1)
+         SELECT (SELECT count(*) FROM deleted)::int AS deleted,
+           (SELECT ${authorized(2)} FROM user_sync_data WHERE user_id = $1 FOR SHARE) AS authorized`
+}
 const DELETE_IF_MATCH = {
   name: 'sync-delete-if-match',
   text: `WITH deleted AS (
-           DELETE FROM user_sync_data WHERE user_id = $1 AND ($3 OR ${ETAG} = ANY($2::text[])) RETURNING 1)
-         SELECT (SELECT count(*) FROM deleted)::int AS deleted, (${CURRENT_ETAG}) AS current`
+           DELETE FROM user_sync_data WHERE user_id = $1 AND ($3 OR ${ETAG} = ANY($2::text[])) AND ${authorized(4)} RETURNING 1)
+         SELECT (SELECT count(*) FROM deleted)::int AS deleted, current.etag AS current, current.authorized
+         FROM (VALUES (1)) AS one ${CURRENT(4)}`
 }
-const ETAG_OF = { name: 'sync-etag', text: `SELECT ${ETAG} AS etag FROM user_sync_data WHERE user_id = $1` }
+const ETAG_OF = {
+  name: 'sync-etag',
+  text: `SELECT ${ETAG} AS etag, ${authorized(2)} AS authorized FROM user_sync_data WHERE user_id = $1`
+}
+// Rotation: the current token (or, on an unclaimed record, any) replaces the stored hash.
+const SET_TOKEN = {
+  name: 'sync-set-token',
+  text: `WITH updated AS (UPDATE user_sync_data SET token_hash = $3::bytea WHERE user_id = $1 AND ${authorized(2)} RETURNING 1)
+         SELECT (SELECT count(*) FROM updated)::int AS updated,
+           (SELECT ${authorized(2)} FROM user_sync_data WHERE user_id = $1 FOR SHARE) AS authorized`
+}
 const ALL_USER_IDS = { name: 'sync-all-user-ids', text: 'SELECT user_id FROM user_sync_data ORDER BY user_id' }
 // Cleanup deletes in batches, each its own short transaction, so that a large table is never
 // locked for long and uploads go on in between; SKIP LOCKED passes over rows being written.
@@ -95,6 +127,7 @@ const TOTALS = {
 
 interface StoredRow {
   etag: string
+  authorized: boolean
   not_modified: boolean
   encrypted_blob: string | null
   iv: string
@@ -113,6 +146,23 @@ export interface WritePrecondition {
   ifNoneMatch?: '*'
 }
 
+/**
+ * The hash of the access token a request carries (plugins/auth.ts), or null for none. A
+ * record claimed by another token answers every operation with `unauthorized` and is left
+ * as it was.
+ */
+export type AccessToken = Buffer | null
+
+/**
+ * Thrown by an operation on a record another token claimed (or, for a request without a token,
+ * any claimed record): nothing was read or changed. The routes answer it with 401.
+ */
+export class AccessDenied extends Error {
+  override name = 'AccessDenied'
+  readonly code = 'ACCESS_DENIED'
+  constructor () { super('the record is claimed by another access token') }
+}
+
 export type StoreResult =
   | { stored: true, etag: string, bytes: number }
   | { stored: false, currentEtag: string | null }
@@ -126,6 +176,8 @@ export interface StoredRecord {
   etag: string
   payload: SyncPayload | null
 }
+
+type ConditionalRow = { etag: string | null, current: string | null, authorized: boolean | null }
 
 // A connection the server closed (restart, failover, pg_terminate_backend) fails the one query
 // that finds it (isConnectionLost). Idempotent statements are tried once more on a fresh
@@ -185,29 +237,41 @@ export function createStorage (
     log[level]({ op, user: userId === undefined ? undefined : pseudonym(userId), ms: Math.round(ms * 100) / 100, ...extra }, 'storage')
   }
 
-  async function storeWith (userId: string, payload: SyncPayload, precondition: WritePrecondition): Promise<StoreResult> {
+  /** Logs a refused operation (at debug level, like every other) and throws it on. */
+  function denied (userId: string, op: string, started: bigint) {
+    return (err: unknown): never => {
+      if (err instanceof AccessDenied) logged(op, userId, started, { denied: true })
+      throw err
+    }
+  }
+
+  async function storeWith (userId: string, payload: SyncPayload, precondition: WritePrecondition, token: AccessToken): Promise<StoreResult> {
     const bytes = decodedBase64Bytes(payload.encryptedBlob)
     const values = [userId, payload.encryptedBlob, payload.iv, payload.timestamp, payload.checksum, bytes]
     const { ifMatch, ifNoneMatch } = precondition
-    let written: { etag: string | null, current?: string | null } | undefined
+    let row: ConditionalRow | undefined
     if (ifMatch === '*') {
-      written = (await run<{ etag: string }>(STORE_IF_EXISTS, values, false)).rows[0]
+      row = (await run<ConditionalRow>(STORE_IF_EXISTS, [...values, token], false)).rows[0]
     } else if (ifMatch !== undefined) {
-      written = (await run<{ etag: string | null, current: string | null }>(STORE_IF_MATCH, [...values, ifMatch], false)).rows[0]
+      row = (await run<ConditionalRow>(STORE_IF_MATCH, [...values, ifMatch, token], false)).rows[0]
     } else if (ifNoneMatch === '*') {
-      written = (await run<{ etag: string | null, current: string | null }>(STORE_IF_ABSENT, values, false)).rows[0]
+      row = (await run<ConditionalRow>(STORE_IF_ABSENT, [...values, token], false)).rows[0]
     } else {
-      written = (await run<{ etag: string }>(STORE, values)).rows[0]
+      const etag = (await run<{ etag: string }>(STORE, [...values, token])).rows[0]?.etag
+      if (etag === undefined) throw new AccessDenied()
+      return { stored: true, etag, bytes }
     }
-    if (written?.etag == null) return { stored: false, currentEtag: written?.current ?? null }
-    return { stored: true, etag: written.etag, bytes }
+    if (row?.etag != null) return { stored: true, etag: row.etag, bytes }
+    // Authorization before preconditions: the tag of a record is not for a stranger to see.
+    if (row?.authorized === false) throw new AccessDenied()
+    return { stored: false, currentEtag: row?.current ?? null }
   }
 
   return {
-    /** Creates or replaces the user's record, unless a precondition fails. */
-    async store (userId: string, payload: SyncPayload, precondition: WritePrecondition = {}): Promise<StoreResult> {
+    /** Creates or replaces the user's record, unless a precondition fails or another token claimed it; a token claims it. */
+    async store (userId: string, payload: SyncPayload, precondition: WritePrecondition = {}, token: AccessToken = null): Promise<StoreResult> {
       const started = process.hrtime.bigint()
-      const result = await storeWith(userId, payload, precondition)
+      const result = await storeWith(userId, payload, precondition, token).catch(denied(userId, 'store', started))
       logged('store', userId, started, result.stored ? { bytes: result.bytes } : { preconditionFailed: true })
       return result
     },
@@ -216,9 +280,10 @@ export function createStorage (
      * The user's record, or null; marks the record as accessed (at most once a day). When its tag is one of
      * `notModified` (or that list holds '*'), the payload is left out (null) and not read.
      */
-    async get (userId: string, notModified: string[] = []): Promise<StoredRecord | null> {
+    async get (userId: string, notModified: string[] = [], token: AccessToken = null): Promise<StoredRecord | null> {
       const started = process.hrtime.bigint()
-      const { rows: [row] } = await run<StoredRow>(GET, [userId, notModified])
+      const { rows: [row] } = await run<StoredRow>(GET, [userId, notModified, token])
+      if (row !== undefined && !row.authorized) denied(userId, 'get', started)(new AccessDenied())
       logged('get', userId, started, { bytes: row?.not_modified ? 0 : (row?.blob_size ?? 0), found: row !== undefined })
       if (row === undefined) return null
       return {
@@ -229,17 +294,19 @@ export function createStorage (
       }
     },
 
-    /** Removes the user's record (true when there was one), unless an If-Match precondition fails. */
-    async delete (userId: string, precondition: Pick<WritePrecondition, 'ifMatch'> = {}): Promise<DeleteResult> {
+    /** Removes the user's record (true when there was one), unless an If-Match precondition fails or another token claimed it. */
+    async delete (userId: string, precondition: Pick<WritePrecondition, 'ifMatch'> = {}, token: AccessToken = null): Promise<DeleteResult> {
       const started = process.hrtime.bigint()
       const { ifMatch } = precondition
       let result: DeleteResult
       if (ifMatch === undefined) {
-        const { rowCount } = await run(DELETE, [userId])
-        result = { deleted: rowCount === 1 }
+        const { rows: [row] } = await run<{ deleted: number, authorized: boolean | null }>(DELETE, [userId, token])
+        if (row?.deleted !== 1 && row?.authorized === false) denied(userId, 'delete', started)(new AccessDenied())
+        result = { deleted: row?.deleted === 1 }
       } else {
-        const { rows: [row] } = await run<{ deleted: number, current: string | null }>(
-          DELETE_IF_MATCH, [userId, ifMatch === '*' ? [] : ifMatch, ifMatch === '*'], false)
+        const { rows: [row] } = await run<{ deleted: number } & ConditionalRow>(
+          DELETE_IF_MATCH, [userId, ifMatch === '*' ? [] : ifMatch, ifMatch === '*', token], false)
+        if (row?.deleted !== 1 && row?.authorized === false) denied(userId, 'delete', started)(new AccessDenied())
         result = row?.deleted === 1
           ? { deleted: true }
           : { deleted: false, preconditionFailed: true, currentEtag: row?.current ?? null }
@@ -249,13 +316,30 @@ export function createStorage (
     },
 
     async exists (userId: string): Promise<boolean> {
-      return (await this.etagOf(userId)) !== null
+      return (await this.lookup(userId)) !== null
     },
 
-    /** The current entity tag of the user's record, or null when there is none. */
+    /** The current entity tag of the user's record, or null when there is none (whoever claimed it). */
     async etagOf (userId: string): Promise<string | null> {
-      const { rows: [row] } = await run<{ etag: string }>(ETAG_OF, [userId])
-      return row?.etag ?? null
+      return (await this.lookup(userId))?.etag ?? null
+    },
+
+    /** Whether the user has a record, its tag, and whether `token` may see it; null when there is none. */
+    async lookup (userId: string, token: AccessToken = null): Promise<{ etag: string, authorized: boolean } | null> {
+      const { rows: [row] } = await run<{ etag: string, authorized: boolean }>(ETAG_OF, [userId, token])
+      return row ?? null
+    },
+
+    /**
+     * Replaces the record's token hash with `next`, where `current` is the stored one (or the
+     * record is unclaimed); false when there is no record.
+     */
+    async setToken (userId: string, current: Buffer, next: Buffer): Promise<boolean> {
+      const started = process.hrtime.bigint()
+      const { rows: [row] } = await run<{ updated: number, authorized: boolean | null }>(SET_TOKEN, [userId, current, next])
+      if (row?.updated !== 1 && row?.authorized === false) denied(userId, 'set-token', started)(new AccessDenied())
+      logged('set-token', userId, started, { replaced: row?.updated === 1 })
+      return row?.updated === 1
     },
 
     async getAllUserIds (): Promise<string[]> {
@@ -320,6 +404,7 @@ const OPERATION_OF: Record<string, string> = {
   'sync-delete': 'delete',
   'sync-delete-if-match': 'delete',
   'sync-etag': 'exists',
+  'sync-set-token': 'token',
   'sync-all-user-ids': 'list',
   'sync-delete-inactive': 'cleanup',
   'sync-count-inactive': 'cleanup',

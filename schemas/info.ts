@@ -14,5 +14,10 @@ export const InfoSchema = Type.Object({
   retentionDays: Type.Union([Type.Integer(), Type.Null()], {
     description: 'accounts not accessed for this many days are deleted; null when they are kept'
   }),
-  rateLimit: Type.Object({ perUser: Limit, perIp: Limit })
+  rateLimit: Type.Object({ perUser: Limit, perIp: Limit }),
+  auth: Type.Object({
+    mode: Type.Union([Type.Literal('optional'), Type.Literal('required')], {
+      description: 'optional: records no device has claimed are open without an access token; required: every sync request needs one'
+    })
+  })
 })

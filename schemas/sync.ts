@@ -75,3 +75,14 @@ export const ConditionalHeadersSchema = Type.Object({ 'if-match': IfMatch, 'if-n
 export const IfNoneMatchHeadersSchema = Type.Object({ 'if-none-match': IfNoneMatch })
 /** DELETE honours If-Match only. */
 export const IfMatchHeadersSchema = Type.Object({ 'if-match': IfMatch })
+
+/** An access token (docs/sync-protocol.md): base64url without padding, 43 to 128 characters. */
+export const ACCESS_TOKEN_PATTERN = '^[A-Za-z0-9_-]{43,128}$'
+
+/** The body of PUT /api/sync/:userId/token: the token that replaces the current one. */
+export const TokenBodySchema = Type.Object({
+  token: Type.String({
+    pattern: ACCESS_TOKEN_PATTERN,
+    description: 'the new access token (base64url without padding, 43 to 128 characters); the current one goes in Authorization'
+  })
+}, { additionalProperties: false })

@@ -18,7 +18,8 @@ t.test('GET /info tells clients the limits', async (t) => {
     maxBlobBytes: MAX_BLOB_BYTES,
     maxBodyBytes: BODY_LIMIT,
     retentionDays: 730,
-    rateLimit: { perUser: { max: 100, windowSeconds: 3600 }, perIp: { max: 2000, windowSeconds: 3600 } }
+    rateLimit: { perUser: { max: 100, windowSeconds: 3600 }, perIp: { max: 2000, windowSeconds: 3600 } },
+    auth: { mode: 'optional' }
   })
 })
 
@@ -29,7 +30,7 @@ t.test('the OpenAPI document describes every route the app serves, with its erro
   t.equal(doc.openapi, '3.0.3')
   const served = [
     ['put', '/api/sync/{userId}'], ['get', '/api/sync/{userId}'], ['head', '/api/sync/{userId}'], ['delete', '/api/sync/{userId}'],
-    ['post', '/api/sync/{userId}/verify'], ['get', '/health'], ['get', '/health/live'], ['get', '/info'], ['get', '/metrics']
+    ['post', '/api/sync/{userId}/verify'], ['put', '/api/sync/{userId}/token'], ['get', '/health'], ['get', '/health/live'], ['get', '/info'], ['get', '/metrics']
   ]
   for (const [method, path] of served) {
     t.ok(doc.paths[path!]?.[method!], `${method!.toUpperCase()} ${path}`)
@@ -37,7 +38,7 @@ t.test('the OpenAPI document describes every route the app serves, with its erro
   const documented = Object.entries(doc.paths as Record<string, object>).flatMap(([path, methods]) => Object.keys(methods).map((method) => `${method} ${path}`))
   t.strictSame(documented.sort(), served.map(([method, path]) => `${method} ${path}`).sort(), 'and nothing else')
   const put = doc.paths['/api/sync/{userId}'].put
-  for (const status of ['200', '400', '412', '413', '415', '429', '503']) {
+  for (const status of ['200', '400', '401', '412', '413', '415', '429', '503']) {
     t.ok(put.responses[status], `PUT documents ${status}`)
   }
   t.ok(doc.paths['/api/sync/{userId}'].get.responses['404'], 'GET documents 404')
@@ -52,6 +53,19 @@ t.test('the OpenAPI document describes every route the app serves, with its erro
   t.strictSame(headersOf(sync.put), ['if-match', 'if-none-match'], 'PUT: If-Match and If-None-Match')
   t.strictSame(headersOf(sync.get), ['if-none-match'], 'GET: If-None-Match only')
   t.strictSame(headersOf(sync.delete), ['if-match'], 'DELETE: If-Match only')
+
+  // The access token: a bearer scheme, optional on the data routes in AUTH_MODE=optional
+  // (the empty requirement), always on the rotation route.
+  t.strictSame(doc.components.securitySchemes.accessToken, {
+    type: 'http', scheme: 'bearer', description: doc.components.securitySchemes.accessToken.description
+  })
+  for (const method of ['put', 'get', 'head', 'delete']) {
+    t.strictSame(sync[method].security, [{ accessToken: [] }, {}], `${method.toUpperCase()} /api/sync/{userId}: token optional`)
+  }
+  t.strictSame(doc.paths['/api/sync/{userId}/verify'].post.security, [{ accessToken: [] }, {}])
+  t.strictSame(doc.paths['/api/sync/{userId}/token'].put.security, [{ accessToken: [] }], 'rotation: token required')
+  t.match(doc.paths['/api/sync/{userId}/token'].put.requestBody.content['application/json'].schema.properties.token,
+    { type: 'string', pattern: '^[A-Za-z0-9_-]{43,128}$' })
   for (const [path, methods] of Object.entries(doc.paths as Record<string, Record<string, { responses: Record<string, unknown> }>>)) {
     for (const [method, operation] of Object.entries(methods)) {
       t.ok(operation.responses['4XX'] ?? operation.responses['4xx'], `${method.toUpperCase()} ${path} documents its client errors`)
@@ -67,6 +81,16 @@ t.test('every route the app registers is in the document', async (t) => {
   for (const { method, url } of own) {
     const path = url.replace(/:(\w+)/g, '{$1}')
     t.ok(doc.paths[path]?.[method.toLowerCase()], `${method} ${url} is documented`)
+  }
+})
+
+t.test('in AUTH_MODE=required the document and /info say the token is required', async (t) => {
+  const required = await build(t, { env: { AUTH_MODE: 'required' } })
+  const info = (await required.inject({ method: 'GET', url: '/info' })).json()
+  t.strictSame(info.auth, { mode: 'required' })
+  const doc = (await required.inject({ method: 'GET', url: '/docs/json' })).json()
+  for (const method of ['put', 'get', 'head', 'delete']) {
+    t.strictSame(doc.paths['/api/sync/{userId}'][method].security, [{ accessToken: [] }], `${method.toUpperCase()}: token required`)
   }
 })
 

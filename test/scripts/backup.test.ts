@@ -1,6 +1,6 @@
 import t from 'tap'
 import { execFile } from 'node:child_process'
-import { randomBytes, randomUUID } from 'node:crypto'
+import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import { mkdtempSync, writeFileSync, existsSync, readFileSync, rmSync, statSync, truncateSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -51,6 +51,14 @@ for (const [i, user] of users.entries()) {
   })
   if (res.statusCode !== 200) throw new Error(`seeding failed: ${res.body}`)
 }
+// One record claimed with an access token: backups keep its hash.
+const claimedBy = randomBytes(32).toString('base64url')
+await app.inject({
+  method: 'PUT',
+  url: `/api/sync/${users[5]!.id}`,
+  headers: { authorization: `Bearer ${claimedBy}` },
+  payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 9, checksum: 'd'.repeat(64) }
+})
 // A second upload and a download, so version and last_accessed differ from their defaults.
 await app.inject({ method: 'PUT', url: `/api/sync/${users[1]!.id}`, payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 9, checksum: 'c'.repeat(64) } })
 await app.inject({ method: 'GET', url: `/api/sync/${users[1]!.id}` })
@@ -72,6 +80,11 @@ t.test('backup, wipe, restore: every column of every row comes back, constraints
   t.equal(restored.code, 0, restored.stderr)
   t.match(restored.stdout, /restored .* \(21 users\)/)
   t.strictSame((await db.query(EVERYTHING)).rows.map((row) => row.row), original, 'identical, column for column')
+  const claimed = await db.query('SELECT token_hash FROM user_sync_data WHERE user_id = $1', [users[5]!.id])
+  t.strictSame(claimed.rows[0].token_hash, createHash('sha256').update(claimedBy).digest(), 'the token hash came back')
+  const reading = await app.inject({ method: 'GET', url: `/api/sync/${users[5]!.id}`, headers: { authorization: `Bearer ${claimedBy}` } })
+  t.equal(reading.statusCode, 200, 'and the restored record opens with its token')
+  t.equal((await app.inject({ method: 'GET', url: `/api/sync/${users[5]!.id}` })).statusCode, 401, 'and only with it')
   const big = await db.query('SELECT blob_size, length(encrypted_blob) AS chars FROM user_sync_data WHERE user_id = $1', [users[0]!.id])
   t.strictSame(big.rows[0], { blob_size: MAX_BLOB_BYTES, chars: 1_333_336 })
 

@@ -1,13 +1,15 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
-import type { FastifyReply } from 'fastify'
+import type { FastifyReply, FastifyRequest } from 'fastify'
 import { ErrorSchema } from '../../../schemas/error.ts'
 import { userRateLimit } from '../../../plugins/rate-limit.ts'
+import { accessControl, tokenHash } from '../../../plugins/auth.ts'
+import { AccessDenied } from '../../../plugins/storage.ts'
 import {
-  ConditionalHeadersSchema, IfMatchHeadersSchema, IfNoneMatchHeadersSchema, MAX_BLOB_BYTES, SuccessSchema, SyncPayloadSchema, UserParamsSchema, VerifySchema,
-  decodedBase64Bytes
+  ConditionalHeadersSchema, IfMatchHeadersSchema, IfNoneMatchHeadersSchema, MAX_BLOB_BYTES, SuccessSchema, SyncPayloadSchema, TokenBodySchema,
+  UserParamsSchema, VerifySchema, decodedBase64Bytes
 } from '../../../schemas/sync.ts'
 
-const errors = { 400: ErrorSchema, 429: ErrorSchema, 503: ErrorSchema }
+const errors = { 400: ErrorSchema, 401: ErrorSchema, 429: ErrorSchema, 503: ErrorSchema }
 const PRECONDITION_FAILED = 'Precondition failed: the data on the server is not the version this request expected'
 
 /**
@@ -30,21 +32,44 @@ function sendEtag (reply: FastifyReply, etag: string | null): void {
   if (etag !== null) reply.header('etag', `"${etag}"`)
 }
 
-/** PUT / GET / POST verify / DELETE on /api/sync/:userId: the API the clients already speak. */
+/**
+ * PUT / GET / HEAD / POST verify / DELETE on /api/sync/:userId: the API the clients already
+ * speak, with access tokens (plugins/auth.ts); and PUT /api/sync/:userId/token to replace one.
+ */
 const sync: FastifyPluginAsyncTypebox = async function (app) {
   // Ciphertext must never sit in a shared cache (errors say so themselves: see app.ts).
   app.addHook('onRequest', async (_request, reply) => {
     reply.header('cache-control', 'no-store')
   })
 
+  // The token is read before the per-user limit counts the request: that limit gives each
+  // token its own budget, and a request refused here spends none of it.
+  const { authenticate, refuse } = accessControl(app)
+  app.decorateRequest('accessToken', null)
+  app.addHook('onRequest', authenticate)
   const perUser = userRateLimit(app)
   if (perUser !== null) app.addHook('onRequest', perUser)
+
+  /** Runs a storage operation; a record claimed by another token (AccessDenied) is a 401. */
+  async function guarded<T> (request: FastifyRequest, reply: FastifyReply, operation: () => Promise<T>): Promise<T> {
+    try {
+      return await operation()
+    } catch (err) {
+      if (err instanceof AccessDenied) return await refuse(request, reply, request.accessToken === null ? 'missing' : 'wrong')
+      throw err
+    }
+  }
+
+  // The OpenAPI document: a bearer token, which AUTH_MODE=optional lets clients leave out
+  // for records no device has claimed.
+  const security: Array<Record<string, string[]>> = app.config.AUTH_MODE === 'required' ? [{ accessToken: [] }] : [{ accessToken: [] }, {}]
 
   app.put('/:userId', {
     schema: {
       tags: ['sync'],
       summary: 'Upload (create or replace) the encrypted data of a user',
       description: 'With If-Match, replaces only the version the client read; with If-None-Match: *, only creates.',
+      security,
       params: UserParamsSchema,
       headers: ConditionalHeadersSchema,
       body: SyncPayloadSchema,
@@ -60,12 +85,16 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     if (ifNoneMatch !== undefined && ifNoneMatch !== '*') {
       throw app.httpErrors.badRequest('If-None-Match on PUT supports only * (create only); use If-Match to replace a version')
     }
+    const { userId } = request.params
+    const token = request.accessToken
     if (ifMatch !== undefined && ifNoneMatch === '*') {
       // "Replace this version" and "only create" cannot both hold: RFC 9110 says 412, and nothing is written.
-      sendEtag(reply, await app.storage.etagOf(request.params.userId))
+      const current = await app.storage.lookup(userId, token)
+      if (current?.authorized === false) return await refuse(request, reply, token === null ? 'missing' : 'wrong')
+      sendEtag(reply, current?.etag ?? null)
       throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
     }
-    const result = await app.storage.store(request.params.userId, request.body, { ifMatch, ifNoneMatch })
+    const result = await guarded(request, reply, () => app.storage.store(userId, request.body, { ifMatch, ifNoneMatch }, token))
     if (!result.stored) {
       sendEtag(reply, result.currentEtag)
       throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
@@ -81,13 +110,15 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
       tags: ['sync'],
       summary: 'Download the encrypted data of a user',
       description: 'With If-None-Match holding the current ETag, answers 304 with no body.',
+      security,
       params: UserParamsSchema,
       headers: IfNoneMatchHeadersSchema,
       response: { 200: SyncPayloadSchema, 304: { type: 'null', description: 'Not Modified' }, ...errors, 404: ErrorSchema }
     }
   }, async function (request, reply) {
     const ifNoneMatch = parseEntityTags(request.headers['if-none-match'], true)
-    const record = await app.storage.get(request.params.userId, ifNoneMatch === '*' ? ['*'] : ifNoneMatch)
+    const record = await guarded(request, reply,
+      () => app.storage.get(request.params.userId, ifNoneMatch === '*' ? ['*'] : ifNoneMatch, request.accessToken))
     if (record === null) throw app.httpErrors.notFound('User not found')
     sendEtag(reply, record.etag)
     if (record.payload === null) return reply.code(304).send()
@@ -100,27 +131,31 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     schema: {
       tags: ['sync'],
       summary: 'Tell whether a user has data stored, with its ETag, without downloading it',
+      security,
       params: UserParamsSchema,
       response: { 200: { type: 'null', description: 'The user has data; ETag names its version' }, ...errors, 404: ErrorSchema }
     }
   }, async function (request, reply) {
-    const etag = await app.storage.etagOf(request.params.userId)
-    if (etag === null) throw app.httpErrors.notFound('User not found')
-    sendEtag(reply, etag)
+    const current = await app.storage.lookup(request.params.userId, request.accessToken)
+    if (current === null) throw app.httpErrors.notFound('User not found')
+    if (!current.authorized) return await refuse(request, reply, request.accessToken === null ? 'missing' : 'wrong')
+    sendEtag(reply, current.etag)
     return reply.send()
   })
 
   app.post('/:userId/verify', {
     schema: {
       tags: ['sync'],
-      summary: 'Tell whether a user has data stored (with its ETag when it has)',
+      summary: 'Tell whether a user has data stored (with its ETag when it has, to a client the record is open to)',
+      description: 'Answers anyone (in AUTH_MODE=optional); the ETag only goes with the access token of a claimed record.',
+      security,
       params: UserParamsSchema,
       response: { 200: VerifySchema, ...errors }
     }
   }, async function (request, reply) {
-    const etag = await app.storage.etagOf(request.params.userId)
-    sendEtag(reply, etag)
-    return { exists: etag !== null }
+    const current = await app.storage.lookup(request.params.userId, request.accessToken)
+    if (current?.authorized === true) sendEtag(reply, current.etag)
+    return { exists: current !== null }
   })
 
   app.delete('/:userId', {
@@ -128,17 +163,37 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
       tags: ['sync'],
       summary: 'Delete the data of a user (succeeds when there was none)',
       description: 'With If-Match, deletes only the version the client read.',
+      security,
       params: UserParamsSchema,
       headers: IfMatchHeadersSchema,
       response: { 200: SuccessSchema, ...errors, 412: ErrorSchema }
     }
   }, async function (request, reply) {
     const ifMatch = parseEntityTags(request.headers['if-match'], false)
-    const result = await app.storage.delete(request.params.userId, { ifMatch })
+    const result = await guarded(request, reply, () => app.storage.delete(request.params.userId, { ifMatch }, request.accessToken))
     if (result.preconditionFailed) {
       sendEtag(reply, result.currentEtag)
       throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
     }
+    return { success: true } as const
+  })
+
+  app.put('/:userId/token', {
+    schema: {
+      tags: ['sync'],
+      summary: 'Replace the access token of a user (after a lost device, with a new key)',
+      description: 'The current token goes in Authorization; it fails from the moment this succeeds. ' +
+        'On a record no device has claimed yet, any token may set the first one.',
+      security: [{ accessToken: [] }],
+      params: UserParamsSchema,
+      body: TokenBodySchema,
+      response: { 200: SuccessSchema, ...errors, 404: ErrorSchema }
+    }
+  }, async function (request, reply) {
+    const current = request.accessToken
+    if (current === null) return await refuse(request, reply, 'missing')
+    const replaced = await guarded(request, reply, () => app.storage.setToken(request.params.userId, current, tokenHash(request.body.token)))
+    if (!replaced) throw app.httpErrors.notFound('User not found')
     return { success: true } as const
   })
 }
