@@ -4,9 +4,10 @@
 // Options: --duration S (seconds per measured run, default 4), --only TEXT (scenarios whose
 // name contains TEXT), --scale (then 1,000,000 stored users: GET, and the cleanup of 999,000
 // inactive ones under upload load; adds a few minutes), --toast (1 MB GET and PUT under each
-// TOAST setting of the blob column).
+// TOAST setting of the blob column), --tokens (1 KiB GET and PUT with and without an access
+// token: the server CPU the token check costs).
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process'
-import { randomBytes } from 'node:crypto'
+import { createHash, randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync, existsSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { fileURLToPath } from 'node:url'
@@ -21,7 +22,8 @@ const { values: args } = parseArgs({
     duration: { type: 'string', default: '4' },
     only: { type: 'string', default: '' },
     scale: { type: 'boolean', default: false },
-    toast: { type: 'boolean', default: false }
+    toast: { type: 'boolean', default: false },
+    tokens: { type: 'boolean', default: false }
   }
 })
 const DURATION = Number(args.duration)
@@ -388,6 +390,56 @@ async function scaleExperiment (service: Server, compare: Compare, results: Resu
   ].join('\n')
 }
 
+/**
+ * 1 KiB GET and PUT by devices with an access token (records claimed by it) against the same
+ * without one (unclaimed records), on the service only: the server CPU per request the token
+ * costs (hashing it, the check in SQL). Three rounds of none, token, token, none; medians.
+ */
+async function tokenExperiment (service: Server): Promise<string> {
+  const users = USERS['1KiB']
+  const tokens = Array.from({ length: users }, () => randomBytes(32).toString('base64url'))
+  const claimed = Array.from({ length: users }, (_, n) => uuid(n, 0x20))
+  await admin(async (c) => {
+    await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, token_hash)
+      SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), 1024, h FROM unnest($2::uuid[], $3::bytea[]) AS t(u, h)`,
+    [randomBytes(1024).toString('base64'), claimed, tokens.map((token) => createHash('sha256').update(token).digest())])
+    await c.query('VACUUM ANALYZE user_sync_data')
+  }, benchUrl)
+  const all = scenarios()
+  const lines = ['## Access tokens (--tokens)', '',
+    `1 KiB, 16 connections, service only: requests without a token on ${users} unclaimed records, and with the right token on ${users} claimed ones;`,
+    `three rounds of (without, with, with, without), ${DURATION} s each after a 1 s warm-up; medians of the six runs of each.`, '',
+    '| operation | req/s without / with | CPU µs/req without / with | CPU with / without |',
+    '| --- | ---: | ---: | ---: |']
+  for (const name of ['GET 1KiB c16', 'PUT 1KiB c16']) {
+    const plain = all.find((scenario) => scenario.name === name)
+    if (plain === undefined) continue
+    let index = 0
+    const withToken: Scenario = {
+      ...plain,
+      name: `${name} [token]`,
+      path: () => { index = Math.floor(Math.random() * users); return `/api/sync/${claimed[index]}` },
+      headers: () => ({ ...plain.headers?.(), authorization: `Bearer ${tokens[index]}` })
+    }
+    const runs: Record<'plain' | 'token', Result[]> = { plain: [], token: [] }
+    for (let round = 0; round < 3; round++) {
+      for (const [kind, scenario] of [['plain', plain], ['token', withToken], ['token', withToken], ['plain', plain]] as const) {
+        await measure(service, scenario, 1)
+        const result = await measure(service, scenario, DURATION)
+        runs[kind].push(result)
+        console.log(`${scenario.name.padEnd(28)} ${fmt(result.rps, 0).padStart(7)} req/s  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}`)
+      }
+    }
+    const median = (values: number[]) => { const sorted = [...values].sort((a, b) => a - b); return (sorted[2]! + sorted[3]!) / 2 }
+    const [p, t] = [runs.plain, runs.token]
+    const cpu = [median(p.map((r) => r.cpuUs)), median(t.map((r) => r.cpuUs))] as const
+    const errors = [...p, ...t].reduce((sum, r) => sum + r.errors + r.unexpected, 0)
+    lines.push(`| ${name.split(' ')[0]} 1 KiB | ${fmt(median(p.map((r) => r.rps)), 0)} / ${fmt(median(t.map((r) => r.rps)), 0)} | ` +
+      `${fmt(cpu[0], 0)} / ${fmt(cpu[1], 0)} | **${fmt(cpu[1] / cpu[0], 3)}x**${errors > 0 ? ` (${errors} errors)` : ''} |`)
+  }
+  return lines.join('\n')
+}
+
 function average (runs: Result[]): Result {
   const mean = (pick: (run: Result) => number) => runs.reduce((sum, run) => sum + pick(run), 0) / runs.length
   return {
@@ -437,6 +489,7 @@ async function main (): Promise<void> {
       await compare(scenario)
     }
     if (args.toast) extra.push(await toastExperiment(service, compare, results))
+    if (args.tokens) extra.push(await tokenExperiment(service))
     if (args.scale) extra.push(await scaleExperiment(service, compare, results))
   } finally {
     await stopServer(service)
