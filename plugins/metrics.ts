@@ -115,7 +115,7 @@ export default fp(async function metrics (app) {
   app.addHook('onResponse', async (request, reply) => {
     const route = request.routeOptions.url ?? 'unmatched'
     metrics.httpDuration.observe({ route, method: request.method, status: reply.statusCode }, reply.elapsedTime / 1000)
-    if (request.method === 'PUT' && reply.statusCode >= 400 && reply.statusCode < 500) {
+    if (request.method === 'PUT' && route === '/api/sync/:userId' && reply.statusCode >= 400 && reply.statusCode < 500) {
       metrics.rejectedUploads.inc({ status: reply.statusCode })
     }
   })

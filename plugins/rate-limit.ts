@@ -56,23 +56,38 @@ export default fp(async function rateLimits (app) {
 }, { name: 'rate-limit', dependencies: ['config'] })
 
 /**
- * The per-user limit (RATE_LIMIT_MAX per user id and window), as an onRequest hook for routes
- * with a :userId; keyed by the pseudonym, so the counters hold no raw user id either. Each
- * access token a request carries (plugins/auth.ts) has a budget of its own, as have requests
- * without one: whoever sends a wrong token or none spends that budget, never the owner's.
+ * The per-user limit (RATE_LIMIT_MAX per user id and window), for routes with a :userId; keyed
+ * by the pseudonym, so the counters hold no raw user id either. A request with an access token
+ * (routes/api/sync/access-tokens.ts) is counted in a budget of that token's own, one without in
+ * the budget of all requests without one: whoever sends a wrong token or none never spends the
+ * owner's. A token only earns that budget by opening a record claimed with it; a token that
+ * proved nothing (the record has none, or there is no record) also spends the budget of
+ * requests without one (`unproven`), so that made-up tokens do not escape the limit.
  */
-export function userRateLimit (app: FastifyInstance): onRequestHookHandler | null {
+export function userRateLimit (app: FastifyInstance): {
+  onRequest: onRequestHookHandler
+  unproven: (request: FastifyRequest, reply: FastifyReply) => Promise<void>
+} | null {
   const { RATE_LIMIT_MAX: perUser, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
   if (perUser === 0) return null
+  const shared = new WeakSet<FastifyRequest>()
   const check = app.createRateLimit(limitOptions(perUser, windowMs, cache,
     (request) => `user:${pseudonym(String((request.params as { userId?: string }).userId ?? ''))}:` +
-      (request.accessToken === null ? '-' : request.accessToken.toString('base64', 0, 9))))
-  return async function userRateLimit (request, reply) {
-    const outcome = await check(request)
-    if (outcome.isAllowed) return
-    const ip = request.ipRateLimit
-    // The headers tell the client about the limit it will hit first.
-    if (ip === null || outcome.isExceeded || outcome.remaining <= ip.remaining) enforce(reply, outcome, windowMs)
+      (request.accessToken === null || shared.has(request) ? '-' : request.accessToken.toString('base64', 0, 9))))
+  return {
+    async onRequest (request, reply) {
+      const outcome = await check(request)
+      if (outcome.isAllowed) return
+      const ip = request.ipRateLimit
+      // The headers tell the client about the limit it will hit first.
+      if (ip === null || outcome.isExceeded || outcome.remaining <= ip.remaining) enforce(reply, outcome, windowMs)
+    },
+    async unproven (request, reply) {
+      if (request.accessToken === null) return
+      shared.add(request)
+      const outcome = await check(request)
+      if (!outcome.isAllowed && outcome.isExceeded) enforce(reply, outcome, windowMs)
+    }
   }
 }
 

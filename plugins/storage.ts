@@ -23,7 +23,7 @@ const PLACEHOLDERS = `$1, $2, $3, $4, $5, $6, '1-' || ${RANDOM_PART}`
 const SET_PAYLOAD = `encrypted_blob = $2, iv = $3, timestamp = $4, checksum = $5, blob_size = $6,
   version = user_sync_data.version + 1, etag = (user_sync_data.version + 1) || '-' || ${RANDOM_PART}, last_accessed = now()`
 
-// Access tokens (plugins/auth.ts): a record is open to a request when no device has claimed it
+// Access tokens (routes/api/sync/access-tokens.ts): a record is open to a request when no device has claimed it
 // (token_hash NULL) or when the request's token hash is the stored one. The check is part of
 // each operation's statement, evaluated on the row the statement writes (a concurrent write is
 // waited for and the condition re-checked on its result), so no window separates check and write.
@@ -77,7 +77,7 @@ const GET = {
   text: `WITH touched AS (
            UPDATE user_sync_data SET last_accessed = now()
            WHERE user_id = $1 AND last_accessed < now() - interval '1 day' AND ${authorized(3)} RETURNING 1)
-         SELECT ${ETAG} AS etag, ${authorized(3)} AS authorized, ${NOT_MODIFIED} AS not_modified,
+         SELECT ${ETAG} AS etag, ${authorized(3)} AS authorized, token_hash IS NOT NULL AS claimed, ${NOT_MODIFIED} AS not_modified,
            CASE WHEN ${NOT_MODIFIED} OR NOT ${authorized(3)} THEN NULL ELSE encrypted_blob END AS encrypted_blob,
            iv, timestamp, checksum, blob_size
          FROM user_sync_data WHERE user_id = $1`
@@ -98,14 +98,16 @@ const DELETE_IF_MATCH = {
 }
 const ETAG_OF = {
   name: 'sync-etag',
-  text: `SELECT ${ETAG} AS etag, ${authorized(2)} AS authorized FROM user_sync_data WHERE user_id = $1`
+  text: `SELECT ${ETAG} AS etag, ${authorized(2)} AS authorized, token_hash IS NOT NULL AS claimed FROM user_sync_data WHERE user_id = $1`
 }
-// Rotation: the current token (or, on an unclaimed record, any) replaces the stored hash.
+// Rotation: the current token replaces the stored hash. An unclaimed record has no token to
+// replace: it is claimed by an upload (a rotation would claim it without touching the data).
 const SET_TOKEN = {
   name: 'sync-set-token',
-  text: `WITH updated AS (UPDATE user_sync_data SET token_hash = $3::bytea WHERE user_id = $1 AND ${authorized(2)} RETURNING 1)
-         SELECT (SELECT count(*) FROM updated)::int AS updated,
-           (SELECT ${authorized(2)} FROM user_sync_data WHERE user_id = $1 FOR SHARE) AS authorized`
+  text: `WITH updated AS (UPDATE user_sync_data SET token_hash = $3::bytea WHERE user_id = $1 AND token_hash = $2::bytea RETURNING 1)
+         SELECT (SELECT count(*) FROM updated)::int AS updated, current.claimed
+         FROM (VALUES (1)) AS one LEFT JOIN LATERAL (
+           SELECT token_hash IS NOT NULL AS claimed FROM user_sync_data WHERE user_id = $1 FOR SHARE) AS current ON true`
 }
 const ALL_USER_IDS = { name: 'sync-all-user-ids', text: 'SELECT user_id FROM user_sync_data ORDER BY user_id' }
 // Cleanup deletes in batches, each its own short transaction, so that a large table is never
@@ -128,6 +130,7 @@ const TOTALS = {
 interface StoredRow {
   etag: string
   authorized: boolean
+  claimed: boolean
   not_modified: boolean
   encrypted_blob: string | null
   iv: string
@@ -147,7 +150,7 @@ export interface WritePrecondition {
 }
 
 /**
- * The hash of the access token a request carries (plugins/auth.ts), or null for none. A
+ * The hash of the access token a request carries (routes/api/sync/access-tokens.ts), or null for none. A
  * record claimed by another token answers every operation with `unauthorized` and is left
  * as it was.
  */
@@ -171,10 +174,14 @@ export type DeleteResult =
   | { deleted: boolean, preconditionFailed?: undefined }
   | { deleted: false, preconditionFailed: true, currentEtag: string | null }
 
-/** A stored record: its entity tag and, unless the caller already holds that version, its data. */
+/**
+ * A stored record: its entity tag and, unless the caller already holds that version, its data;
+ * `claimed: true` when a device's access token guards it (then the request held that token).
+ */
 export interface StoredRecord {
   etag: string
   payload: SyncPayload | null
+  claimed?: boolean
 }
 
 type ConditionalRow = { etag: string | null, current: string | null, authorized: boolean | null }
@@ -286,12 +293,15 @@ export function createStorage (
       if (row !== undefined && !row.authorized) denied(userId, 'get', started)(new AccessDenied())
       logged('get', userId, started, { bytes: row?.not_modified ? 0 : (row?.blob_size ?? 0), found: row !== undefined })
       if (row === undefined) return null
-      return {
+      const record: StoredRecord = {
         etag: row.etag,
         payload: row.not_modified || row.encrypted_blob === null
           ? null
           : { encryptedBlob: row.encrypted_blob, iv: row.iv, timestamp: Number(row.timestamp), checksum: row.checksum }
       }
+      // Only set when true: a record no token guards reads as it did before tokens.
+      if (row.claimed) record.claimed = true
+      return record
     },
 
     /** Removes the user's record (true when there was one), unless an If-Match precondition fails or another token claimed it. */
@@ -319,27 +329,31 @@ export function createStorage (
       return (await this.lookup(userId)) !== null
     },
 
-    /** The current entity tag of the user's record, or null when there is none (whoever claimed it). */
+    /**
+     * The current entity tag of the user's record, or null when there is none. It ignores access
+     * tokens: for tests and tools, never to answer a request (the routes use `lookup`).
+     */
     async etagOf (userId: string): Promise<string | null> {
       return (await this.lookup(userId))?.etag ?? null
     },
 
-    /** Whether the user has a record, its tag, and whether `token` may see it; null when there is none. */
-    async lookup (userId: string, token: AccessToken = null): Promise<{ etag: string, authorized: boolean } | null> {
-      const { rows: [row] } = await run<{ etag: string, authorized: boolean }>(ETAG_OF, [userId, token])
+    /** Whether the user has a record, its tag, whether a token guards it and whether `token` may see it; null when there is none. */
+    async lookup (userId: string, token: AccessToken = null): Promise<{ etag: string, authorized: boolean, claimed: boolean } | null> {
+      const { rows: [row] } = await run<{ etag: string, authorized: boolean, claimed: boolean }>(ETAG_OF, [userId, token])
       return row ?? null
     },
 
     /**
-     * Replaces the record's token hash with `next`, where `current` is the stored one (or the
-     * record is unclaimed); false when there is no record.
+     * Replaces the record's token hash with `next` where `current` is the stored one: 'replaced',
+     * 'absent' (no record) or 'unclaimed' (no token to replace); another token: AccessDenied.
      */
-    async setToken (userId: string, current: Buffer, next: Buffer): Promise<boolean> {
+    async setToken (userId: string, current: Buffer, next: Buffer): Promise<'replaced' | 'absent' | 'unclaimed'> {
       const started = process.hrtime.bigint()
-      const { rows: [row] } = await run<{ updated: number, authorized: boolean | null }>(SET_TOKEN, [userId, current, next])
-      if (row?.updated !== 1 && row?.authorized === false) denied(userId, 'set-token', started)(new AccessDenied())
-      logged('set-token', userId, started, { replaced: row?.updated === 1 })
-      return row?.updated === 1
+      const { rows: [row] } = await run<{ updated: number, claimed: boolean | null }>(SET_TOKEN, [userId, current, next])
+      if (row?.updated !== 1 && row?.claimed === true) denied(userId, 'set-token', started)(new AccessDenied())
+      const outcome = row?.updated === 1 ? 'replaced' : row?.claimed === false ? 'unclaimed' : 'absent'
+      logged('set-token', userId, started, { outcome })
+      return outcome
     },
 
     async getAllUserIds (): Promise<string[]> {

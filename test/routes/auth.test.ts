@@ -53,9 +53,12 @@ async function service (t: Test, env: Record<string, string> = {}): Promise<Fast
 /** A tap subtest (the type of the callback's argument). */
 type Test = Parameters<Parameters<typeof t.test>[0]>[0]
 
-// The matrix sends many refused requests from one address: the failure limit is tested on its own below.
-const optional = await service(t, { AUTH_FAILURE_LIMIT: '0', RATE_LIMIT_MAX: '0' })
-const required = await service(t, { AUTH_FAILURE_LIMIT: '0', RATE_LIMIT_MAX: '0', AUTH_MODE: 'required', DATABASE_URL: databaseUrlOf(optional) })
+// Both modes in the default configuration (rate limits and failure limit on), on one database.
+const optional = await service(t)
+const required = await service(t, { AUTH_MODE: 'required', DATABASE_URL: databaseUrlOf(optional) })
+// For the tests that send more refusals from one address than AUTH_FAILURE_LIMIT, or more
+// requests for one user than RATE_LIMIT_MAX: both limits are tested on their own further down.
+const lenient = await service(t, { AUTH_FAILURE_LIMIT: '0', RATE_LIMIT_MAX: '0', DATABASE_URL: databaseUrlOf(optional) })
 const db = inspect(t, databaseUrlOf(optional))
 
 const sha256 = (token: string) => createHash('sha256').update(token).digest()
@@ -89,23 +92,27 @@ type Credential = 'none' | 'malformed' | 'wrong' | 'right'
 const ROUTES: Route[] = ['PUT', 'GET', 'HEAD', 'verify', 'DELETE', 'token']
 const CREDENTIALS: Credential[] = ['none', 'malformed', 'wrong', 'right']
 
-function send (app: FastifyInstance, route: Route, userId: string, headers: Record<string, string>, body: object, rotateTo: string) {
+function send (app: FastifyInstance, route: Route, userId: string, headers: Record<string, string>, body: object, rotateTo: string, remoteAddress: string) {
   switch (route) {
-    case 'PUT': return app.inject({ method: 'PUT', url: url(userId), headers, payload: body })
-    case 'GET': return app.inject({ method: 'GET', url: url(userId), headers })
-    case 'HEAD': return app.inject({ method: 'HEAD', url: url(userId), headers })
-    case 'verify': return app.inject({ method: 'POST', url: `${url(userId)}/verify`, headers })
-    case 'DELETE': return app.inject({ method: 'DELETE', url: url(userId), headers })
-    case 'token': return app.inject({ method: 'PUT', url: `${url(userId)}/token`, headers, payload: { token: rotateTo } })
+    case 'PUT': return app.inject({ method: 'PUT', url: url(userId), headers, payload: body, remoteAddress })
+    case 'GET': return app.inject({ method: 'GET', url: url(userId), headers, remoteAddress })
+    case 'HEAD': return app.inject({ method: 'HEAD', url: url(userId), headers, remoteAddress })
+    case 'verify': return app.inject({ method: 'POST', url: `${url(userId)}/verify`, headers, remoteAddress })
+    case 'DELETE': return app.inject({ method: 'DELETE', url: url(userId), headers, remoteAddress })
+    case 'token': return app.inject({ method: 'PUT', url: `${url(userId)}/token`, headers, payload: { token: rotateTo }, remoteAddress })
   }
 }
 
-/** What the protocol promises: 401 with its header, 200, or 200 on /verify without the ETag. */
-function expected (route: Route, credential: Credential, claimed: boolean, mode: 'optional' | 'required'): '401 missing' | '401 invalid' | 'ok' | 'exists only' {
+/**
+ * What the protocol promises: 401 with its header, 200, 200 on /verify without the ETag, or
+ * 409 for a rotation on a record that has no token to replace.
+ */
+function expected (route: Route, credential: Credential, claimed: boolean, mode: 'optional' | 'required'): '401 missing' | '401 invalid' | 'ok' | 'exists only' | '409' {
   if (credential === 'malformed') return '401 invalid'
   if (credential === 'none' && (mode === 'required' || route === 'token')) return '401 missing'
   if (claimed && credential === 'none') return route === 'verify' ? 'exists only' : '401 missing'
   if (claimed && credential === 'wrong') return route === 'verify' ? 'exists only' : '401 invalid'
+  if (!claimed && route === 'token') return '409'
   return 'ok'
 }
 
@@ -119,14 +126,16 @@ t.test('the access matrix: status, error shape, headers, and the row unchanged a
           const userId = randomUUID()
           const owner = newToken()
           const original = payload()
-          const seeded = await optional.inject({ method: 'PUT', url: url(userId), headers: claimed ? bearer(owner) : {}, payload: original })
+          // Each case from an address of its own: the failure limit (20 per address) is not what it tests.
+          const address = `10.${mode === 'optional' ? 1 : 2}.${cases >> 8}.${cases & 255}`
+          const seeded = await optional.inject({ method: 'PUT', url: url(userId), headers: claimed ? bearer(owner) : {}, payload: original, remoteAddress: address })
           if (seeded.statusCode !== 200) throw new Error(`seeding failed: ${seeded.body}`)
           const before = await row(userId)
           const sent = { none: undefined, malformed: 'not a token!', wrong: newToken(), right: owner }[credential]
           const headers: Record<string, string> = sent === undefined ? {} : { authorization: `Bearer ${sent}` }
           const upload = payload()
           const rotateTo = newToken()
-          const res = await send(app, route, userId, headers, upload, rotateTo)
+          const res = await send(app, route, userId, headers, upload, rotateTo, address)
           const outcome = expected(route, credential, claimed, mode)
           cases++
 
@@ -141,6 +150,12 @@ t.test('the access matrix: status, error shape, headers, and the row unchanged a
             t.strictSame(await row(userId), before, `${name}: the row is unchanged`)
             continue
           }
+          if (outcome === '409') {
+            t.equal(res.statusCode, 409, `${name}: 409, no token to replace`)
+            t.match(res.json(), { statusCode: 409, error: /no access token to replace/ })
+            t.strictSame(await row(userId), before, `${name}: the record stays unclaimed`)
+            continue
+          }
           t.equal(res.statusCode, 200, `${name}: 200 (${res.body.slice(0, 100)})`)
           t.equal(res.headers['www-authenticate'], undefined)
           const tokenSent = credential === 'wrong' || credential === 'right' ? sha256(sent!) : null
@@ -148,6 +163,7 @@ t.test('the access matrix: status, error shape, headers, and the row unchanged a
             case 'PUT': {
               const after = await row(userId)
               t.equal(after?.version, (before?.version as number) + 1, `${name}: stored`)
+              t.strictSame(res.json(), { success: true })
               t.equal(res.headers.etag, `"${String(after?.etag)}"`)
               // A claimed record keeps its owner's token; an unclaimed one is claimed by the token sent, if any.
               t.strictSame(await storedHash(userId), claimed ? sha256(owner) : tokenSent, `${name}: the token hash`)
@@ -170,9 +186,11 @@ t.test('the access matrix: status, error shape, headers, and the row unchanged a
               }
               break
             case 'DELETE':
+              t.strictSame(res.json(), { success: true })
               t.equal(await row(userId), null, `${name}: deleted`)
               break
             case 'token':
+              t.strictSame(res.json(), { success: true })
               t.strictSame(await storedHash(userId), sha256(rotateTo), `${name}: the new token's hash is stored`)
               t.equal((await row(userId))?.etag, before?.etag, 'the data and its version are untouched')
               break
@@ -197,30 +215,30 @@ t.test('a record nobody has: 404 with or without a token (required mode: 401 wit
 t.test('conditional requests on a claimed record: authorization first, then the precondition', async (t) => {
   const userId = randomUUID()
   const owner = newToken()
-  const etag = (await optional.inject({ method: 'PUT', url: url(userId), headers: bearer(owner), payload: payload() })).headers.etag as string
+  const etag = (await lenient.inject({ method: 'PUT', url: url(userId), headers: bearer(owner), payload: payload() })).headers.etag as string
   const before = await row(userId)
   for (const headers of [{ 'if-match': '"1-stale"' }, { 'if-match': etag }, { 'if-match': '*' }, { 'if-none-match': '*' }]) {
     const label = JSON.stringify(headers)
-    const stranger = await optional.inject({ method: 'PUT', url: url(userId), headers: { ...headers, ...bearer(newToken()) }, payload: payload() })
+    const stranger = await lenient.inject({ method: 'PUT', url: url(userId), headers: { ...headers, ...bearer(newToken()) }, payload: payload() })
     t.equal(stranger.statusCode, 401, `${label}, wrong token: 401, not 412`)
     t.equal(stranger.headers.etag, undefined, `${label}: the current ETag is not told`)
-    const deleting = await optional.inject({ method: 'DELETE', url: url(userId), headers: { 'if-match': headers['if-match'] ?? '*' } })
+    const deleting = await lenient.inject({ method: 'DELETE', url: url(userId), headers: { 'if-match': headers['if-match'] ?? '*' } })
     t.equal(deleting.statusCode, 401, `${label}: DELETE without a token: 401`)
   }
-  const both = await optional.inject({ method: 'PUT', url: url(userId), headers: { 'if-match': etag, 'if-none-match': '*' }, payload: payload() })
+  const both = await lenient.inject({ method: 'PUT', url: url(userId), headers: { 'if-match': etag, 'if-none-match': '*' }, payload: payload() })
   t.equal(both.statusCode, 401, 'If-Match with If-None-Match: * and no token: 401')
   t.equal(both.headers.etag, undefined)
   t.strictSame(await row(userId), before, 'nothing changed')
-  const stale = await optional.inject({ method: 'PUT', url: url(userId), headers: { 'if-match': '"1-stale"', ...bearer(owner) }, payload: payload() })
+  const stale = await lenient.inject({ method: 'PUT', url: url(userId), headers: { 'if-match': '"1-stale"', ...bearer(owner) }, payload: payload() })
   t.equal(stale.statusCode, 412, 'the owner with a stale version: 412')
   t.equal(stale.headers.etag, etag, 'and is told the current ETag')
-  const current = await optional.inject({ method: 'PUT', url: url(userId), headers: { 'if-match': etag, ...bearer(owner) }, payload: payload() })
+  const current = await lenient.inject({ method: 'PUT', url: url(userId), headers: { 'if-match': etag, ...bearer(owner) }, payload: payload() })
   t.equal(current.statusCode, 200)
-  const notModified = await optional.inject({ method: 'GET', url: url(userId), headers: { 'if-none-match': current.headers.etag as string, ...bearer(owner) } })
+  const notModified = await lenient.inject({ method: 'GET', url: url(userId), headers: { 'if-none-match': current.headers.etag as string, ...bearer(owner) } })
   t.equal(notModified.statusCode, 304)
-  const strangerPoll = await optional.inject({ method: 'GET', url: url(userId), headers: { 'if-none-match': current.headers.etag as string } })
+  const strangerPoll = await lenient.inject({ method: 'GET', url: url(userId), headers: { 'if-none-match': current.headers.etag as string } })
   t.equal(strangerPoll.statusCode, 401, 'a stranger guessing the ETag learns nothing from a 304')
-  const gone = await optional.inject({ method: 'DELETE', url: url(userId), headers: { 'if-match': current.headers.etag as string, ...bearer(owner) } })
+  const gone = await lenient.inject({ method: 'DELETE', url: url(userId), headers: { 'if-match': current.headers.etag as string, ...bearer(owner) } })
   t.equal(gone.statusCode, 200)
   t.equal(await row(userId), null)
 })
@@ -234,30 +252,49 @@ t.test('an unauthorized GET does not count as an access (the inactivity clock is
   t.strictSame(await row(userId), before)
 })
 
+t.test('the inactive-account cleanup deletes claimed records like any other', async (t) => {
+  const [claimedUser, openUser, activeUser] = [randomUUID(), randomUUID(), randomUUID()]
+  await optional.inject({ method: 'PUT', url: url(claimedUser), headers: bearer(newToken()), payload: payload() })
+  await optional.inject({ method: 'PUT', url: url(openUser), payload: payload() })
+  await optional.inject({ method: 'PUT', url: url(activeUser), headers: bearer(newToken()), payload: payload() })
+  await db.query("UPDATE user_sync_data SET last_accessed = now() - interval '800 days' WHERE user_id = ANY($1::uuid[])", [[claimedUser, openUser]])
+  t.equal(await optional.storage.deleteInactive(730), 2)
+  t.equal(await row(claimedUser), null, 'the claimed record is gone')
+  t.equal(await row(openUser), null)
+  t.ok(await row(activeUser), 'an active claimed record stays')
+})
+
 t.test('rotation: the new token works at once, the old one fails at once', async (t) => {
   const userId = randomUUID()
   const [first, second, third] = [newToken(), newToken(), newToken()]
   const data = payload()
-  await optional.inject({ method: 'PUT', url: url(userId), headers: bearer(first), payload: data })
-  const rotated = await optional.inject({ method: 'PUT', url: `${url(userId)}/token`, headers: bearer(first), payload: { token: second } })
+  await lenient.inject({ method: 'PUT', url: url(userId), headers: bearer(first), payload: data })
+  const rotated = await lenient.inject({ method: 'PUT', url: `${url(userId)}/token`, headers: bearer(first), payload: { token: second } })
   t.equal(rotated.statusCode, 200)
   t.equal(rotated.body, '{"success":true}')
-  t.equal((await optional.inject({ method: 'GET', url: url(userId), headers: bearer(first) })).statusCode, 401, 'the old token fails')
-  const got = await optional.inject({ method: 'GET', url: url(userId), headers: bearer(second) })
+  t.equal((await lenient.inject({ method: 'GET', url: url(userId), headers: bearer(first) })).statusCode, 401, 'the old token fails')
+  const got = await lenient.inject({ method: 'GET', url: url(userId), headers: bearer(second) })
   t.equal(got.statusCode, 200, 'the new token reads')
   t.strictSame(got.json(), data)
-  t.equal((await optional.inject({ method: 'PUT', url: `${url(userId)}/token`, headers: bearer(first), payload: { token: third } })).statusCode, 401,
+  t.equal((await lenient.inject({ method: 'PUT', url: `${url(userId)}/token`, headers: bearer(first), payload: { token: third } })).statusCode, 401,
     'the old token cannot rotate again')
-  const bad = await optional.inject({ method: 'PUT', url: `${url(userId)}/token`, headers: bearer(second), payload: { token: 'short' } })
+  const bad = await lenient.inject({ method: 'PUT', url: `${url(userId)}/token`, headers: bearer(second), payload: { token: 'short' } })
   t.equal(bad.statusCode, 400, 'a new token that is not one: 400')
   t.match(bad.json().error, /token/)
   t.notMatch(bad.body, /short/, 'the value is not echoed')
   t.strictSame(await storedHash(userId), sha256(second), 'refused rotations changed nothing')
+  // An unclaimed record has no token to replace: a stranger cannot claim one this way.
+  const open = randomUUID()
+  await lenient.inject({ method: 'PUT', url: url(open), payload: data })
+  const claiming = await lenient.inject({ method: 'PUT', url: `${url(open)}/token`, headers: bearer(first), payload: { token: second } })
+  t.equal(claiming.statusCode, 409)
+  t.equal(await storedHash(open), null, 'the record stays unclaimed')
+  t.equal((await lenient.inject({ method: 'GET', url: url(open) })).statusCode, 200, 'and open to its old clients')
   // Another scheme is not a token: a proxy's Basic credentials neither help nor break anything.
-  const basic = await optional.inject({ method: 'GET', url: url(userId), headers: { authorization: 'Basic dXNlcjpwYXNz' } })
+  const basic = await lenient.inject({ method: 'GET', url: url(userId), headers: { authorization: 'Basic dXNlcjpwYXNz' } })
   t.equal(basic.statusCode, 401)
   t.equal(basic.headers['www-authenticate'], 'Bearer realm="logikids-sync"')
-  t.equal((await optional.inject({ method: 'GET', url: url(userId), headers: { authorization: `bearer  ${second}` } })).statusCode, 200,
+  t.equal((await lenient.inject({ method: 'GET', url: url(userId), headers: { authorization: `bearer  ${second}` } })).statusCode, 200,
     'the scheme is case-insensitive')
 })
 
@@ -280,7 +317,7 @@ t.test('two devices claiming one record at the same moment: exactly one wins, ev
   for (let round = 1; round <= 8; round++) {
     const userId = randomUUID()
     const existing = round % 2 === 1
-    if (existing) await optional.inject({ method: 'PUT', url: url(userId), payload: payload() })
+    if (existing) await lenient.inject({ method: 'PUT', url: url(userId), payload: payload() })
     if (holder !== undefined) {
       await holder.query('BEGIN')
       if (existing) {
@@ -293,7 +330,7 @@ t.test('two devices claiming one record at the same moment: exactly one wins, ev
     }
     const tokens = [newToken(), newToken()]
     const contenders = [payload(), payload()]
-    const racing = Promise.all(tokens.map((token, i) => optional.inject({ method: 'PUT', url: url(userId), headers: bearer(token), payload: contenders[i] })))
+    const racing = Promise.all(tokens.map((token, i) => lenient.inject({ method: 'PUT', url: url(userId), headers: bearer(token), payload: contenders[i] })))
     if (holder !== undefined) {
       await until(async () => await waiting() >= 2, `round ${round}: both claims wait`, 10_000)
       await holder.query(round % 4 < 2 ? 'COMMIT' : 'ROLLBACK')
@@ -302,7 +339,7 @@ t.test('two devices claiming one record at the same moment: exactly one wins, ev
     t.strictSame(results.map((res) => res.statusCode).sort(), [200, 401], `round ${round} (${existing ? 'existing record' : 'new record'}): one 200, one 401`)
     const winner = results.findIndex((res) => res.statusCode === 200)
     t.strictSame(await storedHash(userId), sha256(tokens[winner]!), `round ${round}: the winner's token holds the record`)
-    const stored = await optional.inject({ method: 'GET', url: url(userId), headers: bearer(tokens[winner]!) })
+    const stored = await lenient.inject({ method: 'GET', url: url(userId), headers: bearer(tokens[winner]!) })
     t.strictSame(stored.json(), contenders[winner], `round ${round}: and its data`)
   }
 })
@@ -336,7 +373,7 @@ t.test('failures from one address turn into 429; the owner behind that address i
   t.equal(elsewhere.statusCode, 401, 'another address has its own count')
 })
 
-t.test('refused requests do not spend the owner\'s per-user budget', async (t) => {
+t.test('refused requests (no token, a wrong one, a malformed one) do not spend the owner\'s per-user budget', async (t) => {
   const app = await service(t)
   const userId = randomUUID()
   const owner = newToken()
@@ -345,7 +382,7 @@ t.test('refused requests do not spend the owner\'s per-user budget', async (t) =
   // that the failure limit (per address) is not what stops them.
   const statuses = new Set<number>()
   for (let i = 0; i < 150; i++) {
-    const credential = i % 2 === 0 ? {} : bearer(newToken())
+    const credential = [{}, bearer(newToken()), { authorization: 'Bearer %%%' }][i % 3]!
     statuses.add((await app.inject({ method: 'DELETE', url: url(userId), headers: credential, remoteAddress: `10.1.${i >> 8}.${i & 255}` })).statusCode)
   }
   t.strictSame([...statuses], [401], 'every one refused with 401')
@@ -487,4 +524,28 @@ t.test('a database from before access tokens: migrated at start, its records unc
   t.equal((await app.inject({ method: 'PUT', url: url(userId), headers: bearer(token), payload: payload() })).statusCode, 200)
   t.strictSame(await storedHash(userId, pool), sha256(token))
   t.equal((await app.inject({ method: 'GET', url: url(userId) })).statusCode, 401, 'an old client after the claim: 401')
+})
+
+t.test('the per-user limit holds for clients with tokens too: the owner\'s, and made-up ones', async (t) => {
+  const app = await service(t)
+  const [claimedUser, openUser, nobody] = [randomUUID(), randomUUID(), randomUUID()]
+  const owner = newToken()
+  const address = '198.51.100.7'
+  const get = (userId: string, headers: Record<string, string> = {}) =>
+    app.inject({ method: 'GET', url: url(userId), headers, remoteAddress: address })
+  t.equal((await app.inject({ method: 'PUT', url: url(claimedUser), headers: bearer(owner), payload: payload(), remoteAddress: address })).statusCode, 200)
+  const owners: number[] = []
+  for (let i = 0; i < 100; i++) owners.push((await get(claimedUser, bearer(owner))).statusCode)
+  t.strictSame(owners, [...Array(99).fill(200), 429], 'the owner\'s token: 100 requests (the upload and 99 reads), then 429')
+
+  // A made-up token opens an unclaimed record but proves nothing: it also spends the budget of
+  // the requests without a token, so a new token per request does not escape the limit.
+  t.equal((await app.inject({ method: 'PUT', url: url(openUser), payload: payload(), remoteAddress: address })).statusCode, 200)
+  const madeUp: number[] = []
+  for (let i = 0; i < 100; i++) madeUp.push((await get(openUser, bearer(newToken()))).statusCode)
+  t.strictSame(madeUp, [...Array(99).fill(200), 429], 'an unclaimed record: 100 requests, then 429')
+  t.equal((await get(openUser)).statusCode, 429, 'and the requests without a token share that budget')
+  const absent: number[] = []
+  for (let i = 0; i < 101; i++) absent.push((await get(nobody, bearer(newToken()))).statusCode)
+  t.strictSame(absent, [...Array(100).fill(404), 429], 'no record: 100 requests, then 429')
 })

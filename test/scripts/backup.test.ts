@@ -53,12 +53,13 @@ for (const [i, user] of users.entries()) {
 }
 // One record claimed with an access token: backups keep its hash.
 const claimedBy = randomBytes(32).toString('base64url')
-await app.inject({
+const claiming = await app.inject({
   method: 'PUT',
   url: `/api/sync/${users[5]!.id}`,
   headers: { authorization: `Bearer ${claimedBy}` },
   payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 9, checksum: 'd'.repeat(64) }
 })
+if (claiming.statusCode !== 200) throw new Error(`claiming failed: ${claiming.body}`)
 // A second upload and a download, so version and last_accessed differ from their defaults.
 await app.inject({ method: 'PUT', url: `/api/sync/${users[1]!.id}`, payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 9, checksum: 'c'.repeat(64) } })
 await app.inject({ method: 'GET', url: `/api/sync/${users[1]!.id}` })

@@ -2,7 +2,7 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { ErrorSchema } from '../../../schemas/error.ts'
 import { userRateLimit } from '../../../plugins/rate-limit.ts'
-import { accessControl, tokenHash } from '../../../plugins/auth.ts'
+import { accessControl, tokenHash } from './access-tokens.ts'
 import { AccessDenied } from '../../../plugins/storage.ts'
 import {
   ConditionalHeadersSchema, IfMatchHeadersSchema, IfNoneMatchHeadersSchema, MAX_BLOB_BYTES, SuccessSchema, SyncPayloadSchema, TokenBodySchema,
@@ -34,7 +34,7 @@ function sendEtag (reply: FastifyReply, etag: string | null): void {
 
 /**
  * PUT / GET / HEAD / POST verify / DELETE on /api/sync/:userId: the API the clients already
- * speak, with access tokens (plugins/auth.ts); and PUT /api/sync/:userId/token to replace one.
+ * speak, with access tokens (access-tokens.ts); and PUT /api/sync/:userId/token to replace one.
  */
 const sync: FastifyPluginAsyncTypebox = async function (app) {
   // Ciphertext must never sit in a shared cache (errors say so themselves: see app.ts).
@@ -48,7 +48,11 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
   app.decorateRequest('accessToken', null)
   app.addHook('onRequest', authenticate)
   const perUser = userRateLimit(app)
-  if (perUser !== null) app.addHook('onRequest', perUser)
+  if (perUser !== null) app.addHook('onRequest', perUser.onRequest)
+  /** A token that opened no record claimed with it proved nothing: see userRateLimit. */
+  async function unproven (request: FastifyRequest, reply: FastifyReply, claimed: boolean | undefined): Promise<void> {
+    if (perUser !== null && request.accessToken !== null && claimed !== true) await perUser.unproven(request, reply)
+  }
 
   /** Runs a storage operation; a record claimed by another token (AccessDenied) is a 401. */
   async function guarded<T> (request: FastifyRequest, reply: FastifyReply, operation: () => Promise<T>): Promise<T> {
@@ -119,6 +123,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     const ifNoneMatch = parseEntityTags(request.headers['if-none-match'], true)
     const record = await guarded(request, reply,
       () => app.storage.get(request.params.userId, ifNoneMatch === '*' ? ['*'] : ifNoneMatch, request.accessToken))
+    await unproven(request, reply, record?.claimed)
     if (record === null) throw app.httpErrors.notFound('User not found')
     sendEtag(reply, record.etag)
     if (record.payload === null) return reply.code(304).send()
@@ -137,8 +142,9 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     }
   }, async function (request, reply) {
     const current = await app.storage.lookup(request.params.userId, request.accessToken)
+    if (current?.authorized === false) return await refuse(request, reply, request.accessToken === null ? 'missing' : 'wrong')
+    await unproven(request, reply, current?.claimed)
     if (current === null) throw app.httpErrors.notFound('User not found')
-    if (!current.authorized) return await refuse(request, reply, request.accessToken === null ? 'missing' : 'wrong')
     sendEtag(reply, current.etag)
     return reply.send()
   })
@@ -154,6 +160,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     }
   }, async function (request, reply) {
     const current = await app.storage.lookup(request.params.userId, request.accessToken)
+    await unproven(request, reply, current?.authorized === true && current.claimed)
     if (current?.authorized === true) sendEtag(reply, current.etag)
     return { exists: current !== null }
   })
@@ -171,6 +178,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
   }, async function (request, reply) {
     const ifMatch = parseEntityTags(request.headers['if-match'], false)
     const result = await guarded(request, reply, () => app.storage.delete(request.params.userId, { ifMatch }, request.accessToken))
+    if (!result.deleted) await unproven(request, reply, false)
     if (result.preconditionFailed) {
       sendEtag(reply, result.currentEtag)
       throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
@@ -183,17 +191,21 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
       tags: ['sync'],
       summary: 'Replace the access token of a user (after a lost device, with a new key)',
       description: 'The current token goes in Authorization; it fails from the moment this succeeds. ' +
-        'On a record no device has claimed yet, any token may set the first one.',
+        'A record no device has claimed has no token to replace (409): an upload with a token claims it.',
       security: [{ accessToken: [] }],
       params: UserParamsSchema,
       body: TokenBodySchema,
-      response: { 200: SuccessSchema, ...errors, 404: ErrorSchema }
+      response: { 200: SuccessSchema, ...errors, 404: ErrorSchema, 409: ErrorSchema }
     }
   }, async function (request, reply) {
     const current = request.accessToken
     if (current === null) return await refuse(request, reply, 'missing')
-    const replaced = await guarded(request, reply, () => app.storage.setToken(request.params.userId, current, tokenHash(request.body.token)))
-    if (!replaced) throw app.httpErrors.notFound('User not found')
+    const outcome = await guarded(request, reply, () => app.storage.setToken(request.params.userId, current, tokenHash(request.body.token)))
+    if (outcome === 'absent') throw app.httpErrors.notFound('User not found')
+    if (outcome === 'unclaimed') {
+      // Claiming is an upload's doing: a rotation would claim a record without proving anything.
+      throw app.httpErrors.conflict('This record has no access token to replace: an upload with a token claims it')
+    }
     return { success: true } as const
   })
 }

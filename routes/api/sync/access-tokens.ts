@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto'
 import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
-import { clientKey, limitOptions } from './rate-limit.ts'
-import { ACCESS_TOKEN_PATTERN } from '../schemas/sync.ts'
+import { clientKey, limitOptions } from '../../../plugins/rate-limit.ts'
+import { ACCESS_TOKEN_PATTERN } from '../../../schemas/sync.ts'
 
 /**
  * Access tokens (docs/sync-protocol.md): a device proves it holds the user's key with
@@ -53,6 +53,8 @@ declare module 'fastify' {
  * Refusals count per client IP: past AUTH_FAILURE_LIMIT in a rate-limit window they are 429
  * with Retry-After instead of 401. A request with the right token is never refused, however
  * many failures its address has: someone else behind the same NAT cannot lock the owner out.
+ * So the limit is no brake on guessing (256-bit tokens need none): it tells a misbehaving
+ * client to back off, and the metrics show the refusals.
  */
 export function accessControl (app: FastifyInstance) {
   const { AUTH_MODE: mode, AUTH_FAILURE_LIMIT: limit, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
@@ -63,13 +65,15 @@ export function accessControl (app: FastifyInstance) {
 
   async function refuse (request: FastifyRequest, reply: FastifyReply, failure: AuthFailure): Promise<never> {
     authFailures.inc({ reason: failure })
+    // Also on the 429: a device left behind by a rotation must see that its token is the
+    // problem (and pair again) rather than retry for ever.
+    reply.header('www-authenticate', failure === 'missing' ? 'Bearer realm="logikids-sync"' : 'Bearer realm="logikids-sync", error="invalid_token"')
     const outcome = failures === null ? null : await failures(request)
     if (outcome !== null && !outcome.isAllowed && outcome.isExceeded) {
       reply.header('retry-after', outcome.ttlInSeconds)
       throw Object.assign(new Error('Too many requests with a missing or invalid access token from this address; ' +
         `retry in ${outcome.ttlInSeconds} s`), { statusCode: 429 })
     }
-    reply.header('www-authenticate', failure === 'missing' ? 'Bearer realm="logikids-sync"' : 'Bearer realm="logikids-sync", error="invalid_token"')
     throw Object.assign(new Error(MESSAGES[failure]), { statusCode: 401 })
   }
 
