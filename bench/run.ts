@@ -393,9 +393,10 @@ async function scaleExperiment (service: Server, compare: Compare, results: Resu
 /**
  * 1 KiB GET and PUT by devices with an access token (records claimed by it) against the same
  * without one (unclaimed records), on the service only: the server CPU per request the token
- * costs (hashing it, the check in SQL). Three rounds of none, token, token, none; medians.
+ * costs (hashing it, the check in SQL). Five rounds of none, token, token, none; medians.
  */
 async function tokenExperiment (service: Server): Promise<string> {
+  const ROUNDS = 5
   const users = USERS['1KiB']
   const tokens = Array.from({ length: users }, () => randomBytes(32).toString('base64url'))
   const claimed = Array.from({ length: users }, (_, n) => uuid(n, 0x20))
@@ -408,7 +409,7 @@ async function tokenExperiment (service: Server): Promise<string> {
   const all = scenarios()
   const lines = ['## Access tokens (--tokens)', '',
     `1 KiB, 16 connections, service only: requests without a token on ${users} unclaimed records, and with the right token on ${users} claimed ones;`,
-    `three rounds of (without, with, with, without), ${DURATION} s each after a 1 s warm-up; medians of the six runs of each.`, '',
+    `${ROUNDS} rounds of (without, with, with, without), ${DURATION} s each after a 1 s warm-up; medians of the ${2 * ROUNDS} runs of each.`, '',
     '| operation | req/s without / with | CPU µs/req without / with | CPU with / without |',
     '| --- | ---: | ---: | ---: |']
   for (const name of ['GET 1KiB c16', 'PUT 1KiB c16']) {
@@ -422,7 +423,7 @@ async function tokenExperiment (service: Server): Promise<string> {
       headers: () => ({ ...plain.headers?.(), authorization: `Bearer ${tokens[index]}` })
     }
     const runs: Record<'plain' | 'token', Result[]> = { plain: [], token: [] }
-    for (let round = 0; round < 3; round++) {
+    for (let round = 0; round < ROUNDS; round++) {
       for (const [kind, scenario] of [['plain', plain], ['token', withToken], ['token', withToken], ['plain', plain]] as const) {
         await measure(service, scenario, 1)
         const result = await measure(service, scenario, DURATION)
@@ -430,7 +431,7 @@ async function tokenExperiment (service: Server): Promise<string> {
         console.log(`${scenario.name.padEnd(28)} ${fmt(result.rps, 0).padStart(7)} req/s  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}`)
       }
     }
-    const median = (values: number[]) => { const sorted = [...values].sort((a, b) => a - b); return (sorted[2]! + sorted[3]!) / 2 }
+    const median = (values: number[]) => { const sorted = [...values].sort((a, b) => a - b); return (sorted[ROUNDS - 1]! + sorted[ROUNDS]!) / 2 }
     const [p, t] = [runs.plain, runs.token]
     const cpu = [median(p.map((r) => r.cpuUs)), median(t.map((r) => r.cpuUs))] as const
     const errors = [...p, ...t].reduce((sum, r) => sum + r.errors + r.unexpected, 0)
