@@ -31,6 +31,8 @@ const SET_PAYLOAD = `encrypted_blob = $2, iv = $3, timestamp = $4, checksum = $5
 // statements also return it.
 const authorized = (param: number) =>
   `coalesce(user_sync_data.token_hash = $${param}::bytea, user_sync_data.token_hash IS NULL)`
+/** Whether a device's token guards the record. */
+const CLAIMED = 'token_hash IS NOT NULL'
 // An upload with a token claims an unclaimed record; it never replaces another token.
 const CLAIM = (param: number) => `token_hash = coalesce(user_sync_data.token_hash, $${param}::bytea)`
 
@@ -45,16 +47,17 @@ const STORE = {
 // Conditional writes return the new tag when they wrote, else the current tag and whether the
 // request may see it, in one round trip. A plain sub-select would see the statement's snapshot,
 // which misses the write of a device that won a race a moment earlier; FOR SHARE waits for such
-// a write and reads the committed row.
-const CURRENT = (param: number) => `LEFT JOIN LATERAL (
-           SELECT ${ETAG}, ${authorized(param)} AS authorized FROM user_sync_data WHERE user_id = $1 FOR SHARE) AS current ON true`
+// a write and reads the committed row. These sub-selects come after the one that runs the write
+// (a select list is evaluated in order): locking the row for share before writing would let
+// two racing statements each hold the share lock and then wait for the other's (a deadlock).
+const current = (column: string) => `(SELECT ${column} FROM user_sync_data WHERE user_id = $1 FOR SHARE)`
+const CURRENT = (token: number) => `${current(ETAG)} AS current, ${current(authorized(token))} AS authorized`
 const conditionalUpdate = (name: string, condition: string, token: number) => ({
   name,
   text: `WITH written AS (
            UPDATE user_sync_data SET ${SET_PAYLOAD}, ${CLAIM(token)}
            WHERE user_id = $1 AND ${condition} AND ${authorized(token)} RETURNING ${ETAG} AS etag)
-         SELECT (SELECT etag FROM written) AS etag, current.etag AS current, current.authorized
-         FROM (VALUES (1)) AS one ${CURRENT(token)}`
+         SELECT (SELECT etag FROM written) AS etag, ${CURRENT(token)}`
 })
 const STORE_IF_MATCH = conditionalUpdate('sync-store-if-match', `${ETAG} = ANY($7::text[])`, 8)
 const STORE_IF_EXISTS = conditionalUpdate('sync-store-if-exists', 'true', 7)
@@ -63,8 +66,7 @@ const STORE_IF_ABSENT = {
   text: `WITH written AS (
            INSERT INTO user_sync_data (${COLUMNS}, token_hash) VALUES (${PLACEHOLDERS}, $7::bytea)
            ON CONFLICT (user_id) DO NOTHING RETURNING ${ETAG} AS etag)
-         SELECT (SELECT etag FROM written) AS etag, current.etag AS current, current.authorized
-         FROM (VALUES (1)) AS one ${CURRENT(7)}`
+         SELECT (SELECT etag FROM written) AS etag, ${CURRENT(7)}`
 }
 // A download is an access: the inactivity rule counts from the last one. The row is rewritten
 // at most once a day (a write per GET would cost a WAL flush per download, and the rule needs
@@ -77,37 +79,37 @@ const GET = {
   text: `WITH touched AS (
            UPDATE user_sync_data SET last_accessed = now()
            WHERE user_id = $1 AND last_accessed < now() - interval '1 day' AND ${authorized(3)} RETURNING 1)
-         SELECT ${ETAG} AS etag, ${authorized(3)} AS authorized, token_hash IS NOT NULL AS claimed, ${NOT_MODIFIED} AS not_modified,
+         SELECT ${ETAG} AS etag, ${authorized(3)} AS authorized, ${CLAIMED} AS claimed, ${NOT_MODIFIED} AS not_modified,
            CASE WHEN ${NOT_MODIFIED} OR NOT ${authorized(3)} THEN NULL ELSE encrypted_blob END AS encrypted_blob,
            iv, timestamp, checksum, blob_size
          FROM user_sync_data WHERE user_id = $1`
 }
-// A delete that removed nothing tells apart "no record" (authorized NULL) from "not this token".
+// A delete that removed nothing tells apart "no record" (authorized NULL) from "not this token";
+// `claimed` is whether a token guarded the record (the deleted one, else the current one).
 const DELETE = {
   name: 'sync-delete',
-  text: `WITH deleted AS (DELETE FROM user_sync_data WHERE user_id = $1 AND ${authorized(2)} RETURNING 1)
-         SELECT (SELECT count(*) FROM deleted)::int AS deleted,
-           (SELECT ${authorized(2)} FROM user_sync_data WHERE user_id = $1 FOR SHARE) AS authorized`
+  text: `WITH deleted AS (DELETE FROM user_sync_data WHERE user_id = $1 AND ${authorized(2)} RETURNING ${CLAIMED} AS claimed)
+         SELECT (SELECT count(*) FROM deleted)::int AS deleted, (SELECT bool_or(claimed) FROM deleted) AS deleted_claimed,
+           ${current(authorized(2))} AS authorized, ${current(CLAIMED)} AS claimed`
 }
 const DELETE_IF_MATCH = {
   name: 'sync-delete-if-match',
   text: `WITH deleted AS (
-           DELETE FROM user_sync_data WHERE user_id = $1 AND ($3 OR ${ETAG} = ANY($2::text[])) AND ${authorized(4)} RETURNING 1)
-         SELECT (SELECT count(*) FROM deleted)::int AS deleted, current.etag AS current, current.authorized
-         FROM (VALUES (1)) AS one ${CURRENT(4)}`
+           DELETE FROM user_sync_data WHERE user_id = $1 AND ($3 OR ${ETAG} = ANY($2::text[])) AND ${authorized(4)}
+           RETURNING ${CLAIMED} AS claimed)
+         SELECT (SELECT count(*) FROM deleted)::int AS deleted, (SELECT bool_or(claimed) FROM deleted) AS deleted_claimed,
+           ${CURRENT(4)}, ${current(CLAIMED)} AS claimed`
 }
 const ETAG_OF = {
   name: 'sync-etag',
-  text: `SELECT ${ETAG} AS etag, ${authorized(2)} AS authorized, token_hash IS NOT NULL AS claimed FROM user_sync_data WHERE user_id = $1`
+  text: `SELECT ${ETAG} AS etag, ${authorized(2)} AS authorized, ${CLAIMED} AS claimed FROM user_sync_data WHERE user_id = $1`
 }
 // Rotation: the current token replaces the stored hash. An unclaimed record has no token to
 // replace: it is claimed by an upload (a rotation would claim it without touching the data).
 const SET_TOKEN = {
   name: 'sync-set-token',
   text: `WITH updated AS (UPDATE user_sync_data SET token_hash = $3::bytea WHERE user_id = $1 AND token_hash = $2::bytea RETURNING 1)
-         SELECT (SELECT count(*) FROM updated)::int AS updated, current.claimed
-         FROM (VALUES (1)) AS one LEFT JOIN LATERAL (
-           SELECT token_hash IS NOT NULL AS claimed FROM user_sync_data WHERE user_id = $1 FOR SHARE) AS current ON true`
+         SELECT (SELECT count(*) FROM updated)::int AS updated, ${current(CLAIMED)} AS claimed`
 }
 const ALL_USER_IDS = { name: 'sync-all-user-ids', text: 'SELECT user_id FROM user_sync_data ORDER BY user_id' }
 // Cleanup deletes in batches, each its own short transaction, so that a large table is never
@@ -170,9 +172,10 @@ export type StoreResult =
   | { stored: true, etag: string, bytes: number }
   | { stored: false, currentEtag: string | null }
 
+/** `claimed: true` (only set when true) when a device's token guarded the record. */
 export type DeleteResult =
-  | { deleted: boolean, preconditionFailed?: undefined }
-  | { deleted: false, preconditionFailed: true, currentEtag: string | null }
+  | { deleted: boolean, preconditionFailed?: undefined, claimed?: true }
+  | { deleted: false, preconditionFailed: true, currentEtag: string | null, claimed?: true }
 
 /**
  * A stored record: its entity tag and, unless the caller already holds that version, its data;
@@ -252,6 +255,12 @@ export function createStorage (
     }
   }
 
+  /** Whether the user has a record, its tag, whether a token guards it and whether `token` may see it; null when there is none. */
+  async function lookup (userId: string, token: AccessToken = null): Promise<{ etag: string, authorized: boolean, claimed: boolean } | null> {
+    const { rows: [row] } = await run<{ etag: string, authorized: boolean, claimed: boolean }>(ETAG_OF, [userId, token])
+    return row ?? null
+  }
+
   async function storeWith (userId: string, payload: SyncPayload, precondition: WritePrecondition, token: AccessToken): Promise<StoreResult> {
     const bytes = decodedBase64Bytes(payload.encryptedBlob)
     const values = [userId, payload.encryptedBlob, payload.iv, payload.timestamp, payload.checksum, bytes]
@@ -263,6 +272,12 @@ export function createStorage (
       row = (await run<ConditionalRow>(STORE_IF_MATCH, [...values, ifMatch, token], false)).rows[0]
     } else if (ifNoneMatch === '*') {
       row = (await run<ConditionalRow>(STORE_IF_ABSENT, [...values, token], false)).rows[0]
+      if (row?.etag == null && row?.current == null) {
+        // The insert lost to one that committed after this statement's snapshot was taken, so
+        // the statement cannot see the winner's row; a second look (this race only) can.
+        const winner = await lookup(userId, token)
+        row = { etag: null, current: winner?.etag ?? null, authorized: winner?.authorized ?? null }
+      }
     } else {
       const etag = (await run<{ etag: string }>(STORE, [...values, token])).rows[0]?.etag
       if (etag === undefined) throw new AccessDenied()
@@ -308,25 +323,22 @@ export function createStorage (
     async delete (userId: string, precondition: Pick<WritePrecondition, 'ifMatch'> = {}, token: AccessToken = null): Promise<DeleteResult> {
       const started = process.hrtime.bigint()
       const { ifMatch } = precondition
-      let result: DeleteResult
-      if (ifMatch === undefined) {
-        const { rows: [row] } = await run<{ deleted: number, authorized: boolean | null }>(DELETE, [userId, token])
-        if (row?.deleted !== 1 && row?.authorized === false) denied(userId, 'delete', started)(new AccessDenied())
-        result = { deleted: row?.deleted === 1 }
-      } else {
-        const { rows: [row] } = await run<{ deleted: number } & ConditionalRow>(
-          DELETE_IF_MATCH, [userId, ifMatch === '*' ? [] : ifMatch, ifMatch === '*', token], false)
-        if (row?.deleted !== 1 && row?.authorized === false) denied(userId, 'delete', started)(new AccessDenied())
-        result = row?.deleted === 1
-          ? { deleted: true }
-          : { deleted: false, preconditionFailed: true, currentEtag: row?.current ?? null }
-      }
-      logged('delete', userId, started, { deleted: result.deleted })
+      type Row = { deleted: number, deleted_claimed: boolean | null, current: string | null, authorized: boolean | null, claimed: boolean | null }
+      const { rows: [row] } = ifMatch === undefined
+        ? await run<Row>(DELETE, [userId, token])
+        : await run<Row>(DELETE_IF_MATCH, [userId, ifMatch === '*' ? [] : ifMatch, ifMatch === '*', token], false)
+      const deleted = row?.deleted === 1
+      if (!deleted && row?.authorized === false) denied(userId, 'delete', started)(new AccessDenied())
+      const result: DeleteResult = deleted || ifMatch === undefined
+        ? { deleted }
+        : { deleted: false, preconditionFailed: true, currentEtag: row?.current ?? null }
+      if (deleted ? row?.deleted_claimed === true : row?.claimed === true) result.claimed = true
+      logged('delete', userId, started, { deleted })
       return result
     },
 
     async exists (userId: string): Promise<boolean> {
-      return (await this.lookup(userId)) !== null
+      return (await lookup(userId)) !== null
     },
 
     /**
@@ -334,14 +346,10 @@ export function createStorage (
      * tokens: for tests and tools, never to answer a request (the routes use `lookup`).
      */
     async etagOf (userId: string): Promise<string | null> {
-      return (await this.lookup(userId))?.etag ?? null
+      return (await lookup(userId))?.etag ?? null
     },
 
-    /** Whether the user has a record, its tag, whether a token guards it and whether `token` may see it; null when there is none. */
-    async lookup (userId: string, token: AccessToken = null): Promise<{ etag: string, authorized: boolean, claimed: boolean } | null> {
-      const { rows: [row] } = await run<{ etag: string, authorized: boolean, claimed: boolean }>(ETAG_OF, [userId, token])
-      return row ?? null
-    },
+    lookup,
 
     /**
      * Replaces the record's token hash with `next` where `current` is the stored one: 'replaced',

@@ -296,6 +296,11 @@ t.test('rotation: the new token works at once, the old one fails at once', async
   t.equal(basic.headers['www-authenticate'], 'Bearer realm="logikids-sync"')
   t.equal((await lenient.inject({ method: 'GET', url: url(userId), headers: { authorization: `bearer  ${second}` } })).statusCode, 200,
     'the scheme is case-insensitive')
+  t.equal((await lenient.inject({ method: 'GET', url: url(userId), headers: { authorization: `Bearer\t${second}` } })).statusCode, 200,
+    'a tab after the scheme is taken as a space')
+  const tabbed = randomUUID()
+  t.equal((await lenient.inject({ method: 'PUT', url: url(tabbed), headers: { authorization: `Bearer\t${third}` }, payload: data })).statusCode, 200)
+  t.strictSame(await storedHash(tabbed), sha256(third), 'and claims like any token (never silently none)')
 })
 
 // Two devices claim one unclaimed record at once with different tokens. On PostgreSQL the test
@@ -314,9 +319,12 @@ t.test('two devices claiming one record at the same moment: exactly one wins, ev
   const observer = embedded ? undefined : await connect('observer')
   const waiting = async () => (await observer!.query('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() ' +
     "AND application_name = 'logikids-sync' AND wait_event_type = 'Lock'")).rows[0].n as number
-  for (let round = 1; round <= 8; round++) {
+  // Rounds cycle through: a record an old client uploaded, a new record (plain PUTs), and a new
+  // record created with If-None-Match: * (the first upload of a new account).
+  for (let round = 1; round <= 12; round++) {
     const userId = randomUUID()
-    const existing = round % 2 === 1
+    const existing = round % 3 === 1
+    const createOnly = round % 3 === 0
     if (existing) await lenient.inject({ method: 'PUT', url: url(userId), payload: payload() })
     if (holder !== undefined) {
       await holder.query('BEGIN')
@@ -330,13 +338,17 @@ t.test('two devices claiming one record at the same moment: exactly one wins, ev
     }
     const tokens = [newToken(), newToken()]
     const contenders = [payload(), payload()]
-    const racing = Promise.all(tokens.map((token, i) => lenient.inject({ method: 'PUT', url: url(userId), headers: bearer(token), payload: contenders[i] })))
+    const racing = Promise.all(tokens.map((token, i) => lenient.inject({
+      method: 'PUT', url: url(userId), headers: { ...bearer(token), ...(createOnly ? { 'if-none-match': '*' } : {}) }, payload: contenders[i]
+    })))
     if (holder !== undefined) {
       await until(async () => await waiting() >= 2, `round ${round}: both claims wait`, 10_000)
-      await holder.query(round % 4 < 2 ? 'COMMIT' : 'ROLLBACK')
+      // A committed old upload would make If-None-Match: * fail for both: those rounds roll back.
+      await holder.query(!createOnly && round % 2 === 0 ? 'COMMIT' : 'ROLLBACK')
     }
     const results = await racing
-    t.strictSame(results.map((res) => res.statusCode).sort(), [200, 401], `round ${round} (${existing ? 'existing record' : 'new record'}): one 200, one 401`)
+    const kind = existing ? 'existing record' : createOnly ? 'new record, If-None-Match: *' : 'new record'
+    t.strictSame(results.map((res) => res.statusCode).sort(), [200, 401], `round ${round} (${kind}): one 200, one 401`)
     const winner = results.findIndex((res) => res.statusCode === 200)
     t.strictSame(await storedHash(userId), sha256(tokens[winner]!), `round ${round}: the winner's token holds the record`)
     const stored = await lenient.inject({ method: 'GET', url: url(userId), headers: bearer(tokens[winner]!) })
@@ -548,4 +560,71 @@ t.test('the per-user limit holds for clients with tokens too: the owner\'s, and 
   const absent: number[] = []
   for (let i = 0; i < 101; i++) absent.push((await get(nobody, bearer(newToken()))).statusCode)
   t.strictSame(absent, [...Array(100).fill(404), 429], 'no record: 100 requests, then 429')
+})
+
+t.test('the owner\'s stale If-Match is a 412, not a 429, after strangers used up the shared budget', async (t) => {
+  const app = await service(t)
+  const userId = randomUUID()
+  const owner = newToken()
+  const etag = (await app.inject({ method: 'PUT', url: url(userId), headers: bearer(owner), payload: payload() })).headers.etag as string
+  await app.inject({ method: 'PUT', url: url(userId), headers: bearer(owner), payload: payload() })
+  for (let i = 0; i < 105; i++) await app.inject({ method: 'POST', url: `${url(userId)}/verify`, remoteAddress: '192.0.2.2' })
+  t.equal((await app.inject({ method: 'POST', url: `${url(userId)}/verify`, remoteAddress: '192.0.2.2' })).statusCode, 429, 'the shared budget is used up')
+  for (const method of ['DELETE', 'PUT'] as const) {
+    const stale = await app.inject({ method, url: url(userId), headers: { ...bearer(owner), 'if-match': etag }, ...(method === 'PUT' ? { payload: payload() } : {}) })
+    t.equal(stale.statusCode, 412, `${method} with a stale If-Match: 412`)
+    t.ok(stale.headers.etag, 'with the current ETag')
+  }
+  t.equal((await app.inject({ method: 'GET', url: url(userId), headers: bearer(owner) })).statusCode, 200)
+})
+
+// Racing conditional writes with one token (one user's devices) must queue on the row, never
+// deadlock: the share lock that reads the current tag is taken after the write. On PostgreSQL
+// the test holds the row, lets all writes start and wait, then lets go; a deadlock would show
+// as PostgreSQL rolling a statement back (logged at warn) and as 503s.
+t.test('conditional writes and a rotation racing on one record queue on the row: no deadlock, the outcomes in order', async (t) => {
+  const lines: string[] = []
+  const databaseUrl = await createTestDatabase(t)
+  const app = await build(t, { env: { DATABASE_URL: databaseUrl, LOG_LEVEL: 'warn', RATE_LIMIT_MAX: '0' }, logLines: lines })
+  const pool = inspect(t, databaseUrl)
+  const embedded = embeddedTests()
+  const holder = embedded ? undefined : new pg.Client({ connectionString: databaseUrl, application_name: 'lock holder' })
+  await holder?.connect()
+  t.teardown(() => holder?.end())
+  const waiting = async () => (await pool.query('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() ' +
+    "AND application_name = 'logikids-sync' AND wait_event_type = 'Lock'")).rows[0].n as number
+  /** Holds the row while `start` sends its requests one by one, each seen waiting before the next. */
+  async function queued<T> (userId: string, requests: Array<() => Promise<T>>): Promise<T[]> {
+    if (holder === undefined) return await Promise.all(requests.map((send) => send()))
+    await holder.query('BEGIN')
+    await holder.query('SELECT 1 FROM user_sync_data WHERE user_id = $1 FOR UPDATE', [userId])
+    const sent: Array<Promise<T>> = []
+    for (const [i, send] of requests.entries()) {
+      sent.push(send())
+      await until(async () => await waiting() >= i + 1, `request ${i + 1} waits for the row`, 10_000)
+    }
+    await holder.query('COMMIT')
+    return await Promise.all(sent)
+  }
+  const userId = randomUUID()
+  const [first, second] = [newToken(), newToken()]
+  const put = (headers: Record<string, string>) => () => app.inject({ method: 'PUT', url: url(userId), headers, payload: payload() })
+  const etag = (await put(bearer(first))()).headers.etag as string
+
+  const any = await queued(userId, [put({ ...bearer(first), 'if-match': '*' }), put({ ...bearer(first), 'if-match': '*' }), put({ ...bearer(first), 'if-match': '*' })])
+  t.strictSame(any.map((res) => res.statusCode), [200, 200, 200], 'If-Match: * three times: all stored')
+  t.equal((await row(userId, pool))?.version, 4, 'one version each')
+
+  const current = any[2]!.headers.etag as string
+  const same = await queued(userId, [put({ ...bearer(first), 'if-match': current }), put({ ...bearer(first), 'if-match': current })])
+  t.strictSame(same.map((res) => res.statusCode), [200, 412], 'the same If-Match twice: the first stored, the second 412')
+  t.equal(same[1]!.headers.etag, same[0]!.headers.etag, 'and told the winner\'s ETag')
+  t.not(etag, current)
+
+  const rotation = () => app.inject({ method: 'PUT', url: `${url(userId)}/token`, headers: bearer(first), payload: { token: second } })
+  const [rotated, late] = await queued(userId, [rotation, put(bearer(first))])
+  t.equal(rotated!.statusCode, 200, 'the rotation, queued first, replaced the token')
+  t.equal(late!.statusCode, 401, 'the upload with the old token, queued behind it, is refused')
+  t.strictSame(await storedHash(userId, pool), sha256(second))
+  t.strictSame(lines.filter((line) => /rolled back|"level":50/.test(line)), [], 'no statement was rolled back for a deadlock, no error')
 })

@@ -11,6 +11,9 @@ import { ACCESS_TOKEN_PATTERN } from '../../../schemas/sync.ts'
  */
 
 const TOKEN = new RegExp(ACCESS_TOKEN_PATTERN)
+// The scheme ends at the first space or tab (RFC 9110 allows only spaces; a tab is taken as one
+// rather than have "Bearer<TAB>token" silently count as no token).
+const SCHEME = /^([^ \t]+)(.*)$/s
 
 /** What is stored of a token: its SHA-256 (right for a 256-bit random secret; no salt or stretching needed). */
 export function tokenHash (token: string): Buffer {
@@ -23,11 +26,10 @@ export function tokenHash (token: string): Buffer {
  * is not a token is malformed.
  */
 export function credentialOf (header: string | undefined): { token: string } | 'none' | 'malformed' {
-  if (header === undefined || header === '') return 'none'
-  const space = header.indexOf(' ')
-  const scheme = space === -1 ? header : header.slice(0, space)
-  if (scheme.toLowerCase() !== 'bearer') return 'none'
-  const token = space === -1 ? '' : header.slice(space + 1).trim()
+  if (header === undefined) return 'none'
+  const [, scheme, rest] = SCHEME.exec(header) ?? []
+  if (scheme === undefined || scheme.toLowerCase() !== 'bearer') return 'none'
+  const token = rest!.trim()
   return TOKEN.test(token) ? { token } : 'malformed'
 }
 

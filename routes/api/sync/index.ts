@@ -178,7 +178,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
   }, async function (request, reply) {
     const ifMatch = parseEntityTags(request.headers['if-match'], false)
     const result = await guarded(request, reply, () => app.storage.delete(request.params.userId, { ifMatch }, request.accessToken))
-    if (!result.deleted) await unproven(request, reply, false)
+    await unproven(request, reply, result.claimed)
     if (result.preconditionFailed) {
       sendEtag(reply, result.currentEtag)
       throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
