@@ -62,11 +62,13 @@ export default fp(async function rateLimits (app) {
  * the budget of all requests without one: whoever sends a wrong token or none never spends the
  * owner's. A token only earns that budget by opening a record claimed with it; a token that
  * proved nothing (the record has none, or there is no record) also spends the budget of
- * requests without one (`unproven`), so that made-up tokens do not escape the limit.
+ * requests without one (`unproven`), so that made-up tokens do not escape the limit. That is
+ * known only once the storage answered: a request that changed nothing is then refused (429);
+ * one that changed something (the delete of an unclaimed record) is only counted.
  */
 export function userRateLimit (app: FastifyInstance): {
   onRequest: onRequestHookHandler
-  unproven: (request: FastifyRequest, reply: FastifyReply) => Promise<void>
+  unproven: (request: FastifyRequest, reply: FastifyReply, refuse: boolean) => Promise<void>
 } | null {
   const { RATE_LIMIT_MAX: perUser, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
   if (perUser === 0) return null
@@ -82,11 +84,13 @@ export function userRateLimit (app: FastifyInstance): {
       // The headers tell the client about the limit it will hit first.
       if (ip === null || outcome.isExceeded || outcome.remaining <= ip.remaining) enforce(reply, outcome, windowMs)
     },
-    async unproven (request, reply) {
+    // Counted once the storage has answered: with `refuse`, past the limit the answer is a 429
+    // instead (only where nothing was changed); without, the request is only counted.
+    async unproven (request, reply, refuse) {
       if (request.accessToken === null) return
       shared.add(request)
       const outcome = await check(request)
-      if (!outcome.isAllowed && outcome.isExceeded) enforce(reply, outcome, windowMs)
+      if (refuse && !outcome.isAllowed && outcome.isExceeded) enforce(reply, outcome, windowMs)
     }
   }
 }

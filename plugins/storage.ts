@@ -44,29 +44,33 @@ const STORE = {
          ON CONFLICT (user_id) DO UPDATE SET ${SET_PAYLOAD}, ${CLAIM(7)} WHERE ${authorized(7)}
          RETURNING ${ETAG} AS etag`
 }
-// Conditional writes return the new tag when they wrote, else the current tag and whether the
-// request may see it, in one round trip. A plain sub-select would see the statement's snapshot,
-// which misses the write of a device that won a race a moment earlier; FOR SHARE waits for such
-// a write and reads the committed row. These sub-selects come after the one that runs the write
-// (a select list is evaluated in order): locking the row for share before writing would let
-// two racing statements each hold the share lock and then wait for the other's (a deadlock).
-const current = (column: string) => `(SELECT ${column} FROM user_sync_data WHERE user_id = $1 FOR SHARE)`
-const CURRENT = (token: number) => `${current(ETAG)} AS current, ${current(authorized(token))} AS authorized`
+// Conditional writes, deletes and rotations first lock the record and judge every condition
+// (the precondition, the token) on that locked row: a locking read waits for a concurrent write
+// and returns the committed row, where the statement's own snapshot may hold an older one (say,
+// a token rotated a moment ago, which the snapshot would still refuse). The lock is exclusive,
+// so racing writers queue behind it rather than deadlock, and the answer (the current tag,
+// whether the request may see it) comes from the same row, in one round trip, whichever order
+// PostgreSQL runs the parts of the statement in.
+const LOCKED = (token: number) => `locked AS (
+           SELECT ${ETAG}, ${authorized(token)} AS authorized, ${CLAIMED} AS claimed
+           FROM user_sync_data WHERE user_id = $1 FOR UPDATE)`
+const FROM_LOCKED = `(SELECT etag FROM locked) AS current, (SELECT authorized FROM locked) AS authorized,
+           (SELECT claimed FROM locked) AS claimed`
 const conditionalUpdate = (name: string, condition: string, token: number) => ({
   name,
-  text: `WITH written AS (
-           UPDATE user_sync_data SET ${SET_PAYLOAD}, ${CLAIM(token)}
-           WHERE user_id = $1 AND ${condition} AND ${authorized(token)} RETURNING ${ETAG} AS etag)
-         SELECT (SELECT etag FROM written) AS etag, ${CURRENT(token)}`
+  text: `WITH ${LOCKED(token)}, written AS (
+           UPDATE user_sync_data SET ${SET_PAYLOAD}, ${CLAIM(token)} FROM locked
+           WHERE user_sync_data.user_id = $1 AND locked.authorized AND ${condition} RETURNING user_sync_data.${ETAG} AS etag)
+         SELECT (SELECT etag FROM written) AS etag, ${FROM_LOCKED}`
 })
-const STORE_IF_MATCH = conditionalUpdate('sync-store-if-match', `${ETAG} = ANY($7::text[])`, 8)
+const STORE_IF_MATCH = conditionalUpdate('sync-store-if-match', 'locked.etag = ANY($7::text[])', 8)
 const STORE_IF_EXISTS = conditionalUpdate('sync-store-if-exists', 'true', 7)
 const STORE_IF_ABSENT = {
   name: 'sync-store-if-absent',
-  text: `WITH written AS (
-           INSERT INTO user_sync_data (${COLUMNS}, token_hash) VALUES (${PLACEHOLDERS}, $7::bytea)
+  text: `WITH ${LOCKED(7)}, written AS (
+           INSERT INTO user_sync_data (${COLUMNS}, token_hash) SELECT ${PLACEHOLDERS}, $7::bytea WHERE NOT EXISTS (SELECT 1 FROM locked)
            ON CONFLICT (user_id) DO NOTHING RETURNING ${ETAG} AS etag)
-         SELECT (SELECT etag FROM written) AS etag, ${CURRENT(7)}`
+         SELECT (SELECT etag FROM written) AS etag, ${FROM_LOCKED}`
 }
 // A download is an access: the inactivity rule counts from the last one. The row is rewritten
 // at most once a day (a write per GET would cost a WAL flush per download, and the rule needs
@@ -84,21 +88,19 @@ const GET = {
            iv, timestamp, checksum, blob_size
          FROM user_sync_data WHERE user_id = $1`
 }
-// A delete that removed nothing tells apart "no record" (authorized NULL) from "not this token";
-// `claimed` is whether a token guarded the record (the deleted one, else the current one).
+// A delete that removed nothing tells apart "no record" (authorized NULL) from "not this token".
 const DELETE = {
   name: 'sync-delete',
-  text: `WITH deleted AS (DELETE FROM user_sync_data WHERE user_id = $1 AND ${authorized(2)} RETURNING ${CLAIMED} AS claimed)
-         SELECT (SELECT count(*) FROM deleted)::int AS deleted, (SELECT bool_or(claimed) FROM deleted) AS deleted_claimed,
-           ${current(authorized(2))} AS authorized, ${current(CLAIMED)} AS claimed`
+  text: `WITH ${LOCKED(2)}, deleted AS (
+           DELETE FROM user_sync_data USING locked WHERE user_sync_data.user_id = $1 AND locked.authorized RETURNING 1)
+         SELECT (SELECT count(*) FROM deleted)::int AS deleted, ${FROM_LOCKED}`
 }
 const DELETE_IF_MATCH = {
   name: 'sync-delete-if-match',
-  text: `WITH deleted AS (
-           DELETE FROM user_sync_data WHERE user_id = $1 AND ($3 OR ${ETAG} = ANY($2::text[])) AND ${authorized(4)}
-           RETURNING ${CLAIMED} AS claimed)
-         SELECT (SELECT count(*) FROM deleted)::int AS deleted, (SELECT bool_or(claimed) FROM deleted) AS deleted_claimed,
-           ${CURRENT(4)}, ${current(CLAIMED)} AS claimed`
+  text: `WITH ${LOCKED(4)}, deleted AS (
+           DELETE FROM user_sync_data USING locked
+           WHERE user_sync_data.user_id = $1 AND locked.authorized AND ($3 OR locked.etag = ANY($2::text[])) RETURNING 1)
+         SELECT (SELECT count(*) FROM deleted)::int AS deleted, ${FROM_LOCKED}`
 }
 const ETAG_OF = {
   name: 'sync-etag',
@@ -108,8 +110,10 @@ const ETAG_OF = {
 // replace: it is claimed by an upload (a rotation would claim it without touching the data).
 const SET_TOKEN = {
   name: 'sync-set-token',
-  text: `WITH updated AS (UPDATE user_sync_data SET token_hash = $3::bytea WHERE user_id = $1 AND token_hash = $2::bytea RETURNING 1)
-         SELECT (SELECT count(*) FROM updated)::int AS updated, ${current(CLAIMED)} AS claimed`
+  text: `WITH ${LOCKED(2)}, updated AS (
+           UPDATE user_sync_data SET token_hash = $3::bytea FROM locked
+           WHERE user_sync_data.user_id = $1 AND locked.claimed AND locked.authorized RETURNING 1)
+         SELECT (SELECT count(*) FROM updated)::int AS updated, ${FROM_LOCKED}`
 }
 const ALL_USER_IDS = { name: 'sync-all-user-ids', text: 'SELECT user_id FROM user_sync_data ORDER BY user_id' }
 // Cleanup deletes in batches, each its own short transaction, so that a large table is never
@@ -168,9 +172,10 @@ export class AccessDenied extends Error {
   constructor () { super('the record is claimed by another access token') }
 }
 
+/** A refused write says `claimed: true` (only set when true) when a device's token guards the record. */
 export type StoreResult =
   | { stored: true, etag: string, bytes: number }
-  | { stored: false, currentEtag: string | null }
+  | { stored: false, currentEtag: string | null, claimed?: true }
 
 /** `claimed: true` (only set when true) when a device's token guarded the record. */
 export type DeleteResult =
@@ -187,7 +192,7 @@ export interface StoredRecord {
   claimed?: boolean
 }
 
-type ConditionalRow = { etag: string | null, current: string | null, authorized: boolean | null }
+type ConditionalRow = { etag: string | null, current: string | null, authorized: boolean | null, claimed: boolean | null }
 
 // A connection the server closed (restart, failover, pg_terminate_backend) fails the one query
 // that finds it (isConnectionLost). Idempotent statements are tried once more on a fresh
@@ -276,7 +281,7 @@ export function createStorage (
         // The insert lost to one that committed after this statement's snapshot was taken, so
         // the statement cannot see the winner's row; a second look (this race only) can.
         const winner = await lookup(userId, token)
-        row = { etag: null, current: winner?.etag ?? null, authorized: winner?.authorized ?? null }
+        row = { etag: null, current: winner?.etag ?? null, authorized: winner?.authorized ?? null, claimed: winner?.claimed ?? null }
       }
     } else {
       const etag = (await run<{ etag: string }>(STORE, [...values, token])).rows[0]?.etag
@@ -286,7 +291,9 @@ export function createStorage (
     if (row?.etag != null) return { stored: true, etag: row.etag, bytes }
     // Authorization before preconditions: the tag of a record is not for a stranger to see.
     if (row?.authorized === false) throw new AccessDenied()
-    return { stored: false, currentEtag: row?.current ?? null }
+    const refused: StoreResult = { stored: false, currentEtag: row?.current ?? null }
+    if (row?.claimed === true) refused.claimed = true
+    return refused
   }
 
   return {
@@ -323,7 +330,7 @@ export function createStorage (
     async delete (userId: string, precondition: Pick<WritePrecondition, 'ifMatch'> = {}, token: AccessToken = null): Promise<DeleteResult> {
       const started = process.hrtime.bigint()
       const { ifMatch } = precondition
-      type Row = { deleted: number, deleted_claimed: boolean | null, current: string | null, authorized: boolean | null, claimed: boolean | null }
+      type Row = { deleted: number } & Omit<ConditionalRow, 'etag'>
       const { rows: [row] } = ifMatch === undefined
         ? await run<Row>(DELETE, [userId, token])
         : await run<Row>(DELETE_IF_MATCH, [userId, ifMatch === '*' ? [] : ifMatch, ifMatch === '*', token], false)
@@ -332,7 +339,7 @@ export function createStorage (
       const result: DeleteResult = deleted || ifMatch === undefined
         ? { deleted }
         : { deleted: false, preconditionFailed: true, currentEtag: row?.current ?? null }
-      if (deleted ? row?.deleted_claimed === true : row?.claimed === true) result.claimed = true
+      if (row?.claimed === true) result.claimed = true
       logged('delete', userId, started, { deleted })
       return result
     },
@@ -357,7 +364,7 @@ export function createStorage (
      */
     async setToken (userId: string, current: Buffer, next: Buffer): Promise<'replaced' | 'absent' | 'unclaimed'> {
       const started = process.hrtime.bigint()
-      const { rows: [row] } = await run<{ updated: number, claimed: boolean | null }>(SET_TOKEN, [userId, current, next])
+      const { rows: [row] } = await run<{ updated: number } & Omit<ConditionalRow, 'etag'>>(SET_TOKEN, [userId, current, next])
       if (row?.updated !== 1 && row?.claimed === true) denied(userId, 'set-token', started)(new AccessDenied())
       const outcome = row?.updated === 1 ? 'replaced' : row?.claimed === false ? 'unclaimed' : 'absent'
       logged('set-token', userId, started, { outcome })

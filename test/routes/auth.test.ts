@@ -560,6 +560,16 @@ t.test('the per-user limit holds for clients with tokens too: the owner\'s, and 
   const absent: number[] = []
   for (let i = 0; i < 101; i++) absent.push((await get(nobody, bearer(newToken()))).statusCode)
   t.strictSame(absent, [...Array(100).fill(404), 429], 'no record: 100 requests, then 429')
+  // The shared budget of openUser is used up: made-up tokens get 429 wherever nothing changed...
+  const stale = await app.inject({ method: 'PUT', url: url(openUser), headers: { ...bearer(newToken()), 'if-match': '"1-stale"' }, payload: payload(), remoteAddress: address })
+  t.equal(stale.statusCode, 429, 'PUT with a stale If-Match and a made-up token: 429, not 412')
+  const rotation = await app.inject({ method: 'PUT', url: `${url(openUser)}/token`, headers: bearer(newToken()), payload: { token: newToken() }, remoteAddress: address })
+  t.equal(rotation.statusCode, 429, 'a rotation on the unclaimed record: 429, not 409')
+  // ...but an answer never claims a refusal for what was done: a delete that deleted says so.
+  const deleting = await app.inject({ method: 'DELETE', url: url(openUser), headers: bearer(newToken()), remoteAddress: address })
+  t.equal(deleting.statusCode, 200, 'a DELETE that deleted the unclaimed record: 200')
+  const gone = await app.inject({ method: 'DELETE', url: url(openUser), headers: bearer(newToken()), remoteAddress: address })
+  t.equal(gone.statusCode, 429, 'the next, which deletes nothing: 429')
 })
 
 t.test('the owner\'s stale If-Match is a 412, not a 429, after strangers used up the shared budget', async (t) => {
@@ -595,7 +605,12 @@ t.test('conditional writes and a rotation racing on one record queue on the row:
     "AND application_name = 'logikids-sync' AND wait_event_type = 'Lock'")).rows[0].n as number
   /** Holds the row while `start` sends its requests one by one, each seen waiting before the next. */
   async function queued<T> (userId: string, requests: Array<() => Promise<T>>): Promise<T[]> {
-    if (holder === undefined) return await Promise.all(requests.map((send) => send()))
+    if (holder === undefined) {
+      // The embedded database serves one statement at a time: queue them by sending in order.
+      const answers: T[] = []
+      for (const send of requests) answers.push(await send())
+      return answers
+    }
     await holder.query('BEGIN')
     await holder.query('SELECT 1 FROM user_sync_data WHERE user_id = $1 FOR UPDATE', [userId])
     const sent: Array<Promise<T>> = []
@@ -626,5 +641,27 @@ t.test('conditional writes and a rotation racing on one record queue on the row:
   t.equal(rotated!.statusCode, 200, 'the rotation, queued first, replaced the token')
   t.equal(late!.statusCode, 401, 'the upload with the old token, queued behind it, is refused')
   t.strictSame(await storedHash(userId, pool), sha256(second))
+
+  // The new token, in a request queued behind the rotation that sets it, is judged on the row as
+  // the rotation left it (the statement's own snapshot still holds the old token).
+  const [t1, t2, t3, t4, t5, t6, t7] = [newToken(), newToken(), newToken(), newToken(), newToken(), newToken(), newToken()]
+  const rotate = (from: string, to: string) => () => app.inject({ method: 'PUT', url: `${url(userId)}/token`, headers: bearer(from), payload: { token: to } })
+  const remove = (headers: Record<string, string>) => () => app.inject({ method: 'DELETE', url: url(userId), headers })
+  const tagNow = async () => `"${String((await row(userId, pool))?.etag)}"`
+  const statuses = (answers: Array<{ statusCode: number }>) => answers.map((res) => res.statusCode)
+  t.strictSame(statuses(await queued(userId, [rotate(second, t1), put({ ...bearer(t1), 'if-match': '*' })])), [200, 200],
+    'a rotation, then PUT If-Match: * with the new token: both 200')
+  t.strictSame(statuses(await queued(userId, [rotate(t1, t2), rotate(t2, t3)])), [200, 200],
+    'a rotation, then a rotation with the new token: both 200')
+  const tag = await tagNow()
+  t.strictSame(statuses(await queued(userId, [rotate(t3, t4), put({ ...bearer(t4), 'if-match': tag })])), [200, 200],
+    'a rotation, then PUT If-Match: <current> with the new token: both 200')
+  const last = await tagNow()
+  t.strictSame(statuses(await queued(userId, [rotate(t4, t5), remove({ ...bearer(t5), 'if-match': last })])), [200, 200],
+    'a rotation, then DELETE If-Match with the new token: both 200')
+  t.equal(await row(userId, pool), null, 'and the record is gone')
+  await put(bearer(t6))()
+  t.strictSame(statuses(await queued(userId, [rotate(t6, t7), remove(bearer(t7))])), [200, 200], 'a rotation, then DELETE with the new token: both 200')
+  t.equal(await row(userId, pool), null, 'and the record is gone')
   t.strictSame(lines.filter((line) => /rolled back|"level":50/.test(line)), [], 'no statement was rolled back for a deadlock, no error')
 })

@@ -50,8 +50,8 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
   const perUser = userRateLimit(app)
   if (perUser !== null) app.addHook('onRequest', perUser.onRequest)
   /** A token that opened no record claimed with it proved nothing: see userRateLimit. */
-  async function unproven (request: FastifyRequest, reply: FastifyReply, claimed: boolean | undefined): Promise<void> {
-    if (perUser !== null && request.accessToken !== null && claimed !== true) await perUser.unproven(request, reply)
+  async function unproven (request: FastifyRequest, reply: FastifyReply, claimed: boolean | undefined, changed = false): Promise<void> {
+    if (perUser !== null && request.accessToken !== null && claimed !== true) await perUser.unproven(request, reply, !changed)
   }
 
   /** Runs a storage operation; a record claimed by another token (AccessDenied) is a 401. */
@@ -95,11 +95,13 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
       // "Replace this version" and "only create" cannot both hold: RFC 9110 says 412, and nothing is written.
       const current = await app.storage.lookup(userId, token)
       if (current?.authorized === false) return await refuse(request, reply, token === null ? 'missing' : 'wrong')
+      await unproven(request, reply, current?.claimed)
       sendEtag(reply, current?.etag ?? null)
       throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
     }
     const result = await guarded(request, reply, () => app.storage.store(userId, request.body, { ifMatch, ifNoneMatch }, token))
     if (!result.stored) {
+      await unproven(request, reply, result.claimed)
       sendEtag(reply, result.currentEtag)
       throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
     }
@@ -178,7 +180,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
   }, async function (request, reply) {
     const ifMatch = parseEntityTags(request.headers['if-match'], false)
     const result = await guarded(request, reply, () => app.storage.delete(request.params.userId, { ifMatch }, request.accessToken))
-    await unproven(request, reply, result.claimed)
+    await unproven(request, reply, result.claimed, result.deleted)
     if (result.preconditionFailed) {
       sendEtag(reply, result.currentEtag)
       throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
@@ -201,6 +203,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     const current = request.accessToken
     if (current === null) return await refuse(request, reply, 'missing')
     const outcome = await guarded(request, reply, () => app.storage.setToken(request.params.userId, current, tokenHash(request.body.token)))
+    if (outcome !== 'replaced') await unproven(request, reply, false)
     if (outcome === 'absent') throw app.httpErrors.notFound('User not found')
     if (outcome === 'unclaimed') {
       // Claiming is an upload's doing: a rotation would claim a record without proving anything.
