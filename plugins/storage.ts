@@ -108,11 +108,14 @@ const ETAG_OF = {
 }
 // Rotation: the current token replaces the stored hash. An unclaimed record has no token to
 // replace: it is claimed by an upload (a rotation would claim it without touching the data).
+// A record that already holds the new token counts as rotated, so that the statement is safe to
+// retry after a connection lost on its way back (the first try committed; only the holder of
+// the new token could ask for it).
 const SET_TOKEN = {
   name: 'sync-set-token',
   text: `WITH ${LOCKED(2)}, updated AS (
            UPDATE user_sync_data SET token_hash = $3::bytea FROM locked
-           WHERE user_sync_data.user_id = $1 AND locked.claimed AND locked.authorized RETURNING 1)
+           WHERE user_sync_data.user_id = $1 AND locked.claimed AND (locked.authorized OR user_sync_data.token_hash = $3::bytea) RETURNING 1)
          SELECT (SELECT count(*) FROM updated)::int AS updated, ${FROM_LOCKED}`
 }
 const ALL_USER_IDS = { name: 'sync-all-user-ids', text: 'SELECT user_id FROM user_sync_data ORDER BY user_id' }
