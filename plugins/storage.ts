@@ -255,12 +255,10 @@ export function createStorage (
     log[level]({ op, user: userId === undefined ? undefined : pseudonym(userId), ms: Math.round(ms * 100) / 100, ...extra }, 'storage')
   }
 
-  /** Logs a refused operation (at debug level, like every other) and throws it on. */
-  function denied (userId: string, op: string, started: bigint) {
-    return (err: unknown): never => {
-      if (err instanceof AccessDenied) logged(op, userId, started, { denied: true })
-      throw err
-    }
+  /** Refuses an operation on a record another token claimed, logged (at debug level) like every other. */
+  function deny (op: string, userId: string, started: bigint): never {
+    logged(op, userId, started, { denied: true })
+    throw new AccessDenied()
   }
 
   /** Whether the user has a record, its tag, whether a token guards it and whether `token` may see it; null when there is none. */
@@ -269,7 +267,7 @@ export function createStorage (
     return row ?? null
   }
 
-  async function storeWith (userId: string, payload: SyncPayload, precondition: WritePrecondition, token: AccessToken): Promise<StoreResult> {
+  async function storeWith (userId: string, payload: SyncPayload, precondition: WritePrecondition, token: AccessToken, started: bigint): Promise<StoreResult> {
     const bytes = decodedBase64Bytes(payload.encryptedBlob)
     const values = [userId, payload.encryptedBlob, payload.iv, payload.timestamp, payload.checksum, bytes]
     const { ifMatch, ifNoneMatch } = precondition
@@ -288,12 +286,12 @@ export function createStorage (
       }
     } else {
       const etag = (await run<{ etag: string }>(STORE, [...values, token])).rows[0]?.etag
-      if (etag === undefined) throw new AccessDenied()
+      if (etag === undefined) deny('store', userId, started)
       return { stored: true, etag, bytes }
     }
     if (row?.etag != null) return { stored: true, etag: row.etag, bytes }
     // Authorization before preconditions: the tag of a record is not for a stranger to see.
-    if (row?.authorized === false) throw new AccessDenied()
+    if (row?.authorized === false) deny('store', userId, started)
     const refused: StoreResult = { stored: false, currentEtag: row?.current ?? null }
     if (row?.claimed === true) refused.claimed = true
     return refused
@@ -303,7 +301,7 @@ export function createStorage (
     /** Creates or replaces the user's record, unless a precondition fails or another token claimed it; a token claims it. */
     async store (userId: string, payload: SyncPayload, precondition: WritePrecondition = {}, token: AccessToken = null): Promise<StoreResult> {
       const started = process.hrtime.bigint()
-      const result = await storeWith(userId, payload, precondition, token).catch(denied(userId, 'store', started))
+      const result = await storeWith(userId, payload, precondition, token, started)
       logged('store', userId, started, result.stored ? { bytes: result.bytes } : { preconditionFailed: true })
       return result
     },
@@ -315,7 +313,7 @@ export function createStorage (
     async get (userId: string, notModified: string[] = [], token: AccessToken = null): Promise<StoredRecord | null> {
       const started = process.hrtime.bigint()
       const { rows: [row] } = await run<StoredRow>(GET, [userId, notModified, token])
-      if (row !== undefined && !row.authorized) denied(userId, 'get', started)(new AccessDenied())
+      if (row !== undefined && !row.authorized) deny('get', userId, started)
       logged('get', userId, started, { bytes: row?.not_modified ? 0 : (row?.blob_size ?? 0), found: row !== undefined })
       if (row === undefined) return null
       const record: StoredRecord = {
@@ -338,7 +336,7 @@ export function createStorage (
         ? await run<Row>(DELETE, [userId, token])
         : await run<Row>(DELETE_IF_MATCH, [userId, ifMatch === '*' ? [] : ifMatch, ifMatch === '*', token], false)
       const deleted = row?.deleted === 1
-      if (!deleted && row?.authorized === false) denied(userId, 'delete', started)(new AccessDenied())
+      if (!deleted && row?.authorized === false) deny('delete', userId, started)
       const result: DeleteResult = deleted || ifMatch === undefined
         ? { deleted }
         : { deleted: false, preconditionFailed: true, currentEtag: row?.current ?? null }
@@ -368,7 +366,7 @@ export function createStorage (
     async setToken (userId: string, current: Buffer, next: Buffer): Promise<'replaced' | 'absent' | 'unclaimed'> {
       const started = process.hrtime.bigint()
       const { rows: [row] } = await run<{ updated: number } & Omit<ConditionalRow, 'etag'>>(SET_TOKEN, [userId, current, next])
-      if (row?.updated !== 1 && row?.claimed === true) denied(userId, 'set-token', started)(new AccessDenied())
+      if (row?.updated !== 1 && row?.claimed === true) deny('set-token', userId, started)
       const outcome = row?.updated === 1 ? 'replaced' : row?.claimed === false ? 'unclaimed' : 'absent'
       logged('set-token', userId, started, { outcome })
       return outcome
