@@ -65,7 +65,9 @@ export function accessControl (app: FastifyInstance) {
     : app.createRateLimit(limitOptions(limit, windowMs, cache, (request) => `auth:${clientKey(request.ip)}`))
   const { authFailures } = app.metrics
 
-  async function refuse (request: FastifyRequest, reply: FastifyReply, failure: AuthFailure): Promise<never> {
+  // Without a stated failure, the request was refused by the record: for its token, or for having none.
+  async function refuse (request: FastifyRequest, reply: FastifyReply,
+    failure: AuthFailure = request.accessToken === null ? 'missing' : 'wrong'): Promise<never> {
     authFailures.inc({ reason: failure })
     // Also on the 429: a device left behind by a rotation must see that its token is the
     // problem (and pair again) rather than retry for ever.

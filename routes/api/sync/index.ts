@@ -59,7 +59,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     try {
       return await operation()
     } catch (err) {
-      if (err instanceof AccessDenied) return await refuse(request, reply, request.accessToken === null ? 'missing' : 'wrong')
+      if (err instanceof AccessDenied) return await refuse(request, reply)
       throw err
     }
   }
@@ -94,7 +94,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     if (ifMatch !== undefined && ifNoneMatch === '*') {
       // "Replace this version" and "only create" cannot both hold: RFC 9110 says 412, and nothing is written.
       const current = await app.storage.lookup(userId, token)
-      if (current?.authorized === false) return await refuse(request, reply, token === null ? 'missing' : 'wrong')
+      if (current?.authorized === false) return await refuse(request, reply)
       await unproven(request, reply, current?.claimed)
       sendEtag(reply, current?.etag ?? null)
       throw app.httpErrors.preconditionFailed(PRECONDITION_FAILED)
@@ -144,7 +144,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     }
   }, async function (request, reply) {
     const current = await app.storage.lookup(request.params.userId, request.accessToken)
-    if (current?.authorized === false) return await refuse(request, reply, request.accessToken === null ? 'missing' : 'wrong')
+    if (current?.authorized === false) return await refuse(request, reply)
     await unproven(request, reply, current?.claimed)
     if (current === null) throw app.httpErrors.notFound('User not found')
     sendEtag(reply, current.etag)
