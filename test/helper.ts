@@ -258,3 +258,13 @@ export function inspect (t: TestContext, connectionString: string): pg.Pool {
   t.teardown(() => pool.end())
   return pool
 }
+
+/**
+ * The backends of `applicationName` on this database that wait for a lock (their pids): how
+ * the tests that force an interleaving see the service's statements queued behind a held row.
+ */
+export async function lockWaiters (db: pg.Pool | pg.Client, applicationName = 'logikids-sync'): Promise<number[]> {
+  const { rows } = await db.query<{ pid: number }>('SELECT pid FROM pg_stat_activity WHERE datname = current_database() ' +
+    "AND application_name = $1 AND wait_event_type = 'Lock'", [applicationName])
+  return rows.map((row) => row.pid)
+}

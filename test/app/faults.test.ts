@@ -2,7 +2,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import pg from 'pg'
 import { eventually, within } from '../wait.ts'
-import { build, createTestDatabase, inspect } from '../helper.ts'
+import { build, createTestDatabase, inspect, lockWaiters } from '../helper.ts'
 import { startCluster } from '../pg-cluster.ts'
 
 // Faults on a real PostgreSQL: connections killed by the server while a statement runs on
@@ -16,10 +16,7 @@ const RETRY_LINE = 'database connection lost mid-query, retrying once'
 async function blockedOnLock (db: pg.Pool, except: number[] = []): Promise<number[]> {
   let pids: number[] = []
   await eventually(async () => {
-    const { rows } = await db.query<{ pid: number }>(
-      "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'logikids-sync' " +
-      "AND wait_event_type = 'Lock' AND NOT pid = ANY($1)", [except])
-    pids = rows.map((row) => row.pid)
+    pids = (await lockWaiters(db)).filter((pid) => !except.includes(pid))
     return pids.length > 0
   }, 10_000)
   return pids

@@ -3,7 +3,7 @@ import { createHash, randomUUID } from 'node:crypto'
 import net from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
-import { createTestDatabase, embeddedTests, inspect } from '../helper.ts'
+import { createTestDatabase, embeddedTests, inspect, lockWaiters } from '../helper.ts'
 import { startServer } from '../server-process.ts'
 import { within } from '../wait.ts'
 
@@ -25,9 +25,8 @@ function version (fill: number) {
 /** The service's backends on this database that wait for a lock, once there are `count` of them (at most 10 s). */
 async function blockedOnLock (count: number): Promise<number[]> {
   for (const deadline = Date.now() + 10_000; ;) {
-    const { rows } = await db.query<{ pid: number }>(
-      "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'logikids-sync' AND wait_event_type = 'Lock'")
-    if (rows.length >= count || Date.now() > deadline) return rows.map((row) => row.pid)
+    const pids = await lockWaiters(db)
+    if (pids.length >= count || Date.now() > deadline) return pids
     await sleep(20)
   }
 }

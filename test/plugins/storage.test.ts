@@ -6,7 +6,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { createStorage } from '../../plugins/storage.ts'
 import { migrate } from '../../plugins/db.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
-import { createTestDatabase, embeddedTests } from '../helper.ts'
+import { createTestDatabase, embeddedTests, lockWaiters } from '../helper.ts'
 
 /** A tap subtest (the type of the callback's argument). */
 type Test = Parameters<Parameters<typeof t.test>[0]>[0]
@@ -50,9 +50,7 @@ async function holdRow (t: Test, userId: string) {
 async function waitingForLock (count: number): Promise<number> {
   let waiting = 0
   for (const deadline = Date.now() + 10_000; Date.now() < deadline;) {
-    const { rows } = await pool.query('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() ' +
-      "AND application_name = $1 AND wait_event_type = 'Lock'", [STORAGE])
-    waiting = rows[0].n
+    waiting = (await lockWaiters(pool, STORAGE)).length
     if (waiting >= count) break
     await sleep(10)
   }

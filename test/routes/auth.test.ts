@@ -6,7 +6,7 @@ import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify'
 import pg from 'pg'
-import { build, createTestDatabase, databaseUrlOf, embeddedTests, inspect } from '../helper.ts'
+import { build, createTestDatabase, databaseUrlOf, embeddedTests, inspect, lockWaiters } from '../helper.ts'
 import { until } from '../wait.ts'
 
 // Access tokens (issue 13, docs/sync-protocol.md "Access tokens"). The derivation is the one
@@ -321,8 +321,7 @@ t.test('two devices claiming one record at the same moment: exactly one wins, ev
   }
   const holder = embedded ? undefined : await connect('lock holder')
   const observer = embedded ? undefined : await connect('observer')
-  const waiting = async () => (await observer!.query('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() ' +
-    "AND application_name = 'logikids-sync' AND wait_event_type = 'Lock'")).rows[0].n as number
+  const waiting = async () => (await lockWaiters(observer!)).length
   // Rounds cycle through: a record an old client uploaded, a new record (plain PUTs), and a new
   // record created with If-None-Match: * (the first upload of a new account).
   for (let round = 1; round <= 12; round++) {
@@ -605,8 +604,7 @@ t.test('conditional writes and a rotation racing on one record queue on the row:
   const holder = embedded ? undefined : new pg.Client({ connectionString: databaseUrl, application_name: 'lock holder' })
   await holder?.connect()
   t.teardown(() => holder?.end())
-  const waiting = async () => (await pool.query('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() ' +
-    "AND application_name = 'logikids-sync' AND wait_event_type = 'Lock'")).rows[0].n as number
+  const waiting = async () => (await lockWaiters(pool)).length
   /** Holds the row while `start` sends its requests one by one, each seen waiting before the next. */
   async function queued<T> (userId: string, requests: Array<() => Promise<T>>): Promise<T[]> {
     if (holder === undefined) {

@@ -2,7 +2,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
-import { build, embeddedTests } from '../helper.ts'
+import { build, embeddedTests, lockWaiters } from '../helper.ts'
 import { parseEntityTags } from '../../routes/api/sync/index.ts'
 
 // The race rounds send many requests for one user: the per-user limit is not what they test.
@@ -145,9 +145,7 @@ const embedded = embeddedTests()
 async function waitingForLock (observer: pg.Client, count: number): Promise<number> {
   let waiting = 0
   for (const deadline = Date.now() + 10_000; Date.now() < deadline;) {
-    const { rows } = await observer.query('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() ' +
-      "AND application_name = 'logikids-sync' AND wait_event_type = 'Lock'")
-    waiting = rows[0].n
+    waiting = (await lockWaiters(observer)).length
     if (waiting >= count) break
     await sleep(10)
   }
