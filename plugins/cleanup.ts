@@ -8,12 +8,12 @@ import type { Storage } from './storage.ts'
 export const CLEANUP_LOCK = 0x6c6b5f636c6e // "lk_cln"
 
 export type CleanupResult =
-  | { ran: true, deleted: number, ms: number, dryRun: boolean }
+  | { ran: true, deleted: number, historyPruned: number, ms: number, dryRun: boolean }
   | { ran: false, reason: 'another instance is running it' }
 
 /**
- * Deletes the accounts not accessed for more than `inactiveDays` days (GDPR retention), in
- * batches (see storage.deleteInactive), while holding a transaction-scoped advisory lock so
+ * Deletes the accounts not accessed for more than `inactiveDays` days (GDPR retention; 0: none),
+ * in batches (see storage.deleteInactive), then the kept versions past the history limits, while holding a transaction-scoped advisory lock so
  * that only one of several instances does it. With dryRun, only counts them.
  *
  * The lock lives in a transaction on a connection of its own, outside the pool: the batches
@@ -29,13 +29,17 @@ export async function cleanupInactive (
   const dryRun = options.dryRun === true
   const work = async (): Promise<CleanupResult> => {
     const started = Date.now()
-    const deleted = dryRun
-      ? await storage.countInactive(options.inactiveDays)
-      : await storage.deleteInactive(options.inactiveDays, options.batchSize)
+    const { inactiveDays } = options
+    let deleted = 0
+    if (inactiveDays > 0) {
+      deleted = dryRun ? await storage.countInactive(inactiveDays) : await storage.deleteInactive(inactiveDays, options.batchSize)
+    }
+    // Versions past the history limits that no upload has dropped (records not written since).
+    const historyPruned = dryRun ? 0 : await storage.pruneHistory(options.batchSize)
     const ms = Date.now() - started
-    log.info({ inactiveDays: options.inactiveDays, deleted, ms, dryRun },
+    log.info({ inactiveDays, deleted, historyPruned, ms, dryRun },
       dryRun ? 'cleanup: dry run, nothing deleted' : 'cleanup: inactive accounts deleted')
-    return { ran: true, deleted, ms, dryRun }
+    return { ran: true, deleted, historyPruned, ms, dryRun }
   }
   if (options.lock === false) return await work()
 
@@ -113,7 +117,6 @@ export default fp(async function cleanup (app) {
   const log = app.log.child({ component: 'cleanup' })
 
   async function run (): Promise<CleanupResult | null> {
-    if (inactiveDays === 0) return null
     try {
       const result = await cleanupInactive(app.pg.pool, app.storage, log, { inactiveDays, lock: app.databaseKind !== 'embedded' })
       app.metrics.cleanupRuns.inc({ result: result.ran ? 'deleted' : 'skipped' })
@@ -127,7 +130,9 @@ export default fp(async function cleanup (app) {
   }
   app.decorate('cleanup', { run })
 
-  if (inactiveDays === 0 || intervalMs === 0) return
+  // It runs with CLEANUP_INACTIVE_DAYS=0 too: kept versions past the history limits are dropped by
+  // the uploads, and by the cleanup for records not written since.
+  if (intervalMs === 0) return
   // The first run comes a minute after start-up, not a whole interval later: a service that is
   // redeployed more often than the interval would otherwise never clean up.
   let schedule: { stop (): void } | undefined

@@ -69,6 +69,12 @@ export const ConfigSchema = Type.Object({
   CLEANUP_INACTIVE_DAYS: Type.Integer({
     minimum: 0, maximum: 36_500, default: 730, description: 'delete accounts not accessed for this many days; 0 disables'
   }),
+  HISTORY_VERSIONS: Type.Integer({
+    minimum: 0, maximum: 100, default: 10, description: 'previous versions kept per user, so that an upload can be undone; 0 keeps none'
+  }),
+  HISTORY_DAYS: Type.Integer({
+    minimum: 0, maximum: 36_500, default: 30, description: 'days a previous version is kept after it was replaced; 0: no age limit'
+  }),
   CLEANUP_INTERVAL: Duration('1d', 'how often the cleanup runs (e.g. 1d, 12h, 30 days); 0 disables'),
   RATE_LIMIT_MAX: Type.Integer({ minimum: 0, default: 100, description: 'requests per user id per window; 0 disables' }),
   RATE_LIMIT_IP_MAX: Type.Integer({ minimum: 0, default: 2000, description: 'requests per client IP (IPv6: per /64) per window; 0 disables' }),

@@ -89,7 +89,7 @@ export default fp(async function metrics (app) {
 
   // Counted by one query at most once a minute, never per scrape: scrapes must not become load
   // on the database. (app.storage is registered after this plugin; it is only used at scrape time.)
-  let stored = { users: 0, bytes: 0, at: 0 }
+  let stored = { users: 0, bytes: 0, historyVersions: 0, historyBytes: 0, at: 0 }
   let refreshing: Promise<void> | undefined
   async function refreshStored (): Promise<void> {
     if (Date.now() - stored.at < STORED_REFRESH_MS) return
@@ -110,6 +110,19 @@ export default fp(async function metrics (app) {
     help: 'Decoded bytes of all stored blobs (refreshed at most once a minute)',
     registers: [],
     async collect () { await refreshStored(); this.set(stored.bytes) }
+  }))
+
+  metrics.registry.registerMetric(new Gauge({
+    name: 'history_versions',
+    help: 'Previous versions kept for undo, all users (refreshed at most once a minute)',
+    registers: [],
+    async collect () { await refreshStored(); this.set(stored.historyVersions) }
+  }))
+  metrics.registry.registerMetric(new Gauge({
+    name: 'history_bytes',
+    help: 'Decoded bytes of the previous versions kept for undo (refreshed at most once a minute)',
+    registers: [],
+    async collect () { await refreshStored(); this.set(stored.historyBytes) }
   }))
 
   app.addHook('onResponse', async (request, reply) => {

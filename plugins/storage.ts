@@ -11,17 +11,23 @@ export interface Queryable {
   query<R extends QueryResultRow>(config: QueryConfig): Promise<QueryResult<R>>
 }
 
-// The entity tag of a record: its version and a random part that every write draws anew
-// (sql/003_etag.sql), so that no tag is ever repeated for other content: not after a delete
-// and a new upload, and not after a restore from backup. Stored, so that a precondition is
-// checked in the same statement as the write.
+// The version of a record: one more than the version it replaces, and never less than the time of
+// the write in milliseconds since 1970. So a number is never handed out twice for a user, not after
+// a DELETE (which erases the history that held the old numbers), not after a restore from backup
+// (which brings older numbers back): a later write takes the clock's value, past every number
+// handed out before. Only a database clock that goes back could repeat one.
+const NOW_MS = 'floor(extract(epoch FROM now()) * 1000)::bigint'
+const NEXT_VERSION = `greatest(user_sync_data.version + 1, ${NOW_MS})`
+// The entity tag: the version and a random part that every write draws anew (sql/003_etag.sql),
+// so that no tag is ever repeated for other content. Stored, so that a precondition is checked
+// in the same statement as the write.
 const ETAG = 'etag'
 const RANDOM_PART = "replace(gen_random_uuid()::text, '-', '')"
-const COLUMNS = 'user_id, encrypted_blob, iv, timestamp, checksum, blob_size, etag'
-const PLACEHOLDERS = `$1, $2, $3, $4, $5, $6, '1-' || ${RANDOM_PART}`
+const COLUMNS = 'user_id, encrypted_blob, iv, timestamp, checksum, blob_size, version, etag'
+const PLACEHOLDERS = `$1, $2, $3, $4, $5, $6, ${NOW_MS}, ${NOW_MS} || '-' || ${RANDOM_PART}`
 // created_at is never in an update list, so it keeps the first upload's time.
-const SET_PAYLOAD = `encrypted_blob = $2, iv = $3, timestamp = $4, checksum = $5, blob_size = $6,
-  version = user_sync_data.version + 1, etag = (user_sync_data.version + 1) || '-' || ${RANDOM_PART}, last_accessed = now()`
+const NEW_VERSION = `version = ${NEXT_VERSION}, etag = ${NEXT_VERSION} || '-' || ${RANDOM_PART}, stored_at = now(), last_accessed = now()`
+const SET_PAYLOAD = `encrypted_blob = $2, iv = $3, timestamp = $4, checksum = $5, blob_size = $6, ${NEW_VERSION}`
 
 // Access tokens (routes/api/sync/access-tokens.ts): a record is open to a request when no device has claimed it
 // (token_hash NULL) or when the request's token hash is the stored one. The check is part of
@@ -36,42 +42,68 @@ const CLAIMED = 'token_hash IS NOT NULL'
 // An upload with a token claims an unclaimed record; it never replaces another token.
 const CLAIM = (param: number) => `token_hash = coalesce(user_sync_data.token_hash, $${param}::bytea)`
 
-// Every statement is named so that pg prepares it once per connection and then only binds.
-// No row back means the record is claimed by another token: an upload never fails otherwise.
-const STORE = {
-  name: 'sync-store',
-  text: `INSERT INTO user_sync_data (${COLUMNS}, token_hash) VALUES (${PLACEHOLDERS}, $7::bytea)
-         ON CONFLICT (user_id) DO UPDATE SET ${SET_PAYLOAD}, ${CLAIM(7)} WHERE ${authorized(7)}
-         RETURNING ${ETAG} AS etag`
-}
-// Conditional writes, deletes and rotations first lock the record and judge every condition
-// (the precondition, the token) on that locked row: a locking read waits for a concurrent write
-// and returns the committed row, where the statement's own snapshot may hold an older one (say,
-// a token rotated a moment ago, which the snapshot would still refuse). The lock is exclusive,
-// so racing writers queue behind it rather than deadlock, and the answer (the current tag,
-// whether the request may see it) comes from the same row, in one round trip, whichever order
-// PostgreSQL runs the parts of the statement in.
+// Writes first lock the record and judge every condition (the precondition, the token) on that
+// locked row: a locking read waits for a concurrent write and returns the committed row, where
+// the statement's own snapshot may hold an older one (say, a token rotated a moment ago, which
+// the snapshot would still refuse). The lock is exclusive, so racing writers queue behind it
+// rather than deadlock, and the answer (the current tag, whether the request may see it) comes
+// from the same row, in one round trip, whichever order PostgreSQL runs the parts of the
+// statement in. The locked row is also the version a write replaces, which goes into the
+// history in the same statement (KEEP).
 const LOCKED = (token: number) => `locked AS (
            SELECT ${ETAG}, ${authorized(token)} AS authorized, ${CLAIMED} AS claimed
            FROM user_sync_data WHERE user_id = $1 FOR UPDATE)`
+const LOCKED_VERSION = (token: number) => `locked AS (
+           SELECT ${ETAG}, ${authorized(token)} AS authorized, ${CLAIMED} AS claimed,
+             version, encrypted_blob, iv, timestamp, checksum, blob_size, stored_at
+           FROM user_sync_data WHERE user_id = $1 FOR UPDATE)`
 const FROM_LOCKED = `(SELECT etag FROM locked) AS current, (SELECT authorized FROM locked) AS authorized,
            (SELECT claimed FROM locked) AS claimed`
-const conditionalUpdate = (name: string, condition: string, token: number) => ({
+
+// Version history (HISTORY_VERSIONS, HISTORY_DAYS; docs/api.md "Versions"). A write that replaced
+// the locked version keeps it, and drops what is past the limits: of the versions kept before
+// this write, all but the newest versions - 1 (the one kept now makes the count), and those
+// replaced more than `days` days ago (0: no age limit). The drop sees the statement's snapshot:
+// a version a concurrent writer kept after it was taken is left for the next write (or the
+// cleanup), so a race can leave one too many for a while, never one too few; reads list only
+// what is within the limits (KEPT).
+const KEEP = (written: string, versions: number, days: number) => `kept AS (
+           INSERT INTO user_sync_history (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size, stored_at)
+           SELECT $1, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size, stored_at FROM locked
+           WHERE $${versions}::int > 0 AND EXISTS (SELECT 1 FROM ${written})),
+         pruned AS (
+           DELETE FROM user_sync_history WHERE user_id = $1 AND EXISTS (SELECT 1 FROM ${written}) AND (
+             version <= (SELECT version FROM user_sync_history WHERE user_id = $1 ORDER BY version DESC
+                         OFFSET greatest($${versions}::int - 1, 0) LIMIT 1)
+             OR replaced_at < now() - make_interval(days => nullif($${days}::int, 0))))`
+/** Whether history row `h` is within the limits: among the newest `versions` and not too old. */
+const KEPT = (versions: number, days: number) => `$${versions}::int > 0
+           AND ($${days}::int = 0 OR h.replaced_at >= now() - make_interval(days => $${days}::int))
+           AND (SELECT count(*) FROM user_sync_history n WHERE n.user_id = h.user_id AND n.version > h.version) < $${versions}::int`
+
+// Every statement is named so that pg prepares it once per connection and then only binds.
+// The uploads: $1 user, $2-$6 the payload, $7 token, $8 and $9 the history limits, $10 the If-Match list.
+// An upload writes when the condition holds on the locked record or, where `create` says so,
+// when there is none. No row written and none locked: a concurrent upload created the record
+// after this statement's snapshot was taken (see storeWith).
+const upload = (name: string, condition: string | null, create: boolean) => ({
   name,
-  text: `WITH ${LOCKED(token)}, written AS (
-           UPDATE user_sync_data SET ${SET_PAYLOAD}, ${CLAIM(token)} FROM locked
-           WHERE user_sync_data.user_id = $1 AND locked.authorized AND ${condition} RETURNING user_sync_data.${ETAG} AS etag)
-         SELECT (SELECT etag FROM written) AS etag, ${FROM_LOCKED}`
-})
-const STORE_IF_MATCH = conditionalUpdate('sync-store-if-match', 'locked.etag = ANY($7::text[])', 8)
-const STORE_IF_EXISTS = conditionalUpdate('sync-store-if-exists', 'true', 7)
-const STORE_IF_ABSENT = {
-  name: 'sync-store-if-absent',
-  text: `WITH ${LOCKED(7)}, written AS (
+  text: `WITH ${LOCKED_VERSION(7)}${condition === null
+    ? ''
+    : `, written AS (
+           UPDATE user_sync_data SET ${SET_PAYLOAD}, ${CLAIM(7)} FROM locked
+           WHERE user_sync_data.user_id = $1 AND locked.authorized AND ${condition} RETURNING user_sync_data.${ETAG} AS etag),
+         ${KEEP('written', 8, 9)}`}${create
+    ? `, created AS (
            INSERT INTO user_sync_data (${COLUMNS}, token_hash) SELECT ${PLACEHOLDERS}, $7::bytea WHERE NOT EXISTS (SELECT 1 FROM locked)
-           ON CONFLICT (user_id) DO NOTHING RETURNING ${ETAG} AS etag)
-         SELECT (SELECT etag FROM written) AS etag, ${FROM_LOCKED}`
-}
+           ON CONFLICT (user_id) DO NOTHING RETURNING ${ETAG} AS etag)`
+    : ''}
+         SELECT coalesce(${condition === null ? 'NULL' : '(SELECT etag FROM written)'}, ${create ? '(SELECT etag FROM created)' : 'NULL'}) AS etag, ${FROM_LOCKED}`
+})
+const STORE = upload('sync-store', 'true', true)
+const STORE_IF_MATCH = upload('sync-store-if-match', 'locked.etag = ANY($10::text[])', false)
+const STORE_IF_EXISTS = upload('sync-store-if-exists', 'true', false)
+const STORE_IF_ABSENT = upload('sync-store-if-absent', null, true)
 // A download is an access: the inactivity rule counts from the last one. The row is rewritten
 // at most once a day (a write per GET would cost a WAL flush per download, and the rule needs
 // no finer grain), so most downloads are pure reads. When the client already holds the
@@ -88,7 +120,57 @@ const GET = {
            iv, timestamp, checksum, blob_size
          FROM user_sync_data WHERE user_id = $1`
 }
+// The versions of a record, newest first: the current one, then the kept ones. Metadata only,
+// read through the primary keys (never a blob). $1 user, $2 token, $3 and $4 the history limits.
+const VERSIONS = {
+  name: 'sync-versions',
+  text: `SELECT version, ${ETAG} AS etag, timestamp, stored_at, blob_size, true AS current,
+           ${authorized(2)} AS authorized, ${CLAIMED} AS claimed
+         FROM user_sync_data WHERE user_id = $1
+         UNION ALL
+         (SELECT h.version, h.etag, h.timestamp, h.stored_at, h.blob_size, false, NULL, NULL
+          FROM user_sync_history h
+          WHERE h.user_id = $1 AND EXISTS (SELECT 1 FROM user_sync_data WHERE user_id = $1 AND ${authorized(2)})
+            AND $3::int > 0 AND ($4::int = 0 OR h.replaced_at >= now() - make_interval(days => $4::int))
+          ORDER BY h.version DESC LIMIT $3::int)`
+}
+// One version's payload, current or kept. $1 user, $2 version, $3 token, $4 and $5 the history limits.
+const VERSION = {
+  name: 'sync-version',
+  text: `SELECT record.authorized, record.claimed, v.etag, v.encrypted_blob, v.iv, v.timestamp, v.checksum
+         FROM (SELECT ${authorized(3)} AS authorized, ${CLAIMED} AS claimed FROM user_sync_data WHERE user_id = $1) record
+         LEFT JOIN LATERAL (
+           SELECT ${ETAG}, encrypted_blob, iv, timestamp, checksum FROM user_sync_data WHERE user_id = $1 AND version = $2
+           UNION ALL
+           SELECT h.etag, h.encrypted_blob, h.iv, h.timestamp, h.checksum FROM user_sync_history h
+           WHERE h.user_id = $1 AND h.version = $2 AND ${KEPT(4, 5)}
+           LIMIT 1) v ON record.authorized`
+}
+// Restore: a kept (or the current) version's content becomes a new version, and the version it
+// replaces is kept like any upload's. Its timestamp is raised past the replaced version's, so
+// that clients which sync by "newest timestamp wins" take the restored data rather than upload
+// theirs over it again. $1 user, $2 version, $3 token, $4 and $5 the history limits, $6 the
+// If-Match list (NULL: none).
+const RESTORE = {
+  name: 'sync-restore',
+  text: `WITH ${LOCKED_VERSION(3)}, source AS (
+           SELECT h.encrypted_blob, h.iv, h.timestamp, h.checksum, h.blob_size FROM user_sync_history h
+           WHERE h.user_id = $1 AND h.version = $2 AND ${KEPT(4, 5)}
+           UNION ALL
+           SELECT encrypted_blob, iv, timestamp, checksum, blob_size FROM locked WHERE version = $2
+           LIMIT 1),
+         written AS (
+           UPDATE user_sync_data SET encrypted_blob = source.encrypted_blob, iv = source.iv,
+             timestamp = greatest(source.timestamp, locked.timestamp + 1), checksum = source.checksum, blob_size = source.blob_size,
+             ${NEW_VERSION}, ${CLAIM(3)}
+           FROM locked, source
+           WHERE user_sync_data.user_id = $1 AND locked.authorized AND ($6::text[] IS NULL OR locked.etag = ANY($6::text[]))
+           RETURNING user_sync_data.${ETAG} AS etag),
+         ${KEEP('written', 4, 5)}
+         SELECT (SELECT etag FROM written) AS etag, ${FROM_LOCKED}, EXISTS (SELECT 1 FROM source) AS found`
+}
 // A delete that removed nothing tells apart "no record" (authorized NULL) from "not this token".
+// The history goes with the record (ON DELETE CASCADE), in the same statement.
 const DELETE = {
   name: 'sync-delete',
   text: `WITH ${LOCKED(2)}, deleted AS (
@@ -133,7 +215,27 @@ const COUNT_INACTIVE = {
 }
 const TOTALS = {
   name: 'sync-totals',
-  text: 'SELECT count(*)::int AS users, coalesce(sum(blob_size), 0)::float8 AS bytes FROM user_sync_data'
+  text: `SELECT count(*)::int AS users, coalesce(sum(blob_size), 0)::float8 AS bytes,
+           (SELECT count(*) FROM user_sync_history)::int AS history_versions,
+           (SELECT coalesce(sum(blob_size), 0) FROM user_sync_history)::float8 AS history_bytes
+         FROM user_sync_data`
+}
+// The cleanup drops the kept versions past the limits that no write has dropped: those of records
+// not written since (HISTORY_DAYS, found through the replaced_at index), and all past
+// HISTORY_VERSIONS after it was lowered (one pass over the primary key, no blob read). In batches,
+// like the account cleanup. $1 days or versions, $2 batch size.
+const PRUNE_OLD_HISTORY_BATCH = {
+  name: 'sync-prune-old-history',
+  text: `DELETE FROM user_sync_history WHERE (user_id, version) IN (
+           SELECT user_id, version FROM user_sync_history WHERE replaced_at < now() - make_interval(days => $1::int)
+           LIMIT $2 FOR UPDATE SKIP LOCKED)`
+}
+const PRUNE_EXCESS_HISTORY_BATCH = {
+  name: 'sync-prune-excess-history',
+  text: `DELETE FROM user_sync_history WHERE (user_id, version) IN (
+           SELECT user_id, version FROM (
+             SELECT user_id, version, row_number() OVER (PARTITION BY user_id ORDER BY version DESC) AS rank FROM user_sync_history) ranked
+           WHERE rank > $1::int LIMIT $2)`
 }
 
 interface StoredRow {
@@ -175,10 +277,30 @@ export class AccessDenied extends Error {
   constructor () { super('the record is claimed by another access token') }
 }
 
+/**
+ * How many previous versions of a record are kept (0: none), and for how many days after they were
+ * replaced (0: no age limit): HISTORY_VERSIONS and HISTORY_DAYS.
+ */
+export interface HistoryLimits { versions: number, days: number }
+export const DEFAULT_HISTORY: HistoryLimits = { versions: 10, days: 30 }
+
+/** A version of a record, as GET /api/sync/:userId/versions lists it. */
+export interface VersionInfo {
+  version: number
+  etag: string
+  timestamp: number
+  storedAt: string
+  size: number
+  current: boolean
+}
+
 /** A refused write says `claimed: true` (only set when true) when a device's token guards the record. */
 export type StoreResult =
   | { stored: true, etag: string, bytes: number }
   | { stored: false, currentEtag: string | null, claimed?: true }
+
+/** A restore is an upload, refused also when the record or the version is not there. */
+export type RestoreResult = StoreResult | { stored: false, notFound: 'record' | 'version', claimed?: true }
 
 /** `claimed: true` (only set when true) when a device's token guarded the record. */
 export type DeleteResult =
@@ -210,9 +332,11 @@ export type ObserveStatement = (statement: string, outcome: 'ok' | 'error', seco
 /** The key-value operations of the sync store, one SQL round trip each. */
 export function createStorage (
   db: Queryable, log: FastifyBaseLogger, observe: ObserveStatement = () => {},
-  options: { prepared?: boolean, admit?: () => boolean } = {}
+  options: { prepared?: boolean, admit?: () => boolean, history?: HistoryLimits } = {}
 ) {
   const admit = options.admit ?? (() => true)
+  const history = options.history ?? DEFAULT_HISTORY
+  const limits = [history.versions, history.days]
   // Named statements are prepared once per connection. Where connections share one session
   // (the embedded database, a transaction-mode pooler) the names would collide: send them unnamed.
   const prepared = options.prepared ?? true
@@ -273,9 +397,9 @@ export function createStorage (
     const { ifMatch, ifNoneMatch } = precondition
     let row: ConditionalRow | undefined
     if (ifMatch === '*') {
-      row = (await run<ConditionalRow>(STORE_IF_EXISTS, [...values, token], false)).rows[0]
+      row = (await run<ConditionalRow>(STORE_IF_EXISTS, [...values, token, ...limits], false)).rows[0]
     } else if (ifMatch !== undefined) {
-      row = (await run<ConditionalRow>(STORE_IF_MATCH, [...values, ifMatch, token], false)).rows[0]
+      row = (await run<ConditionalRow>(STORE_IF_MATCH, [...values, token, ...limits, ifMatch], false)).rows[0]
     } else if (ifNoneMatch === '*') {
       row = (await run<ConditionalRow>(STORE_IF_ABSENT, [...values, token], false)).rows[0]
       if (row?.etag == null && row?.current == null) {
@@ -285,9 +409,18 @@ export function createStorage (
         row = { etag: null, current: winner?.etag ?? null, authorized: winner?.authorized ?? null, claimed: winner?.claimed ?? null }
       }
     } else {
-      const etag = (await run<{ etag: string }>(STORE, [...values, token])).rows[0]?.etag
-      if (etag === undefined) deny('store', userId, started)
-      return { stored: true, etag, bytes }
+      // Nothing written and nothing locked: the record was created after this statement's
+      // snapshot was taken, so it could neither lock nor create it. The next statement sees it
+      // (a record deleted in between is created then), and replaces it keeping the winner's version.
+      for (let attempt = 1; ; attempt++) {
+        row = (await run<ConditionalRow>(STORE, [...values, token, ...limits])).rows[0]
+        if (row?.etag != null || row?.current != null || attempt === 3) break
+      }
+      if (row?.etag == null) {
+        if (row?.authorized === false) deny('store', userId, started)
+        throw new Error('an upload found its record created and deleted under it three times in a row')
+      }
+      return { stored: true, etag: row.etag, bytes }
     }
     if (row?.etag != null) return { stored: true, etag: row.etag, bytes }
     // Authorization before preconditions: the tag of a record is not for a stranger to see.
@@ -372,6 +505,75 @@ export function createStorage (
       return outcome
     },
 
+    /** The record's versions, newest first (the current one, then the kept ones), or null when there is no record. */
+    async versions (userId: string, token: AccessToken = null): Promise<{ versions: VersionInfo[], claimed?: true } | null> {
+      const started = process.hrtime.bigint()
+      type Row = {
+        version: string,
+        etag: string,
+        timestamp: string,
+        stored_at: Date,
+        blob_size: number,
+        current: boolean,
+        authorized: boolean | null,
+        claimed: boolean | null
+      }
+      const { rows } = await run<Row>(VERSIONS, [userId, token, ...limits])
+      const record = rows.find((row) => row.current)
+      if (record?.authorized === false) deny('versions', userId, started)
+      logged('versions', userId, started, { found: record !== undefined, versions: rows.length })
+      if (record === undefined) return null
+      const versions = rows
+        .map((row) => ({
+          version: Number(row.version),
+          etag: row.etag,
+          timestamp: Number(row.timestamp),
+          storedAt: row.stored_at.toISOString(),
+          size: row.blob_size,
+          current: row.current
+        }))
+        .sort((a, b) => b.version - a.version)
+      return record.claimed === true ? { versions, claimed: true } : { versions }
+    },
+
+    /**
+     * One version of the record, current or kept: 'absent' when there is no record, null when the
+     * record does not have (or no longer keeps) that version.
+     */
+    async version (userId: string, version: number, token: AccessToken = null): Promise<{ found: { etag: string, payload: SyncPayload } | null, claimed?: true } | null> {
+      const started = process.hrtime.bigint()
+      type Row = { authorized: boolean, claimed: boolean, etag: string | null, encrypted_blob: string, iv: string, timestamp: string, checksum: string }
+      const { rows: [row] } = await run<Row>(VERSION, [userId, version, token, ...limits])
+      if (row !== undefined && !row.authorized) deny('version', userId, started)
+      logged('version', userId, started, { found: row?.etag != null })
+      if (row === undefined) return null
+      const found = row.etag === null
+        ? null
+        : { etag: row.etag, payload: { encryptedBlob: row.encrypted_blob, iv: row.iv, timestamp: Number(row.timestamp), checksum: row.checksum } }
+      return row.claimed ? { found, claimed: true } : { found }
+    },
+
+    /**
+     * Makes a kept (or the current) version's content the record's new current version, unless an
+     * If-Match precondition fails or the record (`notFound: 'record'`) or that version of it
+     * (`notFound: 'version'`) is not there.
+     */
+    async restore (userId: string, version: number, precondition: Pick<WritePrecondition, 'ifMatch'> = {}, token: AccessToken = null):
+    Promise<RestoreResult> {
+      const started = process.hrtime.bigint()
+      const { ifMatch } = precondition
+      const { rows: [row] } = await run<ConditionalRow & { found: boolean }>(RESTORE,
+        [userId, version, token, ...limits, ifMatch === undefined || ifMatch === '*' ? null : ifMatch], false)
+      if (row?.authorized === false) deny('restore', userId, started)
+      logged('restore', userId, started, { restored: row?.etag != null })
+      if (row?.etag != null) return { stored: true, etag: row.etag, bytes: 0 }
+      const refused: RestoreResult = row?.current == null
+        ? { stored: false, notFound: 'record' }
+        : row.found ? { stored: false, currentEtag: row.current } : { stored: false, notFound: 'version' }
+      if (row?.claimed === true) refused.claimed = true
+      return refused
+    },
+
     async getAllUserIds (): Promise<string[]> {
       const { rows } = await run<{ user_id: string }>(ALL_USER_IDS, [])
       return rows.map((row) => row.user_id)
@@ -402,11 +604,35 @@ export function createStorage (
       return row?.n ?? 0
     },
 
-    /** Stored users and the decoded bytes of their blobs (a full scan: call it rarely). */
-    async totals (): Promise<{ users: number, bytes: number }> {
-      const { rows: [row] } = await run<{ users: number, bytes: number }>(TOTALS, [])
-      return { users: row?.users ?? 0, bytes: row?.bytes ?? 0 }
-    }
+    /**
+     * Drops the kept versions past the history limits that no write has dropped yet, `batchSize`
+     * per statement, and returns how many.
+     */
+    async pruneHistory (batchSize = 1000): Promise<number> {
+      const started = process.hrtime.bigint()
+      let pruned = 0
+      const batches: Array<[typeof PRUNE_OLD_HISTORY_BATCH, number]> = [[PRUNE_EXCESS_HISTORY_BATCH, history.versions]]
+      if (history.days > 0) batches.unshift([PRUNE_OLD_HISTORY_BATCH, history.days])
+      for (const [statement, limit] of batches) {
+        for (;;) {
+          const { rowCount } = await run(statement, [limit, batchSize])
+          pruned += rowCount ?? 0
+          if ((rowCount ?? 0) < batchSize) break
+        }
+      }
+      logged('cleanup', undefined, started, { historyPruned: pruned })
+      return pruned
+    },
+
+    /** Stored users, the decoded bytes of their blobs, and the same of the kept versions (full scans: call it rarely). */
+    async totals (): Promise<{ users: number, bytes: number, historyVersions: number, historyBytes: number }> {
+      type Row = { users: number, bytes: number, history_versions: number, history_bytes: number }
+      const { rows: [row] } = await run<Row>(TOTALS, [])
+      return { users: row?.users ?? 0, bytes: row?.bytes ?? 0, historyVersions: row?.history_versions ?? 0, historyBytes: row?.history_bytes ?? 0 }
+    },
+
+    /** The history limits this storage applies. */
+    history
   }
 }
 
@@ -435,6 +661,11 @@ const OPERATION_OF: Record<string, string> = {
   'sync-delete-if-match': 'delete',
   'sync-etag': 'exists',
   'sync-set-token': 'token',
+  'sync-versions': 'versions',
+  'sync-version': 'version',
+  'sync-restore': 'restore',
+  'sync-prune-old-history': 'cleanup',
+  'sync-prune-excess-history': 'cleanup',
   'sync-all-user-ids': 'list',
   'sync-delete-inactive': 'cleanup',
   'sync-count-inactive': 'cleanup',
@@ -448,5 +679,9 @@ export default fp(async function storage (app) {
   const maxWaiting = app.config.DATABASE_MAX_WAITING
   app.decorate('storage', createStorage(app.pg.pool, app.log.child({ component: 'storage' }), (statement, outcome, seconds) => {
     storageDuration.observe({ operation: OPERATION_OF[statement] ?? statement, outcome }, seconds)
-  }, { prepared, admit: () => pool.waitingCount < maxWaiting }))
+  }, {
+    prepared,
+    admit: () => pool.waitingCount < maxWaiting,
+    history: { versions: app.config.HISTORY_VERSIONS, days: app.config.HISTORY_DAYS }
+  }))
 }, { name: 'storage', dependencies: ['db', 'metrics'] })

@@ -15,7 +15,8 @@ const info: FastifyPluginAsyncTypebox = async function (app) {
     // Accounts are only deleted when the scheduled cleanup runs at all.
     retentionDays: config.CLEANUP_INACTIVE_DAYS === 0 || config.CLEANUP_INTERVAL === 0 ? null : config.CLEANUP_INACTIVE_DAYS,
     rateLimit: { perUser: limit(config.RATE_LIMIT_MAX), perIp: limit(config.RATE_LIMIT_IP_MAX) },
-    auth: { mode: config.AUTH_MODE }
+    auth: { mode: config.AUTH_MODE },
+    history: { versions: config.HISTORY_VERSIONS, days: config.HISTORY_DAYS === 0 ? null : config.HISTORY_DAYS }
   } as const
   app.get('/info', { schema: { tags: ['service'], summary: 'Limits and version, for clients', response: { 200: InfoSchema } } }, async () => body)
 }

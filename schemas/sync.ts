@@ -86,3 +86,22 @@ export const TokenBodySchema = Type.Object({
     description: 'the new access token (base64url without padding, 43 to 128 characters); the current one goes in Authorization'
   })
 }, { additionalProperties: false })
+
+/** A version number in a URL: a positive whole number (GET /api/sync/:userId/versions lists them). */
+export const VersionParamsSchema = Type.Object({
+  userId: UserParamsSchema.properties.userId,
+  version: Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'a version number, as the versions list gives it' })
+})
+
+export const VersionInfoSchema = Type.Object({
+  version: Type.Integer({ description: 'the version number: never used twice for a user, not even after a DELETE' }),
+  etag: Type.String({ description: 'the ETag the version had (and has, when current), without quotes' }),
+  timestamp: Type.Integer({ description: "the client's timestamp stored with the version" }),
+  storedAt: Type.String({ format: 'date-time', description: 'when the server stored it' }),
+  size: Type.Integer({ description: 'decoded bytes of its encryptedBlob' }),
+  current: Type.Boolean({ description: 'true for the version GET /api/sync/{userId} returns' })
+})
+
+export const VersionListSchema = Type.Object({
+  versions: Type.Array(VersionInfoSchema, { description: 'newest first: the current version, then the kept ones' })
+})

@@ -1,6 +1,7 @@
 // npm run cleanup -- --days N [--dry-run]
-// Deletes (or, with --dry-run, counts) the accounts not accessed for more than N days, as the
-// service's scheduled cleanup does, under the same lock, and prints how many. Reads DATABASE_URL.
+// Deletes (or, with --dry-run, counts) the accounts not accessed for more than N days, and drops
+// the kept versions past HISTORY_VERSIONS / HISTORY_DAYS, as the service's scheduled cleanup does,
+// under the same lock, and prints how many. Reads DATABASE_URL and the history settings.
 // Exit status: 0 done, 1 failed, 64 bad arguments, 75 skipped (another run holds the lock), 78 bad environment.
 import { parseArgs } from 'node:util'
 import pg from 'pg'
@@ -47,14 +48,16 @@ const pool = new pg.Pool({
 })
 pool.on('error', (err) => log.warn({ err }, 'database connection lost'))
 try {
-  const result = await cleanupInactive(pool, createStorage(pool, log), log, { inactiveDays: days, dryRun })
+  const storage = createStorage(pool, log, undefined, { history: { versions: config.HISTORY_VERSIONS, days: config.HISTORY_DAYS } })
+  const result = await cleanupInactive(pool, storage, log, { inactiveDays: days, dryRun })
   if (!result.ran) {
     console.log(`cleanup: skipped: ${result.reason}`)
     process.exitCode = 75
   } else if (dryRun) {
     console.log(`cleanup: would delete ${result.deleted} accounts not accessed for more than ${days} days (dry run, nothing deleted)`)
   } else {
-    console.log(`cleanup: deleted ${result.deleted} accounts not accessed for more than ${days} days in ${result.ms} ms`)
+    console.log(`cleanup: deleted ${result.deleted} accounts not accessed for more than ${days} days in ${result.ms} ms` +
+      ` (and ${result.historyPruned} kept versions past the history limits)`)
   }
 } catch (err) {
   console.error(`cleanup: failed: ${(err as Error).message}`)

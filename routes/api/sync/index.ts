@@ -3,6 +3,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import { ErrorSchema } from '../../../schemas/error.ts'
 import { userRateLimit } from '../../../plugins/rate-limit.ts'
 import { accessControl, tokenHash } from './access-tokens.ts'
+import { versionRoutes } from './versions.ts'
 import { AccessDenied } from '../../../plugins/storage.ts'
 import {
   ConditionalHeadersSchema, IfMatchHeadersSchema, IfNoneMatchHeadersSchema, MAX_BLOB_BYTES, SuccessSchema, SyncPayloadSchema, TokenBodySchema,
@@ -34,7 +35,8 @@ function sendEtag (reply: FastifyReply, etag: string | null): void {
 
 /**
  * PUT / GET / HEAD / POST verify / DELETE on /api/sync/:userId: the API the clients already
- * speak, with access tokens (access-tokens.ts); and PUT /api/sync/:userId/token to replace one.
+ * speak, with access tokens (access-tokens.ts); PUT /api/sync/:userId/token to replace one; and
+ * the version history (versions.ts).
  */
 const sync: FastifyPluginAsyncTypebox = async function (app) {
   // Ciphertext must never sit in a shared cache (errors say so themselves: see app.ts).
@@ -211,6 +213,8 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
     }
     return { success: true } as const
   })
+
+  versionRoutes(app, { security, guarded, unproven, sendEtag, preconditionFailed: PRECONDITION_FAILED })
 }
 
 export default sync
