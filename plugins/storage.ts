@@ -70,7 +70,9 @@ const FROM_LOCKED = `(SELECT etag FROM locked) AS current, (SELECT authorized FR
 const KEEP = (written: string, versions: number, days: number) => `kept AS (
            INSERT INTO user_sync_history (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size, stored_at)
            SELECT $1, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size, stored_at FROM locked
-           WHERE $${versions}::int > 0 AND EXISTS (SELECT 1 FROM ${written})),
+           WHERE $${versions}::int > 0 AND EXISTS (SELECT 1 FROM ${written})
+           -- Already kept: the record was put back to an older row by hand (its version and content as kept).
+           ON CONFLICT (user_id, version) DO NOTHING),
          pruned AS (
            DELETE FROM user_sync_history WHERE user_id = $1 AND EXISTS (SELECT 1 FROM ${written}) AND (
              version <= (SELECT version FROM user_sync_history WHERE user_id = $1 ORDER BY version DESC

@@ -87,10 +87,14 @@ export const TokenBodySchema = Type.Object({
   })
 }, { additionalProperties: false })
 
-/** A version number in a URL: a positive whole number (GET /api/sync/:userId/versions lists them). */
+/**
+ * A version number in a URL: a positive whole number as GET /api/sync/:userId/versions lists it,
+ * in decimal without leading zeros (the service does not coerce types: a string pattern, then
+ * Number()). Fifteen digits at most keep it exact in JSON and JavaScript.
+ */
 export const VersionParamsSchema = Type.Object({
   userId: UserParamsSchema.properties.userId,
-  version: Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'a version number, as the versions list gives it' })
+  version: Type.String({ pattern: '^[1-9][0-9]{0,14}$', description: 'a version number (a positive whole number), as the versions list gives it' })
 })
 
 export const VersionInfoSchema = Type.Object({

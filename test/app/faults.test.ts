@@ -91,24 +91,30 @@ t.test('a connection terminated under a conditional write: not retried (it may h
 })
 
 // On a PostgreSQL cluster of its own: the machine's shared server is never killed.
-t.test('kill -9 the database during a stream of uploads: every failure is a 503, no acknowledged write is lost', async (t) => {
+t.test('kill -9 the database during a stream of uploads: every failure is a 503, no acknowledged write (nor the version before it) is lost', async (t) => {
   const cluster = await startCluster({ fsync: true })
   t.teardown(() => cluster.stop())
   const app = await build(t, { env: { DATABASE_URL: cluster.url, DATABASE_CONNECT_TIMEOUT_MS: '1000', RATE_LIMIT_MAX: '0', RATE_LIMIT_IP_MAX: '0' } })
 
-  const acknowledged = new Map<string, number>()
+  // Each user gets up to five uploads in a row, so that most replace a version (kept in the history).
+  const acknowledged = new Map<string, Array<{ n: number, etag: string }>>()
+  const attempts = new Map<string, number[]>()
+  let acknowledgedCount = 0
   let acknowledgedAfterRecovery = 0
   const outage: number[] = []
   const unexpected: string[] = []
   let phase: 'before' | 'crashed' | 'recovered' = 'before'
   const uploads = { stop: false } // set by the test while the uploaders await
-  async function uploader (): Promise<void> {
-    for (let n = 0; !uploads.stop; n++) {
-      const userId = randomUUID()
+  async function uploader (seed: number): Promise<void> {
+    let userId = randomUUID()
+    for (let n = seed * 1_000_000; !uploads.stop; n++) {
+      if (n % 5 === 0) userId = randomUUID()
+      attempts.set(userId, [...(attempts.get(userId) ?? []), n])
       const started = Date.now()
       const res = await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: payload(n) })
       if (res.statusCode === 200) {
-        acknowledged.set(userId, n)
+        acknowledged.set(userId, [...(acknowledged.get(userId) ?? []), { n, etag: String(res.headers.etag) }])
+        acknowledgedCount++
         if (phase === 'recovered') acknowledgedAfterRecovery++
       } else if (phase !== 'before' && res.statusCode === 503) {
         outage.push(Date.now() - started)
@@ -117,10 +123,10 @@ t.test('kill -9 the database during a stream of uploads: every failure is a 503,
       }
     }
   }
-  const uploaders = Array.from({ length: 4 }, uploader)
+  const uploaders = Array.from({ length: 4 }, (_, i) => uploader(i))
   t.teardown(() => { uploads.stop = true })
 
-  t.ok(await eventually(() => acknowledged.size >= 20, 30_000), `uploads acknowledged before the crash: ${acknowledged.size}`)
+  t.ok(await eventually(() => acknowledgedCount >= 20, 30_000), `uploads acknowledged before the crash: ${acknowledgedCount}`)
   phase = 'crashed'
   await cluster.crash()
   t.ok(await eventually(() => outage.length >= 8, 30_000), `the service answers during the outage (${outage.length} answers)`)
@@ -136,12 +142,28 @@ t.test('kill -9 the database during a stream of uploads: every failure is a 503,
   await Promise.all(uploaders)
 
   t.strictSame(unexpected, [], 'every failed request was a 503, and only once the database was down')
+  // Every acknowledged upload is there, current or kept (five uploads a user stay within
+  // HISTORY_VERSIONS=10), and so is every version before it: the versions listed are uploads
+  // tried for the user, in order, and every upload tried before the oldest one listed was
+  // refused (a 503 that never committed), never acknowledged.
   let lost = 0
-  for (const [userId, n] of acknowledged) {
-    const res = await app.inject({ method: 'GET', url: `/api/sync/${userId}` })
-    if (res.statusCode !== 200 || res.json().timestamp !== n + 1) lost++
+  let gaps = 0
+  let replaced = 0
+  for (const [userId, tried] of attempts) {
+    const acks = acknowledged.get(userId) ?? []
+    const res = await app.inject({ method: 'GET', url: `/api/sync/${userId}/versions` })
+    const listed = res.statusCode === 200 ? (res.json().versions as Array<{ etag: string, timestamp: number }>) : []
+    const etags = listed.map((version) => `"${version.etag}"`)
+    lost += acks.filter((ack) => !etags.includes(ack.etag)).length
+    const ns = listed.map((version) => version.timestamp - 1).reverse()
+    const inOrder = ns.every((n, i) => tried.includes(n) && (i === 0 || n > ns[i - 1]!))
+    const beforeOldest = tried.filter((n) => ns.length === 0 || n < ns[0]!)
+    if (!inOrder || acks.some((ack) => beforeOldest.includes(ack.n))) gaps++
+    replaced += Math.max(listed.length - 1, 0)
   }
-  t.equal(lost, 0, `acknowledged writes lost: ${lost} of ${acknowledged.size}`)
-  t.comment(`kill -9 figures: ${acknowledged.size} acknowledged uploads, ${outage.length} answered 503 during the outage ` +
-    `(slowest ${Math.max(...outage)} ms), healthy ${recoveredMs} ms after the restart, ${lost} lost`)
+  t.equal(lost, 0, `acknowledged writes lost: ${lost} of ${acknowledgedCount}`)
+  t.equal(gaps, 0, 'no version before an acknowledged one is missing')
+  t.ok(replaced > acknowledged.size, `uploads replaced versions, and those were kept (${replaced})`)
+  t.comment(`kill -9 figures: ${acknowledgedCount} acknowledged uploads, ${outage.length} answered 503 during the outage ` +
+    `(slowest ${Math.max(...outage)} ms), healthy ${recoveredMs} ms after the restart, ${lost} lost, ${replaced} versions kept`)
 })

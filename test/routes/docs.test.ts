@@ -19,7 +19,8 @@ t.test('GET /info tells clients the limits', async (t) => {
     maxBodyBytes: BODY_LIMIT,
     retentionDays: 730,
     rateLimit: { perUser: { max: 100, windowSeconds: 3600 }, perIp: { max: 2000, windowSeconds: 3600 } },
-    auth: { mode: 'optional' }
+    auth: { mode: 'optional' },
+    history: { versions: 10, days: 30 }
   })
 })
 
@@ -30,7 +31,8 @@ t.test('the OpenAPI document describes every route the app serves, with its erro
   t.equal(doc.openapi, '3.0.3')
   const served = [
     ['put', '/api/sync/{userId}'], ['get', '/api/sync/{userId}'], ['head', '/api/sync/{userId}'], ['delete', '/api/sync/{userId}'],
-    ['post', '/api/sync/{userId}/verify'], ['put', '/api/sync/{userId}/token'], ['get', '/health'], ['get', '/health/live'], ['get', '/info'], ['get', '/metrics']
+    ['post', '/api/sync/{userId}/verify'], ['put', '/api/sync/{userId}/token'], ['get', '/api/sync/{userId}/versions'],
+    ['get', '/api/sync/{userId}/versions/{version}'], ['post', '/api/sync/{userId}/versions/{version}/restore'], ['get', '/health'], ['get', '/health/live'], ['get', '/info'], ['get', '/metrics']
   ]
   for (const [method, path] of served) {
     t.ok(doc.paths[path!]?.[method!], `${method!.toUpperCase()} ${path}`)
@@ -53,6 +55,10 @@ t.test('the OpenAPI document describes every route the app serves, with its erro
   t.strictSame(headersOf(sync.put), ['if-match', 'if-none-match'], 'PUT: If-Match and If-None-Match')
   t.strictSame(headersOf(sync.get), ['if-none-match'], 'GET: If-None-Match only')
   t.strictSame(headersOf(sync.delete), ['if-match'], 'DELETE: If-Match only')
+  t.strictSame(headersOf(doc.paths['/api/sync/{userId}/versions/{version}/restore'].post), ['if-match'], 'restore: If-Match only')
+  for (const status of ['200', '400', '401', '404', '412', '429', '503']) {
+    t.ok(doc.paths['/api/sync/{userId}/versions/{version}/restore'].post.responses[status], `restore documents ${status}`)
+  }
 
   // The access token: a bearer scheme, optional on the data routes in AUTH_MODE=optional
   // (the empty requirement), always on the rotation route.

@@ -28,6 +28,7 @@ async function script (name: string, args: string[], databaseUrl: string) {
 
 // Every column of every row, as PostgreSQL itself prints it (timestamps to the microsecond).
 const EVERYTHING = 'SELECT row_to_json(u)::text AS row FROM user_sync_data u ORDER BY user_id'
+const HISTORY = 'SELECT row_to_json(h)::text AS row FROM user_sync_history h ORDER BY user_id, version'
 
 const app = await build(t)
 const source = databaseUrlOf(app)
@@ -64,6 +65,7 @@ if (claiming.statusCode !== 200) throw new Error(`claiming failed: ${claiming.bo
 await app.inject({ method: 'PUT', url: `/api/sync/${users[1]!.id}`, payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 9, checksum: 'c'.repeat(64) } })
 await app.inject({ method: 'GET', url: `/api/sync/${users[1]!.id}` })
 const original = (await db.query(EVERYTHING)).rows.map((row) => row.row)
+const history = (await db.query(HISTORY)).rows.map((row) => row.row)
 
 t.test('backup, wipe, restore: every column of every row comes back, constraints hold', async (t) => {
   const file = join(dir, 'round-trip.dump')
@@ -77,10 +79,17 @@ t.test('backup, wipe, restore: every column of every row comes back, constraints
   t.match(refused.stderr, /already holds sync data for 21 users.*--force/)
 
   await db.query('DELETE FROM user_sync_data')
+  t.equal((await db.query(HISTORY)).rows.length, 0, 'the history went with the records')
   const restored = await script('restore.sh', [file], source)
   t.equal(restored.code, 0, restored.stderr)
   t.match(restored.stdout, /restored .* \(21 users\)/)
   t.strictSame((await db.query(EVERYTHING)).rows.map((row) => row.row), original, 'identical, column for column')
+  t.equal(history.length, 2, 'two records had a version kept')
+  t.strictSame((await db.query(HISTORY)).rows.map((row) => row.row), history, 'and the history came back, column for column')
+  const versions = await app.inject({ method: 'GET', url: `/api/sync/${users[1]!.id}/versions` })
+  t.equal(versions.json().versions.length, 2, 'the service lists the restored history')
+  const first = await app.inject({ method: 'GET', url: `/api/sync/${users[1]!.id}/versions/${versions.json().versions[1].version}` })
+  t.equal(first.json().timestamp, 1_700_000_000_001, 'and serves a kept version from it')
   const claimed = await db.query('SELECT token_hash FROM user_sync_data WHERE user_id = $1', [users[5]!.id])
   t.strictSame(claimed.rows[0].token_hash, createHash('sha256').update(claimedBy).digest(), 'the token hash came back')
   const reading = await app.inject({ method: 'GET', url: `/api/sync/${users[5]!.id}`, headers: { authorization: `Bearer ${claimedBy}` } })

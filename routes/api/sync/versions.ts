@@ -53,7 +53,8 @@ export function versionRoutes (app: FastifyInstance, scope: SyncScope): void {
       response: { 200: SyncPayloadSchema, ...errors }
     }
   }, async function (request, reply) {
-    const { userId, version } = request.params
+    const { userId } = request.params
+    const version = Number(request.params.version)
     const result = await guarded(request, reply, () => app.storage.version(userId, version, request.accessToken))
     await unproven(request, reply, result?.claimed)
     if (result === null) throw app.httpErrors.notFound('User not found')
@@ -75,7 +76,8 @@ export function versionRoutes (app: FastifyInstance, scope: SyncScope): void {
       response: { 200: SuccessSchema, ...errors, 412: ErrorSchema }
     }
   }, async function (request, reply) {
-    const { userId, version } = request.params
+    const { userId } = request.params
+    const version = Number(request.params.version)
     const ifMatch = parseEntityTags(request.headers['if-match'], false)
     const result = await guarded(request, reply, () => app.storage.restore(userId, version, { ifMatch }, request.accessToken))
     if (result.stored) {

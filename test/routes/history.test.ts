@@ -1,0 +1,306 @@
+import t from 'tap'
+import { createHash, randomBytes, randomUUID } from 'node:crypto'
+import type { FastifyInstance } from 'fastify'
+import pg from 'pg'
+import { build, databaseUrlOf, embeddedTests, inspect, lockWaiters } from '../helper.ts'
+import { until } from '../wait.ts'
+
+// Version history (issue 14, docs/api.md "Versions"): in the default configuration
+// (HISTORY_VERSIONS=10, HISTORY_DAYS=30, rate limits and access tokens as they ship).
+const logLines: string[] = []
+const app = await build(t, { env: { LOG_LEVEL: 'debug' }, logLines })
+const db = inspect(t, databaseUrlOf(app))
+
+const url = (userId: string, rest = '') => `/api/sync/${userId}${rest}`
+const bearer = (token: string) => ({ authorization: `Bearer ${token}` })
+const newToken = () => randomBytes(32).toString('base64url')
+
+/** An upload as a client makes it: random ciphertext of `bytes` bytes, its checksum, a timestamp. */
+function upload (bytes: number, timestamp: number) {
+  const blob = randomBytes(bytes)
+  return {
+    encryptedBlob: blob.toString('base64'),
+    iv: randomBytes(12).toString('base64'),
+    timestamp,
+    checksum: createHash('sha256').update(blob).digest('hex')
+  }
+}
+
+async function put (userId: string, data: ReturnType<typeof upload>, headers: Record<string, string> = {}, on: FastifyInstance = app) {
+  return await on.inject({ method: 'PUT', url: url(userId), headers, payload: data })
+}
+async function versions (userId: string, headers: Record<string, string> = {}, on: FastifyInstance = app) {
+  return await on.inject({ method: 'GET', url: url(userId, '/versions'), headers })
+}
+const historyRows = async (userId: string) =>
+  (await db.query('SELECT count(*)::int AS n FROM user_sync_history WHERE user_id = $1', [userId])).rows[0].n as number
+
+t.test('15 uploads: the current version and exactly the 10 newest previous ones are listed, and each downloads byte-exact', async (t) => {
+  const userId = randomUUID()
+  const token = newToken()
+  const uploads = Array.from({ length: 15 }, (_, i) => upload(1024 + i, 1_700_000_000_000 + i))
+  const etags: string[] = []
+  for (const data of uploads) {
+    const res = await put(userId, data, bearer(token))
+    t.equal(res.statusCode, 200)
+    etags.push(String(res.headers.etag))
+  }
+  const res = await versions(userId, bearer(token))
+  t.equal(res.statusCode, 200)
+  t.equal(res.headers['cache-control'], 'no-store')
+  const list = res.json().versions as Array<{ version: number, etag: string, timestamp: number, storedAt: string, size: number, current: boolean }>
+  t.equal(list.length, 11, 'the current one and 10 previous ones')
+  t.strictSame(list.map((v) => `"${v.etag}"`), etags.slice(4).reverse(), 'newest first: uploads 15 down to 5')
+  t.strictSame(list.map((v) => v.current), [true, ...Array(10).fill(false)])
+  t.strictSame(list.map((v) => v.timestamp), uploads.slice(4).reverse().map((data) => data.timestamp))
+  t.strictSame(list.map((v) => v.size), uploads.slice(4).reverse().map((data) => Buffer.from(data.encryptedBlob, 'base64').length))
+  t.ok(list.every((v, i) => i === 0 || v.version < list[i - 1]!.version), 'version numbers fall strictly down the list')
+  t.ok(list.every((v) => Math.abs(Date.parse(v.storedAt) - Date.now()) < 600_000 && v.storedAt.endsWith('Z')), 'storedAt is an ISO time')
+  t.notOk(JSON.stringify(list).includes(uploads[14]!.encryptedBlob.slice(0, 40)), 'no blob in the list')
+  t.equal(await historyRows(userId), 10, 'and the table holds no more than that')
+
+  for (const [i, v] of list.entries()) {
+    const got = await app.inject({ method: 'GET', url: url(userId, `/versions/${v.version}`), headers: bearer(token) })
+    t.equal(got.statusCode, 200)
+    t.strictSame(got.json(), uploads[14 - i], `version ${15 - i} downloads exactly as uploaded`)
+    t.equal(got.headers.etag, `"${v.etag}"`, 'with its own ETag')
+    t.equal(got.headers['cache-control'], 'no-store')
+  }
+  const dropped = await app.inject({ method: 'GET', url: url(userId, `/versions/${Number(etags[3]!.slice(1).split('-')[0])}`), headers: bearer(token) })
+  t.equal(dropped.statusCode, 404, 'upload 4, past the limit, is gone')
+  t.strictSame(dropped.json(), { error: 'Version ' + etags[3]!.slice(1).split('-')[0] + ' is not kept for this user', statusCode: 404 })
+})
+
+t.test('a reset device uploads empty data over the progress: the other device lists, restores and gets the progress back', async (t) => {
+  const userId = randomUUID()
+  const token = newToken() // both devices derive it from the shared key
+  const progress = upload(4096, 1_732_780_800_000)
+  const a = await put(userId, progress, bearer(token))
+  t.equal(a.statusCode, 200, 'device A uploads the progress')
+  const empty = upload(32, 1_732_790_000_000)
+  t.equal((await put(userId, empty, bearer(token))).statusCode, 200, 'device B, reset, uploads empty data with a newer timestamp')
+  t.strictSame((await app.inject({ method: 'GET', url: url(userId), headers: bearer(token) })).json(), empty, 'the progress is replaced')
+
+  const list = (await versions(userId, bearer(token))).json().versions
+  const old = list.find((v: { etag: string }) => `"${v.etag}"` === a.headers.etag)
+  t.ok(old, 'device A finds its upload among the versions')
+  t.equal(old.current, false)
+  const current = list[0].etag
+  const restored = await app.inject({ method: 'POST', url: url(userId, `/versions/${old.version}/restore`), headers: { ...bearer(token), 'if-match': `"${current}"` } })
+  t.equal(restored.statusCode, 200)
+  t.strictSame(restored.json(), { success: true })
+  t.match(restored.headers.etag, /^"\d+-[0-9a-f]{32}"$/)
+  t.not(restored.headers.etag, a.headers.etag, 'the restore is a new version, with a new ETag')
+
+  const got = await app.inject({ method: 'GET', url: url(userId), headers: bearer(token) })
+  t.equal(got.headers.etag, restored.headers.etag)
+  const data = got.json()
+  t.strictSame({ ...data, timestamp: progress.timestamp }, progress, 'the progress is back, blob, iv and checksum byte-exact')
+  t.equal(data.timestamp, empty.timestamp + 1, 'its timestamp is past the reset device\'s, so that "newest wins" clients take it')
+  const after = (await versions(userId, bearer(token))).json().versions
+  t.strictSame(after.map((v: { current: boolean }) => v.current), [true, false, false], 'and the empty upload is kept too: the restore can be undone')
+  t.equal(`"${after[1].etag}"`, `"${current}"`)
+})
+
+t.test('parallel uploads and restores on one user: history holds every acknowledged version exactly once', async (t) => {
+  const userId = randomUUID()
+  const token = newToken()
+  const first = upload(256, 1)
+  const seed = await put(userId, first, bearer(token))
+  const seedVersion = (await versions(userId, bearer(token))).json().versions[0].version
+  const acknowledged = [String(seed.headers.etag)]
+  for (let round = 0; round < 3; round++) {
+    const answers = await Promise.all([
+      ...Array.from({ length: 2 }, (_, i) => put(userId, upload(512 + i, 100 * round + i + 2), bearer(token))),
+      app.inject({ method: 'POST', url: url(userId, `/versions/${seedVersion}/restore`), headers: bearer(token) })
+    ])
+    t.strictSame(answers.map((res) => res.statusCode), [200, 200, 200], `round ${round + 1}: all acknowledged`)
+    acknowledged.push(...answers.map((res) => String(res.headers.etag)))
+  }
+  const list = (await versions(userId, bearer(token))).json().versions as Array<{ etag: string }>
+  t.equal(list.length, 10, 'the first version and nine more')
+  t.strictSame(list.map((v) => `"${v.etag}"`).sort(), [...acknowledged].sort(), 'each acknowledged version once, none other')
+  for (const v of list) {
+    const got = await app.inject({ method: 'GET', url: url(userId, `/versions/${(v as unknown as { version: number }).version}`), headers: bearer(token) })
+    t.equal(got.statusCode, 200)
+  }
+})
+
+t.test('first uploads racing for a new user: the loser sees the winner\'s row on its next statement, and keeps it', async (t) => {
+  const userId = randomUUID()
+  const created = upload(64, 1)
+  const racers = [upload(64, 2), upload(64, 3)]
+  if (embeddedTests()) {
+    t.comment('embedded database: one session, so the uploads cannot be made to meet an uncommitted insert; they run unforced')
+    for (const data of [created, ...racers]) t.equal((await put(userId, data)).statusCode, 200)
+  } else {
+    // A connection of the test's inserts the record and holds it uncommitted: both uploads find
+    // no row to lock, try to create it, and wait on that insert; once it commits, neither created it.
+    const holder = new pg.Client({ connectionString: databaseUrlOf(app), application_name: 'lock holder' })
+    await holder.connect()
+    t.teardown(() => holder.end())
+    await holder.query('BEGIN')
+    await holder.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, version, etag)
+      VALUES ($1, $2, $3, $4, $5, 64, 1, '1-holder')`, [userId, created.encryptedBlob, created.iv, created.timestamp, created.checksum])
+    const answers = Promise.all(racers.map((data) => put(userId, data)))
+    await until(async () => (await lockWaiters(db)).length === 2, 'both uploads wait for the uncommitted insert', 10_000)
+    await holder.query('COMMIT')
+    t.strictSame((await answers).map((res) => res.statusCode), [200, 200], 'both acknowledged')
+  }
+  const list = (await versions(userId)).json().versions as Array<{ timestamp: number }>
+  t.strictSame(list.map((v) => v.timestamp).sort(), [1, 2, 3], 'the created version and both uploads, each once')
+  t.equal(list.at(-1)!.timestamp, 1, 'the first one oldest')
+})
+
+t.test('access tokens guard every history route as they guard GET and PUT', async (t) => {
+  const userId = randomUUID()
+  const owner = newToken()
+  await put(userId, upload(100, 1), bearer(owner))
+  await put(userId, upload(100, 2), bearer(owner))
+  const [old] = (await versions(userId, bearer(owner))).json().versions.slice(1)
+  const before = (await db.query('SELECT etag FROM user_sync_data WHERE user_id = $1', [userId])).rows[0].etag
+  const routes = [
+    { method: 'GET' as const, url: url(userId, '/versions') },
+    { method: 'GET' as const, url: url(userId, `/versions/${old.version}`) },
+    { method: 'POST' as const, url: url(userId, `/versions/${old.version}/restore`) }
+  ]
+  for (const route of routes) {
+    const none = await app.inject(route)
+    t.equal(none.statusCode, 401, `${route.method} ${route.url.slice(46)} without a token: 401`)
+    t.equal(none.headers['www-authenticate'], 'Bearer realm="logikids-sync"')
+    t.equal(none.headers.etag, undefined)
+    const wrong = await app.inject({ ...route, headers: bearer(newToken()) })
+    t.equal(wrong.statusCode, 401, 'with another token: 401')
+    t.match(wrong.headers['www-authenticate'], /error="invalid_token"/)
+    t.match(wrong.json(), { statusCode: 401 })
+    const malformed = await app.inject({ ...route, headers: bearer('short') })
+    t.equal(malformed.statusCode, 401, 'with a malformed token: 401')
+  }
+  t.equal((await db.query('SELECT etag FROM user_sync_data WHERE user_id = $1', [userId])).rows[0].etag, before, 'no refused restore changed anything')
+  t.equal(await historyRows(userId), 1)
+  for (const route of routes) t.equal((await app.inject({ ...route, headers: bearer(owner) })).statusCode, 200, 'the owner is served')
+
+  const open = randomUUID()
+  await put(open, upload(10, 1))
+  await put(open, upload(10, 2))
+  const list = await versions(open)
+  t.equal(list.statusCode, 200, 'a record no device claimed is open, as GET is')
+  const claim = await app.inject({ method: 'POST', url: url(open, `/versions/${list.json().versions[1].version}/restore`), headers: bearer(owner) })
+  t.equal(claim.statusCode, 200, 'a restore is an upload: a token claims an unclaimed record')
+  t.equal((await versions(open)).statusCode, 401, 'which is then closed to clients without it')
+})
+
+t.test('bad and unknown versions: 400 and 404, with the error shape, and nothing changed', async (t) => {
+  const userId = randomUUID()
+  await put(userId, upload(10, 1))
+  const etag = (await db.query('SELECT etag FROM user_sync_data WHERE user_id = $1', [userId])).rows[0].etag
+  for (const bad of ['0', '-1', 'abc', '1.5', '1e3', '99999999999999999999']) {
+    for (const [method, rest] of [['GET', `/versions/${bad}`], ['POST', `/versions/${bad}/restore`]] as const) {
+      const res = await app.inject({ method, url: url(userId, rest) })
+      t.equal(res.statusCode, 400, `${method} version ${bad}: 400`)
+      t.match(res.json(), { statusCode: 400, error: /version/ })
+    }
+  }
+  const stranger = randomUUID()
+  for (const [method, rest] of [['GET', '/versions'], ['GET', '/versions/1'], ['POST', '/versions/1/restore']] as const) {
+    const res = await app.inject({ method, url: url(stranger, rest) })
+    t.equal(res.statusCode, 404, `${method} ${rest} of a user without data: 404`)
+    t.strictSame(res.json(), { error: 'User not found', statusCode: 404 })
+  }
+  const unknown = await app.inject({ method: 'POST', url: url(userId, '/versions/123/restore') })
+  t.equal(unknown.statusCode, 404)
+  t.strictSame(unknown.json(), { error: 'Version 123 is not kept for this user', statusCode: 404 })
+  t.equal((await db.query('SELECT etag FROM user_sync_data WHERE user_id = $1', [userId])).rows[0].etag, etag, 'nothing changed')
+})
+
+t.test('restore honours If-Match as PUT does', async (t) => {
+  const userId = randomUUID()
+  const first = await put(userId, upload(10, 1))
+  const second = await put(userId, upload(10, 2))
+  const [, old] = (await versions(userId)).json().versions
+  const stale = await app.inject({ method: 'POST', url: url(userId, `/versions/${old.version}/restore`), headers: { 'if-match': String(first.headers.etag) } })
+  t.equal(stale.statusCode, 412, 'a stale ETag: 412')
+  t.equal(stale.headers.etag, second.headers.etag, 'with the current ETag')
+  t.equal(await historyRows(userId), 1, 'and no version was added')
+  const star = await app.inject({ method: 'POST', url: url(userId, `/versions/${old.version}/restore`), headers: { 'if-match': '*' } })
+  t.equal(star.statusCode, 200)
+})
+
+t.test('DELETE erases the record and its whole history; a new record never repeats an old version number', async (t) => {
+  const userId = randomUUID()
+  for (let i = 1; i <= 4; i++) await put(userId, upload(100, i))
+  const before = (await versions(userId)).json().versions.map((v: { version: number }) => v.version)
+  t.equal(await historyRows(userId), 3)
+  t.equal((await app.inject({ method: 'DELETE', url: url(userId) })).statusCode, 200)
+  t.equal(await historyRows(userId), 0, 'no history row left')
+  t.equal((await versions(userId)).statusCode, 404)
+  await put(userId, upload(100, 9))
+  const [again] = (await versions(userId)).json().versions
+  t.ok(again.version > Math.max(...before), `the new record's version (${again.version}) is past every old one`)
+  for (const version of before) {
+    t.equal((await app.inject({ method: 'GET', url: url(userId, `/versions/${version}`) })).statusCode, 404, 'old numbers find nothing')
+  }
+})
+
+t.test('HISTORY_DAYS: a version replaced longer ago is neither listed nor served, the next upload drops it, the cleanup drops the rest', async (t) => {
+  const [writer, idle] = [randomUUID(), randomUUID()]
+  for (const userId of [writer, idle]) for (let i = 1; i <= 3; i++) await put(userId, upload(100, i))
+  await db.query("UPDATE user_sync_history SET replaced_at = now() - interval '31 days' WHERE user_id = ANY($1) AND timestamp = 1", [[writer, idle]])
+  for (const userId of [writer, idle]) {
+    const list = (await versions(userId)).json().versions
+    t.equal(list.length, 2, 'the old version is not listed')
+    const old = (await db.query('SELECT version FROM user_sync_history WHERE user_id = $1 AND timestamp = 1', [userId])).rows[0].version
+    t.equal((await app.inject({ method: 'GET', url: url(userId, `/versions/${old}`) })).statusCode, 404, 'nor served')
+    t.equal((await app.inject({ method: 'POST', url: url(userId, `/versions/${old}/restore`) })).statusCode, 404, 'nor restored')
+  }
+  await put(writer, upload(100, 4))
+  t.equal(await historyRows(writer), 2, 'the next upload dropped it (and kept the one it replaced)')
+  t.equal(await historyRows(idle), 2, 'a record not written keeps it until the cleanup')
+  const result = await app.cleanup.run()
+  t.match(result, { ran: true, historyPruned: 1 })
+  t.equal(await historyRows(idle), 1, 'which drops it')
+})
+
+t.test('the cleanup of inactive accounts removes their history with them', async (t) => {
+  const userId = randomUUID()
+  for (let i = 1; i <= 3; i++) await put(userId, upload(100, i))
+  await db.query("UPDATE user_sync_data SET last_accessed = now() - interval '3 years' WHERE user_id = $1", [userId])
+  t.match(await app.cleanup.run(), { ran: true, deleted: 1 })
+  t.equal(await historyRows(userId), 0)
+})
+
+t.test('HISTORY_VERSIONS=0 keeps no history; lowering it, the cleanup drops the excess', async (t) => {
+  const url0 = databaseUrlOf(app)
+  const off = await build(t, { env: { DATABASE_URL: url0, HISTORY_VERSIONS: '0', CLEANUP_INTERVAL: '0' } })
+  const userId = randomUUID()
+  for (let i = 1; i <= 3; i++) await put(userId, upload(100, i), {}, off)
+  t.equal(await historyRows(userId), 0, 'nothing kept')
+  t.strictSame((await versions(userId, {}, off)).json().versions.map((v: { current: boolean }) => v.current), [true], 'only the current version is listed')
+  t.match((await off.inject({ method: 'GET', url: '/info' })).json().history, { versions: 0, days: 30 })
+
+  const kept = randomUUID()
+  for (let i = 1; i <= 6; i++) await put(kept, upload(100, i))
+  t.equal(await historyRows(kept), 5)
+  const two = await build(t, { env: { DATABASE_URL: url0, HISTORY_VERSIONS: '2', CLEANUP_INTERVAL: '0', CLEANUP_INACTIVE_DAYS: '0' } })
+  t.equal((await versions(kept, {}, two)).json().versions.length, 3, 'listed: only what the limit keeps')
+  await two.cleanup.run()
+  t.equal(await historyRows(kept), 2, 'the cleanup dropped the rest')
+})
+
+t.test('/info shows the limits; metrics count history rows and bytes; logs carry no user id or data', async (t) => {
+  t.strictSame((await app.inject({ method: 'GET', url: '/info' })).json().history, { versions: 10, days: 30 })
+  const { rows: [expected] } = await db.query('SELECT count(*)::int AS n, coalesce(sum(blob_size), 0)::int AS bytes FROM user_sync_history')
+  t.ok(expected.n > 0)
+  const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.match(metrics, new RegExp(`^history_versions ${expected.n}$`, 'm'))
+  t.match(metrics, new RegExp(`^history_bytes ${expected.bytes}$`, 'm'))
+  t.match(metrics, /storage_operation_duration_seconds_count\{operation="restore",outcome="ok"\} \d+/)
+
+  const { rows } = await db.query('SELECT user_id::text AS id, encrypted_blob AS blob FROM user_sync_history LIMIT 20')
+  const text = logLines.join('\n')
+  t.ok(logLines.some((line) => line.includes('/versions')), 'the history routes are logged')
+  for (const row of rows) {
+    t.notOk(text.includes(row.id), 'no raw user id in any log line')
+    t.notOk(text.includes(row.blob.slice(0, 24)), 'no blob in any log line')
+  }
+})
