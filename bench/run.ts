@@ -5,7 +5,8 @@
 // name contains TEXT), --scale (then 1,000,000 stored users: GET, and the cleanup of 999,000
 // inactive ones under upload load; adds a few minutes), --toast (1 MB GET and PUT under each
 // TOAST setting of the blob column), --tokens (1 KiB GET and PUT with and without an access
-// token: the server CPU the token check costs).
+// token: the server CPU the token check costs), --history (PUT and GET with HISTORY_VERSIONS=10
+// against 0, and the disk a user with 10 kept 1 MB versions takes).
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync, existsSync } from 'node:fs'
@@ -23,7 +24,8 @@ const { values: args } = parseArgs({
     only: { type: 'string', default: '' },
     scale: { type: 'boolean', default: false },
     toast: { type: 'boolean', default: false },
-    tokens: { type: 'boolean', default: false }
+    tokens: { type: 'boolean', default: false },
+    history: { type: 'boolean', default: false }
   }
 })
 const DURATION = Number(args.duration)
@@ -99,15 +101,14 @@ async function seed (): Promise<void> {
 
 async function refreshEtags (): Promise<void> {
   await admin(async (c) => {
-    const { rows } = await c.query(`SELECT user_id, version || '-' || floor(extract(epoch FROM created_at) * 1000000)::bigint AS etag
-      FROM user_sync_data WHERE user_id = ANY($1)`, [[...ids['1KiB'], ...ids['1MB']]])
+    const { rows } = await c.query('SELECT user_id, etag FROM user_sync_data WHERE user_id = ANY($1)', [[...ids['1KiB'], ...ids['1MB']]])
     for (const row of rows) etags.set(row.user_id, `"${row.etag}"`)
   }, benchUrl)
 }
 
 interface Server { name: string, port: number, child: ChildProcess }
 
-async function startServer (name: 'service' | 'baseline', port: number): Promise<Server> {
+async function startServer (name: 'service' | 'baseline', port: number, env: Record<string, string> = {}, databaseUrl = benchUrl): Promise<Server> {
   const args = name === 'service' ? ['dist/server.js'] : ['--import', 'tsx', 'bench/baseline.ts']
   const child = spawn(process.execPath, args, {
     cwd: ROOT,
@@ -115,13 +116,14 @@ async function startServer (name: 'service' | 'baseline', port: number): Promise
     // Rate limits off: the bench sends thousands of requests per user.
     env: {
       PATH: process.env.PATH ?? '',
-      DATABASE_URL: benchUrl,
+      DATABASE_URL: databaseUrl,
       PORT: String(port),
       HOST: '127.0.0.1',
       LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'info',
       NODE_ENV: 'production',
       RATE_LIMIT_MAX: '0',
-      RATE_LIMIT_IP_MAX: '0'
+      RATE_LIMIT_IP_MAX: '0',
+      ...env
     },
     stdio: ['ignore', 'ignore', 'inherit']
   })
@@ -441,6 +443,110 @@ async function tokenExperiment (service: Server): Promise<string> {
   return lines.join('\n')
 }
 
+/**
+ * Version history: PUT 1 KiB, PUT 1 MB and GET 1 KiB on a service with HISTORY_VERSIONS=10 (the
+ * default) and one with 0, each on users of its own (the one with history starts with 10 kept
+ * versions per user: the steady state, where every upload also drops the oldest), interleaved
+ * off, on, on, off; then the disk one user with 10 kept 1 MB versions takes.
+ */
+async function historyExperiment (): Promise<string> {
+  const ROUNDS = 3
+  const sizes = { '1KiB': 1000, '1MB': 30 } as const
+  const users: Record<'on' | 'off', Record<keyof typeof sizes, string[]>> = { on: { '1KiB': [], '1MB': [] }, off: { '1KiB': [], '1MB': [] } }
+  await admin(async (c) => {
+    for (const [k, kind] of (['on', 'off'] as const).entries()) {
+      for (const [j, size] of (Object.keys(sizes) as Array<keyof typeof sizes>).entries()) {
+        const prefix = 0x40 + 2 * k + j
+        users[kind][size] = Array.from({ length: sizes[size] }, (_, n) => uuid(n, prefix))
+        await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
+          SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), $2 FROM unnest($3::uuid[]) AS u`,
+        [randomBytes(SIZES[size]).toString('base64'), SIZES[size], users[kind][size]])
+        if (kind === 'on') {
+          await c.query(`INSERT INTO user_sync_history (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size, stored_at, replaced_at)
+            SELECT u, -v, -v || '-seed', $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), $2, now(), now()
+            FROM unnest($3::uuid[]) AS u, generate_series(1, 10) AS v`, [randomBytes(SIZES[size]).toString('base64'), SIZES[size], users[kind][size]])
+        }
+      }
+    }
+    await c.query('VACUUM ANALYZE user_sync_data, user_sync_history')
+  }, benchUrl)
+  const servers = { off: await startServer('service', 3103, { HISTORY_VERSIONS: '0' }), on: await startServer('service', 3104, { HISTORY_VERSIONS: '10' }) }
+  const lines = ['## Version history (--history)', '',
+    'The service with `HISTORY_VERSIONS=10` (the default; every user starts with 10 kept versions, so every upload also drops the oldest)',
+    'against the same service with `HISTORY_VERSIONS=0`, each on users of its own, 16 connections; ' +
+    `${ROUNDS} rounds of (off, on, on, off), ${DURATION} s each after a 1 s warm-up; medians of the ${2 * ROUNDS} runs of each.`, '',
+    '| scenario | req/s off / on | **on / off** | p99 ms off / on | CPU µs/req off / on | errors |',
+    '| --- | ---: | ---: | ---: | ---: | ---: |']
+  try {
+    const bodies = { '1KiB': body('1KiB'), '1MB': body('1MB') }
+    const scenario = (kind: 'on' | 'off', method: 'GET' | 'PUT', size: keyof typeof sizes): Scenario => ({
+      name: `${method} ${size} c16 [history ${kind}]`,
+      connections: 16,
+      method,
+      path: () => `/api/sync/${pick(users[kind][size])}`,
+      ...(method === 'PUT' ? { body: bodies[size], headers: () => ({ 'content-type': 'application/json' }) } : {}),
+      expect: [200]
+    })
+    for (const [method, size] of [['PUT', '1KiB'], ['PUT', '1MB'], ['GET', '1KiB']] as const) {
+      if (!`${method} ${size} c16`.includes(args.only)) continue
+      const runs: Record<'on' | 'off', Result[]> = { on: [], off: [] }
+      for (let round = 0; round < ROUNDS; round++) {
+        for (const kind of ['off', 'on', 'on', 'off'] as const) {
+          await measure(servers[kind], scenario(kind, method, size), 1)
+          const result = await measure(servers[kind], scenario(kind, method, size), DURATION)
+          runs[kind].push(result)
+          console.log(`${result.scenario.padEnd(28)} ${fmt(result.rps, 0).padStart(7)} req/s  p99 ${result.p99} ms  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}`)
+        }
+      }
+      const median = (values: number[]) => { const sorted = [...values].sort((a, b) => a - b); return (sorted[ROUNDS - 1]! + sorted[ROUNDS]!) / 2 }
+      const m = (kind: 'on' | 'off', pickField: (r: Result) => number) => median(runs[kind].map(pickField))
+      const errors = [...runs.on, ...runs.off].reduce((sum, r) => sum + r.errors + r.unexpected, 0)
+      lines.push(`| ${method} ${size} | ${fmt(m('off', (r) => r.rps), 0)} / ${fmt(m('on', (r) => r.rps), 0)} | ` +
+        `**${fmt(m('on', (r) => r.rps) / m('off', (r) => r.rps), 2)}x** | ${fmt(m('off', (r) => r.p99))} / ${fmt(m('on', (r) => r.p99))} | ` +
+        `${fmt(m('off', (r) => r.cpuUs), 0)} / ${fmt(m('on', (r) => r.cpuUs), 0)} | ${errors} |`)
+    }
+  } finally {
+    await stopServer(servers.off)
+    await stopServer(servers.on)
+  }
+
+  // Disk: one user, 11 uploads of 1,000,000 random bytes (the current version and 10 kept ones)
+  // through the service, on a database of its own, after VACUUM FULL.
+  const DISK_DB = 'lk_bench_disk'
+  await admin(async (c) => {
+    await c.query(`DROP DATABASE IF EXISTS ${DISK_DB} WITH (FORCE)`)
+    await c.query(`CREATE DATABASE ${DISK_DB}`)
+  })
+  const diskUrl = Object.assign(new URL(benchUrl), { pathname: `/${DISK_DB}` }).toString()
+  const disk = await startServer('service', 3105, { HISTORY_VERSIONS: '10' }, diskUrl)
+  const userId = uuid(1, 0x50)
+  try {
+    for (let i = 0; i < 11; i++) {
+      const res = await fetch(`http://127.0.0.1:${disk.port}/api/sync/${userId}`, { method: 'PUT', headers: { 'content-type': 'application/json' }, body: body('1MB') })
+      if (res.status !== 200) throw new Error(`disk figure: upload ${i + 1} answered ${res.status}`)
+    }
+  } finally {
+    await stopServer(disk)
+  }
+  const figures = await admin(async (c) => {
+    await c.query('VACUUM FULL user_sync_data, user_sync_history')
+    const { rows: [row] } = await c.query(`SELECT
+        pg_total_relation_size('user_sync_data') + pg_total_relation_size('user_sync_history') AS total,
+        (SELECT count(*) FROM user_sync_history)::int AS kept,
+        (SELECT pg_column_size(encrypted_blob) FROM user_sync_data) AS blob,
+        (SELECT pg_column_size(d.*) FROM user_sync_data d) AS row_size`)
+    return { total: Number(row.total), kept: row.kept as number, blob: Number(row.blob), row: Number(row.row_size) }
+  }, diskUrl)
+  await admin(async (c) => { await c.query(`DROP DATABASE IF EXISTS ${DISK_DB} WITH (FORCE)`) })
+  const copies = 11 * figures.row
+  lines.push('', `Disk: one user with ${figures.kept} kept versions of 1,000,000 random bytes (11 uploads through the service), after ` +
+    `\`VACUUM FULL\`: \`pg_total_relation_size\` of user_sync_data and user_sync_history together is **${fmt(figures.total / 1e6, 2)} MB**; ` +
+    `the current version is ${fmt(figures.row / 1e6, 3)} MB in the table's own format (\`pg_column_size\` of its row; its blob alone ` +
+    `${fmt(figures.blob / 1e6, 3)} MB), so 11 copies are ${fmt(copies / 1e6, 2)} MB: **${fmt(figures.total / copies, 3)}x** of that, ` +
+    `the rest being pages, TOAST chunk headers and indexes (${fmt((figures.total - copies) / 1024, 0)} KiB). No version is stored twice.`)
+  return lines.join('\n')
+}
+
 function average (runs: Result[]): Result {
   const mean = (pick: (run: Result) => number) => runs.reduce((sum, run) => sum + pick(run), 0) / runs.length
   return {
@@ -491,6 +597,7 @@ async function main (): Promise<void> {
     }
     if (args.toast) extra.push(await toastExperiment(service, compare, results))
     if (args.tokens) extra.push(await tokenExperiment(service))
+    if (args.history) extra.push(await historyExperiment())
     if (args.scale) extra.push(await scaleExperiment(service, compare, results))
   } finally {
     await stopServer(service)

@@ -283,8 +283,9 @@ t.test('HISTORY_VERSIONS=0 keeps no history; lowering it, the cleanup drops the 
   t.equal(await historyRows(kept), 5)
   const two = await build(t, { env: { DATABASE_URL: url0, HISTORY_VERSIONS: '2', CLEANUP_INTERVAL: '0', CLEANUP_INACTIVE_DAYS: '0' } })
   t.equal((await versions(kept, {}, two)).json().versions.length, 3, 'listed: only what the limit keeps')
-  await two.cleanup.run()
-  t.equal(await historyRows(kept), 2, 'the cleanup dropped the rest')
+  // The cleanup's pruning step (the cleanup run itself, with its lock, is the app's: see above).
+  t.ok(await two.storage.pruneHistory() >= 3, 'the cleanup drops the rest (of every user)')
+  t.equal(await historyRows(kept), 2)
 })
 
 t.test('/info shows the limits; metrics count history rows and bytes; logs carry no user id or data', async (t) => {
