@@ -1,5 +1,7 @@
 // The ceiling the service is measured against: a Fastify route that runs exactly one query per
-// request and nothing else (no validation, no logging, no preconditions, no prepared statements).
+// request and nothing else (no validation, no logging, no preconditions, no prepared statements,
+// no history: an upload replaces the version it finds), on the service's own tables (the account
+// in user_sync_data naming its current version in user_sync_versions, sql/005_versions.sql).
 // Started by bench/run.ts as its own process; never part of the service.
 import Fastify from 'fastify'
 import pg from 'pg'
@@ -10,7 +12,8 @@ const app = Fastify({ logger: false, bodyLimit: 2 * 1024 * 1024 })
 
 app.get<{ Params: { id: string } }>('/api/sync/:id', async (request, reply) => {
   const { rows } = await pool.query(
-    'SELECT encrypted_blob AS "encryptedBlob", iv, timestamp, checksum FROM user_sync_data WHERE user_id = $1',
+    `SELECT v.encrypted_blob AS "encryptedBlob", v.iv, v.timestamp, v.checksum
+     FROM user_sync_data a JOIN user_sync_versions v USING (user_id, version) WHERE a.user_id = $1`,
     [request.params.id])
   if (rows.length === 0) return reply.code(404).send({ error: 'User not found' })
   return rows[0]
@@ -20,9 +23,13 @@ app.put<{ Params: { id: string }, Body: { encryptedBlob: string, iv: string, tim
   '/api/sync/:id', async (request) => {
     const { encryptedBlob, iv, timestamp, checksum } = request.body
     await pool.query(
-      `INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, $2, $3, $4, $5, $6)
-       ON CONFLICT (user_id) DO UPDATE SET encrypted_blob = EXCLUDED.encrypted_blob, iv = EXCLUDED.iv,
-         timestamp = EXCLUDED.timestamp, checksum = EXCLUDED.checksum, blob_size = EXCLUDED.blob_size`,
+      `WITH account AS (
+         INSERT INTO user_sync_data (user_id, timestamp) VALUES ($1, $4)
+         ON CONFLICT (user_id) DO UPDATE SET version = user_sync_data.version + 1, timestamp = EXCLUDED.timestamp
+         RETURNING version, etag),
+       replaced AS (DELETE FROM user_sync_versions WHERE user_id = $1 AND version < (SELECT version FROM account))
+       INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size)
+       SELECT $1, version, etag, $2, $3, $4, $5, $6 FROM account`,
       [request.params.id, encryptedBlob, iv, timestamp, checksum,
         encryptedBlob.length / 4 * 3 - (encryptedBlob.endsWith('==') ? 2 : encryptedBlob.endsWith('=') ? 1 : 0)])
     return { success: true }

@@ -71,6 +71,17 @@ async function admin<T> (fn: (client: pg.Client) => Promise<T>, url = SERVER_URL
   try { return await fn(client) } finally { await client.end() }
 }
 
+/**
+ * Stores records directly, as the service would (the account and its current version): `rows`
+ * selects user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed and
+ * token_hash, in that order.
+ */
+const insertRecords = (rows: string) => `WITH source (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed, token_hash) AS (${rows}),
+  accounts AS (INSERT INTO user_sync_data (user_id, timestamp, last_accessed, token_hash)
+    SELECT user_id, timestamp, last_accessed, token_hash FROM source RETURNING user_id, version, etag)
+  INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size)
+  SELECT a.user_id, a.version, a.etag, s.encrypted_blob, s.iv, s.timestamp, s.checksum, s.blob_size FROM accounts a JOIN source s USING (user_id)`
+
 async function seed (): Promise<void> {
   await admin(async (c) => {
     await c.query(`DROP DATABASE IF EXISTS ${BENCH_DB} WITH (FORCE)`)
@@ -83,19 +94,18 @@ async function seed (): Promise<void> {
     let prefix = 1
     for (const size of Object.keys(SIZES) as Size[]) {
       const blob = randomBytes(SIZES[size]).toString('base64')
-      await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
-        SELECT ('${prefix.toString(16).padStart(8, '0')}-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid,
-               $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), $2
-        FROM generate_series(0, $3 - 1) AS n`, [blob, SIZES[size], USERS[size]])
+      await c.query(insertRecords(`SELECT ('${prefix.toString(16).padStart(8, '0')}-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid,
+               $1, 'AbCdEfGhIjKlMnOp', 1::bigint, repeat('a', 64), $2::int, now(), NULL::bytea
+        FROM generate_series(0, $3 - 1) AS n`), [blob, SIZES[size], USERS[size]])
       ids[size] = Array.from({ length: USERS[size] }, (_, n) => uuid(n, prefix))
       prefix++
     }
     const small = randomBytes(1024).toString('base64')
-    await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
-      SELECT ('000000ff-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), 1024
-      FROM generate_series(0, $2 - 1) AS n`, [small, DELETE_POOL])
+    await c.query(insertRecords(`SELECT ('000000ff-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, $1, 'AbCdEfGhIjKlMnOp', 1::bigint,
+        repeat('a', 64), 1024, now(), NULL::bytea
+      FROM generate_series(0, $2 - 1) AS n`), [small, DELETE_POOL])
     for (let n = 0; n < DELETE_POOL; n++) deleteIds.push(uuid(n, 0xff))
-    await c.query('VACUUM ANALYZE user_sync_data')
+    await c.query('VACUUM ANALYZE user_sync_data, user_sync_versions')
   }, benchUrl)
 }
 
@@ -284,9 +294,9 @@ const latest = (results: Result[], scenario: string, server: string) =>
 /** 1 MB GET and PUT on the service under each TOAST setting of encrypted_blob. */
 async function toastExperiment (service: Server, compare: Compare, results: Result[]): Promise<string> {
   const settings = [
-    ['EXTENDED, pglz (default)', 'ALTER TABLE user_sync_data ALTER COLUMN encrypted_blob SET STORAGE EXTENDED, ALTER COLUMN encrypted_blob SET COMPRESSION pglz'],
-    ['EXTENDED, lz4', 'ALTER TABLE user_sync_data ALTER COLUMN encrypted_blob SET STORAGE EXTENDED, ALTER COLUMN encrypted_blob SET COMPRESSION lz4'],
-    ['EXTERNAL (no compression)', 'ALTER TABLE user_sync_data ALTER COLUMN encrypted_blob SET STORAGE EXTERNAL']
+    ['EXTENDED, pglz (default)', 'ALTER TABLE user_sync_versions ALTER COLUMN encrypted_blob SET STORAGE EXTENDED, ALTER COLUMN encrypted_blob SET COMPRESSION pglz'],
+    ['EXTENDED, lz4', 'ALTER TABLE user_sync_versions ALTER COLUMN encrypted_blob SET STORAGE EXTENDED, ALTER COLUMN encrypted_blob SET COMPRESSION lz4'],
+    ['EXTERNAL (no compression)', 'ALTER TABLE user_sync_versions ALTER COLUMN encrypted_blob SET STORAGE EXTERNAL']
   ] as const
   const lines = ['## TOAST settings of encrypted_blob (--toast)', '',
     'Each setting, then 1 MB uploads rewrite the 1 MB rows under it, then downloads read them (service only, same run).', '',
@@ -299,7 +309,7 @@ async function toastExperiment (service: Server, compare: Compare, results: Resu
     await admin(async (c) => { await c.query(sql) }, benchUrl)
     for (const scenario of [put, get]) await compare({ ...scenario, name: `${scenario.name} [${label}]` }, [service, service])
     const size = await admin(async (c) => (await c.query(
-      "SELECT pg_size_pretty(sum(pg_column_size(encrypted_blob))) AS size FROM user_sync_data WHERE user_id::text LIKE '00000003-%'")).rows[0].size, benchUrl)
+      "SELECT pg_size_pretty(sum(pg_column_size(encrypted_blob))) AS size FROM user_sync_versions WHERE user_id::text LIKE '00000003-%'")).rows[0].size, benchUrl)
     const p = latest(results, `${put.name} [${label}]`, 'service')
     const g = latest(results, `${get.name} [${label}]`, 'service')
     lines.push(`| ${label} | ${fmt(p.rps)} | ${fmt(p.cpuUs, 0)} | ${fmt(g.rps)} | ${fmt(g.cpuUs, 0)} | ${fmt(g.p99)} | ${size} |`)
@@ -316,11 +326,10 @@ async function scaleExperiment (service: Server, compare: Compare, results: Resu
   console.log(`seeding ${extraUsers} more users…`)
   const started = Date.now()
   await admin(async (c) => {
-    await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed)
-      SELECT ('00000010-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), 1024,
-             now() - interval '12 hours'
-      FROM generate_series(0, $2 - 1) AS n`, [randomBytes(1024).toString('base64'), extraUsers])
-    await c.query('VACUUM ANALYZE user_sync_data')
+    await c.query(insertRecords(`SELECT ('00000010-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, $1, 'AbCdEfGhIjKlMnOp', 1::bigint,
+             repeat('a', 64), 1024, now() - interval '12 hours', NULL::bytea
+      FROM generate_series(0, $2 - 1) AS n`), [randomBytes(1024).toString('base64'), extraUsers])
+    await c.query('VACUUM ANALYZE user_sync_data, user_sync_versions')
   }, benchUrl)
   const seeded = Date.now() - started
   const small = scenarios().find((s) => s.name === 'GET 1KiB c16')!
@@ -403,8 +412,8 @@ async function tokenExperiment (service: Server): Promise<string> {
   const tokens = Array.from({ length: users }, () => randomBytes(32).toString('base64url'))
   const claimed = Array.from({ length: users }, (_, n) => uuid(n, 0x20))
   await admin(async (c) => {
-    await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, token_hash)
-      SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), 1024, h FROM unnest($2::uuid[], $3::bytea[]) AS t(u, h)`,
+    await c.query(insertRecords(`SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1::bigint, repeat('a', 64), 1024, now(), h
+      FROM unnest($2::uuid[], $3::bytea[]) AS t(u, h)`),
     [randomBytes(1024).toString('base64'), claimed, tokens.map((token) => createHash('sha256').update(token).digest())])
     await c.query('VACUUM ANALYZE user_sync_data')
   }, benchUrl)
@@ -458,17 +467,16 @@ async function historyExperiment (): Promise<string> {
       for (const [j, size] of (Object.keys(sizes) as Array<keyof typeof sizes>).entries()) {
         const prefix = 0x40 + 2 * k + j
         users[kind][size] = Array.from({ length: sizes[size] }, (_, n) => uuid(n, prefix))
-        await c.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
-          SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), $2 FROM unnest($3::uuid[]) AS u`,
-        [randomBytes(SIZES[size]).toString('base64'), SIZES[size], users[kind][size]])
+        await c.query(insertRecords(`SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1::bigint, repeat('a', 64), $2::int, now(), NULL::bytea
+          FROM unnest($3::uuid[]) AS u`), [randomBytes(SIZES[size]).toString('base64'), SIZES[size], users[kind][size]])
         if (kind === 'on') {
-          await c.query(`INSERT INTO user_sync_history (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size, stored_at, replaced_at)
-            SELECT u, -v, -v || '-seed', $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), $2, now(), now()
+          await c.query(`INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size)
+            SELECT u, -v, -v || '-seed', $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), $2
             FROM unnest($3::uuid[]) AS u, generate_series(1, 10) AS v`, [randomBytes(SIZES[size]).toString('base64'), SIZES[size], users[kind][size]])
         }
       }
     }
-    await c.query('VACUUM ANALYZE user_sync_data, user_sync_history')
+    await c.query('VACUUM ANALYZE user_sync_data, user_sync_versions')
   }, benchUrl)
   // A metrics token keeps /metrics on the service port: the separate listener's port is the first service's.
   const alongside = { METRICS_TOKEN: 'bench-metrics-token' }
@@ -533,18 +541,18 @@ async function historyExperiment (): Promise<string> {
     await stopServer(disk)
   }
   const figures = await admin(async (c) => {
-    await c.query('VACUUM FULL user_sync_data, user_sync_history')
+    await c.query('VACUUM FULL user_sync_data, user_sync_versions')
     const { rows: [row] } = await c.query(`SELECT
-        pg_total_relation_size('user_sync_data') + pg_total_relation_size('user_sync_history') AS total,
-        (SELECT count(*) FROM user_sync_history)::int AS kept,
-        (SELECT pg_column_size(encrypted_blob) FROM user_sync_data) AS blob,
-        (SELECT pg_column_size(d.*) FROM user_sync_data d) AS row_size`)
+        pg_total_relation_size('user_sync_data') + pg_total_relation_size('user_sync_versions') AS total,
+        (SELECT count(*) - 1 FROM user_sync_versions)::int AS kept,
+        (SELECT pg_column_size(v.encrypted_blob) FROM user_sync_versions v JOIN user_sync_data USING (user_id, version)) AS blob,
+        (SELECT pg_column_size(v.*) + pg_column_size(d.*) FROM user_sync_versions v JOIN user_sync_data d USING (user_id, version)) AS row_size`)
     return { total: Number(row.total), kept: row.kept as number, blob: Number(row.blob), row: Number(row.row_size) }
   }, diskUrl)
   await admin(async (c) => { await c.query(`DROP DATABASE IF EXISTS ${DISK_DB} WITH (FORCE)`) })
   const copies = 11 * figures.row
   lines.push('', `Disk: one user with ${figures.kept} kept versions of 1,000,000 random bytes (11 uploads through the service), after ` +
-    `\`VACUUM FULL\`: \`pg_total_relation_size\` of user_sync_data and user_sync_history together is **${fmt(figures.total / 1e6, 2)} MB**; ` +
+    `\`VACUUM FULL\`: \`pg_total_relation_size\` of user_sync_data and user_sync_versions together is **${fmt(figures.total / 1e6, 2)} MB**; ` +
     `the current version is ${fmt(figures.row / 1e6, 3)} MB in the table's own format (\`pg_column_size\` of its row; its blob alone ` +
     `${fmt(figures.blob / 1e6, 3)} MB), so 11 copies are ${fmt(copies / 1e6, 2)} MB: **${fmt(figures.total / copies, 3)}x** of that, ` +
     `the rest being pages, TOAST chunk headers and indexes (${fmt((figures.total - copies) / 1024, 0)} KiB). No version is stored twice.`)
@@ -609,7 +617,7 @@ async function main (): Promise<void> {
   }
 
   const integrity = await admin(async (c) => (await c.query(
-    "SELECT count(*)::int AS n FROM user_sync_data WHERE user_id::text LIKE '00000003-%' AND blob_size = 1000000 AND length(encrypted_blob) = 1333336")).rows[0].n, benchUrl)
+    "SELECT count(*)::int AS n FROM user_sync_data JOIN user_sync_versions v USING (user_id, version) WHERE user_id::text LIKE '00000003-%' AND v.blob_size = 1000000 AND length(v.encrypted_blob) = 1333336")).rows[0].n, benchUrl)
 
   const rows = list.map((scenario) => {
     const s = results.find((r) => r.scenario === scenario.name && r.server === 'service')!

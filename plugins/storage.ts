@@ -11,9 +11,9 @@ export interface Queryable {
   query<R extends QueryResultRow>(config: QueryConfig): Promise<QueryResult<R>>
 }
 
-// The version of a record: one more than the version it replaces, and never less than the time of
+// The version of a record: greater than the version it replaces, and never less than the time of
 // the write in milliseconds since 1970. So a number is never handed out twice for a user, not after
-// a DELETE (which erases the history that held the old numbers), not after a restore from backup
+// a DELETE (which erases the versions that held the old numbers), not after a restore from backup
 // (which brings older numbers back): a later write takes the clock's value, past every number
 // handed out before. Only a database clock that goes back could repeat one.
 const NOW_MS = 'floor(extract(epoch FROM now()) * 1000)::bigint'
@@ -23,11 +23,8 @@ const NEXT_VERSION = `greatest(user_sync_data.version + 1, ${NOW_MS})`
 // in the same statement as the write.
 const ETAG = 'etag'
 const RANDOM_PART = "replace(gen_random_uuid()::text, '-', '')"
-const COLUMNS = 'user_id, encrypted_blob, iv, timestamp, checksum, blob_size, version, etag'
-const PLACEHOLDERS = `$1, $2, $3, $4, $5, $6, ${NOW_MS}, ${NOW_MS} || '-' || ${RANDOM_PART}`
 // created_at is never in an update list, so it keeps the first upload's time.
-const NEW_VERSION = `version = ${NEXT_VERSION}, etag = ${NEXT_VERSION} || '-' || ${RANDOM_PART}, stored_at = now(), last_accessed = now()`
-const SET_PAYLOAD = `encrypted_blob = $2, iv = $3, timestamp = $4, checksum = $5, blob_size = $6, ${NEW_VERSION}`
+const NEW_VERSION = `version = ${NEXT_VERSION}, etag = ${NEXT_VERSION} || '-' || ${RANDOM_PART}, last_accessed = now()`
 
 // Access tokens (routes/api/sync/access-tokens.ts): a record is open to a request when no device has claimed it
 // (token_hash NULL) or when the request's token hash is the stored one. The check is part of
@@ -42,66 +39,70 @@ const CLAIMED = 'token_hash IS NOT NULL'
 // An upload with a token claims an unclaimed record; it never replaces another token.
 const CLAIM = (param: number) => `token_hash = coalesce(user_sync_data.token_hash, $${param}::bytea)`
 
-// Writes first lock the record and judge every condition (the precondition, the token) on that
+// A record is its account row in user_sync_data, which names the current version, and its
+// versions in user_sync_versions (sql/005_versions.sql): an upload adds a version and moves the
+// account to it; nothing is copied.
+//
+// Writes first lock the account and judge every condition (the precondition, the token) on that
 // locked row: a locking read waits for a concurrent write and returns the committed row, where
 // the statement's own snapshot may hold an older one (say, a token rotated a moment ago, which
 // the snapshot would still refuse). The lock is exclusive, so racing writers queue behind it
 // rather than deadlock, and the answer (the current tag, whether the request may see it) comes
 // from the same row, in one round trip, whichever order PostgreSQL runs the parts of the
-// statement in. The locked row is also the version a write replaces, which goes into the
-// history in the same statement (KEEP).
+// statement in. What a write needs of the current version (its timestamp) is on the locked row
+// too: the snapshot cannot see a version a writer ahead in the queue just added.
 const LOCKED = (token: number) => `locked AS (
-           SELECT ${ETAG}, ${authorized(token)} AS authorized, ${CLAIMED} AS claimed
-           FROM user_sync_data WHERE user_id = $1 FOR UPDATE)`
-const LOCKED_VERSION = (token: number) => `locked AS (
-           SELECT ${ETAG}, ${authorized(token)} AS authorized, ${CLAIMED} AS claimed,
-             version, encrypted_blob, iv, timestamp, checksum, blob_size, stored_at
+           SELECT ${ETAG}, version, timestamp, ${authorized(token)} AS authorized, ${CLAIMED} AS claimed
            FROM user_sync_data WHERE user_id = $1 FOR UPDATE)`
 const FROM_LOCKED = `(SELECT etag FROM locked) AS current, (SELECT authorized FROM locked) AS authorized,
            (SELECT claimed FROM locked) AS claimed`
 
-// Version history (HISTORY_VERSIONS, HISTORY_DAYS; docs/api.md "Versions"). A write that replaced
-// the locked version keeps it, and drops what is past the limits: of the versions kept before
-// this write, all but the newest versions - 1 (the one kept now makes the count), and those
-// replaced more than `days` days ago (0: no age limit). The drop sees the statement's snapshot:
-// a version a concurrent writer kept after it was taken is left for the next write (or the
-// cleanup), so a race can leave one too many for a while, never one too few; reads list only
-// what is within the limits (KEPT).
-const KEEP = (written: string, versions: number, days: number) => `kept AS (
-           INSERT INTO user_sync_history (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size, stored_at)
-           SELECT $1, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size, stored_at FROM locked
-           WHERE $${versions}::int > 0 AND EXISTS (SELECT 1 FROM ${written})
-           -- Already kept: the record was put back to an older row by hand (its version and content as kept).
-           ON CONFLICT (user_id, version) DO NOTHING),
-         pruned AS (
-           DELETE FROM user_sync_history WHERE user_id = $1 AND EXISTS (SELECT 1 FROM ${written}) AND (
-             version <= (SELECT version FROM user_sync_history WHERE user_id = $1 ORDER BY version DESC
-                         OFFSET greatest($${versions}::int - 1, 0) LIMIT 1)
-             OR replaced_at < now() - make_interval(days => nullif($${days}::int, 0))))`
-/** Whether history row `h` is within the limits: among the newest `versions` and not too old. */
-const KEPT = (versions: number, days: number) => `$${versions}::int > 0
-           AND ($${days}::int = 0 OR h.replaced_at >= now() - make_interval(days => $${days}::int))
-           AND (SELECT count(*) FROM user_sync_history n WHERE n.user_id = h.user_id AND n.version > h.version) < $${versions}::int`
+// Version history (HISTORY_VERSIONS, HISTORY_DAYS; docs/api.md "Versions"). A write that added a
+// version drops what is past the limits: of the versions there before it, all but the newest
+// `versions` (the one it replaced and versions - 1 older ones), and those replaced more than
+// `days` days ago (0: no age limit), a version being replaced when the next one was stored. The
+// drop sees the statement's snapshot: a version a concurrent writer added after it was taken is
+// left for the next write (or the cleanup), so a race can leave one too many for a while, never
+// one too few; reads show only what is within the limits (KEPT).
+const PRUNE = (written: string, versions: number, days: number) => `pruned AS (
+           DELETE FROM user_sync_versions WHERE user_id = $1 AND EXISTS (SELECT 1 FROM ${written}) AND (
+             version <= (SELECT version FROM user_sync_versions WHERE user_id = $1 ORDER BY version DESC
+                         OFFSET $${versions}::int LIMIT 1)
+             OR version < (SELECT max(version) FROM user_sync_versions
+                           WHERE user_id = $1 AND stored_at < now() - make_interval(days => nullif($${days}::int, 0)))))`
+/** Whether version `v` is shown: the current one (`current`), or a kept one within the limits. */
+const KEPT = (current: string, versions: number, days: number) => `(v.version = ${current} OR ($${versions}::int > 0
+           AND (SELECT count(*) FROM user_sync_versions n WHERE n.user_id = v.user_id AND n.version > v.version) <= $${versions}::int
+           AND ($${days}::int = 0 OR (SELECT min(n.stored_at) FROM user_sync_versions n WHERE n.user_id = v.user_id AND n.version > v.version)
+                                      >= now() - make_interval(days => $${days}::int))))`
 
 // Every statement is named so that pg prepares it once per connection and then only binds.
 // The uploads: $1 user, $2-$6 the payload, $7 token, $8 and $9 the history limits, $10 the If-Match list.
-// An upload writes when the condition holds on the locked record or, where `create` says so,
+// An upload writes when the condition holds on the locked account or, where `create` says so,
 // when there is none. No row written and none locked: a concurrent upload created the record
 // after this statement's snapshot was taken (see storeWith).
-const upload = (name: string, condition: string | null, create: boolean) => ({
-  name,
-  text: `WITH ${LOCKED_VERSION(7)}${condition === null
-    ? ''
-    : `, written AS (
-           UPDATE user_sync_data SET ${SET_PAYLOAD}, ${CLAIM(7)} FROM locked
-           WHERE user_sync_data.user_id = $1 AND locked.authorized AND ${condition} RETURNING user_sync_data.${ETAG} AS etag),
-         ${KEEP('written', 8, 9)}`}${create
-    ? `, created AS (
-           INSERT INTO user_sync_data (${COLUMNS}, token_hash) SELECT ${PLACEHOLDERS}, $7::bytea WHERE NOT EXISTS (SELECT 1 FROM locked)
-           ON CONFLICT (user_id) DO NOTHING RETURNING ${ETAG} AS etag)`
-    : ''}
-         SELECT coalesce(${condition === null ? 'NULL' : '(SELECT etag FROM written)'}, ${create ? '(SELECT etag FROM created)' : 'NULL'}) AS etag, ${FROM_LOCKED}`
-})
+const upload = (name: string, condition: string | null, create: boolean) => {
+  const parts = [LOCKED(7)]
+  const added: string[] = []
+  if (condition !== null) {
+    parts.push(`written AS (
+           UPDATE user_sync_data SET timestamp = $4, ${NEW_VERSION}, ${CLAIM(7)} FROM locked
+           WHERE user_sync_data.user_id = $1 AND locked.authorized AND ${condition}
+           RETURNING user_sync_data.version, user_sync_data.${ETAG} AS etag)`, PRUNE('written', 8, 9))
+    added.push('SELECT version, etag FROM written')
+  }
+  if (create) {
+    parts.push(`created AS (
+           INSERT INTO user_sync_data (user_id, timestamp, version, etag, token_hash)
+           SELECT $1, $4, ${NOW_MS}, ${NOW_MS} || '-' || ${RANDOM_PART}, $7::bytea WHERE NOT EXISTS (SELECT 1 FROM locked)
+           ON CONFLICT (user_id) DO NOTHING RETURNING version, ${ETAG} AS etag)`)
+    added.push('SELECT version, etag FROM created')
+  }
+  parts.push(`added AS (${added.join(' UNION ALL ')})`, `stored AS (
+           INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size)
+           SELECT $1, version, etag, $2, $3, $4, $5, $6 FROM added)`)
+  return { name, text: `WITH ${parts.join(',\n         ')}\n         SELECT (SELECT etag FROM added) AS etag, ${FROM_LOCKED}` }
+}
 const STORE = upload('sync-store', 'true', true)
 const STORE_IF_MATCH = upload('sync-store-if-match', 'locked.etag = ANY($10::text[])', false)
 const STORE_IF_EXISTS = upload('sync-store-if-exists', 'true', false)
@@ -109,66 +110,62 @@ const STORE_IF_ABSENT = upload('sync-store-if-absent', null, true)
 // A download is an access: the inactivity rule counts from the last one. The row is rewritten
 // at most once a day (a write per GET would cost a WAL flush per download, and the rule needs
 // no finer grain), so most downloads are pure reads. When the client already holds the
-// current version (If-None-Match), the blob is not even sent over; nor is it to a request the
+// current version (If-None-Match), the blob is not even looked up; nor is it for a request the
 // record is not open to, which does not count as an access either.
-const NOT_MODIFIED = `(${ETAG} = ANY($2::text[]) OR '*' = ANY($2::text[]))`
+const NOT_MODIFIED = `(user_sync_data.${ETAG} = ANY($2::text[]) OR '*' = ANY($2::text[]))`
 const GET = {
   name: 'sync-get',
   text: `WITH touched AS (
            UPDATE user_sync_data SET last_accessed = now()
            WHERE user_id = $1 AND last_accessed < now() - interval '1 day' AND ${authorized(3)} RETURNING 1)
-         SELECT ${ETAG} AS etag, ${authorized(3)} AS authorized, ${CLAIMED} AS claimed, ${NOT_MODIFIED} AS not_modified,
-           CASE WHEN ${NOT_MODIFIED} OR NOT ${authorized(3)} THEN NULL ELSE encrypted_blob END AS encrypted_blob,
-           iv, timestamp, checksum, blob_size
-         FROM user_sync_data WHERE user_id = $1`
+         SELECT user_sync_data.${ETAG} AS etag, ${authorized(3)} AS authorized, ${CLAIMED} AS claimed, ${NOT_MODIFIED} AS not_modified,
+           v.encrypted_blob, v.iv, v.timestamp, v.checksum, v.blob_size
+         FROM user_sync_data LEFT JOIN user_sync_versions v
+           ON v.user_id = user_sync_data.user_id AND v.version = user_sync_data.version AND NOT ${NOT_MODIFIED} AND ${authorized(3)}
+         WHERE user_sync_data.user_id = $1`
 }
 // The versions of a record, newest first: the current one, then the kept ones. Metadata only,
-// read through the primary keys (never a blob). $1 user, $2 token, $3 and $4 the history limits.
+// read through the primary key (never a blob). $1 user, $2 token, $3 and $4 the history limits.
 const VERSIONS = {
   name: 'sync-versions',
-  text: `SELECT version, ${ETAG} AS etag, timestamp, stored_at, blob_size, true AS current,
-           ${authorized(2)} AS authorized, ${CLAIMED} AS claimed
-         FROM user_sync_data WHERE user_id = $1
-         UNION ALL
-         (SELECT h.version, h.etag, h.timestamp, h.stored_at, h.blob_size, false, NULL, NULL
-          FROM user_sync_history h
-          WHERE h.user_id = $1 AND EXISTS (SELECT 1 FROM user_sync_data WHERE user_id = $1 AND ${authorized(2)})
-            AND $3::int > 0 AND ($4::int = 0 OR h.replaced_at >= now() - make_interval(days => $4::int))
-          ORDER BY h.version DESC LIMIT $3::int)`
+  text: `SELECT ${authorized(2)} AS authorized, ${CLAIMED} AS claimed, v.version, v.etag, v.timestamp, v.stored_at, v.blob_size,
+           v.version = user_sync_data.version AS current
+         FROM user_sync_data LEFT JOIN LATERAL (
+           SELECT version, etag, timestamp, stored_at, blob_size, lag(stored_at) OVER (ORDER BY version DESC) AS replaced_at
+           FROM user_sync_versions WHERE user_id = user_sync_data.user_id ORDER BY version DESC LIMIT $3::int + 1) v
+           ON ${authorized(2)} AND (v.version = user_sync_data.version
+             OR $4::int = 0 OR v.replaced_at >= now() - make_interval(days => $4::int))
+         WHERE user_sync_data.user_id = $1`
 }
 // One version's payload, current or kept. $1 user, $2 version, $3 token, $4 and $5 the history limits.
 const VERSION = {
   name: 'sync-version',
-  text: `SELECT record.authorized, record.claimed, v.etag, v.encrypted_blob, v.iv, v.timestamp, v.checksum
-         FROM (SELECT ${authorized(3)} AS authorized, ${CLAIMED} AS claimed FROM user_sync_data WHERE user_id = $1) record
-         LEFT JOIN LATERAL (
-           SELECT ${ETAG}, encrypted_blob, iv, timestamp, checksum FROM user_sync_data WHERE user_id = $1 AND version = $2
-           UNION ALL
-           SELECT h.etag, h.encrypted_blob, h.iv, h.timestamp, h.checksum FROM user_sync_history h
-           WHERE h.user_id = $1 AND h.version = $2 AND ${KEPT(4, 5)}
-           LIMIT 1) v ON record.authorized`
+  text: `SELECT ${authorized(3)} AS authorized, ${CLAIMED} AS claimed, v.etag, v.encrypted_blob, v.iv, v.timestamp, v.checksum
+         FROM user_sync_data LEFT JOIN user_sync_versions v
+           ON ${authorized(3)} AND v.user_id = user_sync_data.user_id AND v.version = $2 AND ${KEPT('user_sync_data.version', 4, 5)}
+         WHERE user_sync_data.user_id = $1`
 }
-// Restore: a kept (or the current) version's content becomes a new version, and the version it
-// replaces is kept like any upload's. Its timestamp is raised past the replaced version's, so
-// that clients which sync by "newest timestamp wins" take the restored data rather than upload
-// theirs over it again. $1 user, $2 version, $3 token, $4 and $5 the history limits, $6 the
-// If-Match list (NULL: none).
+// Restore: a kept (or the current) version's content becomes a new version, like an upload's.
+// Its timestamp is raised past the replaced version's, so that clients which sync by "newest
+// timestamp wins" take the restored data rather than upload theirs over it again. $1 user,
+// $2 version, $3 token, $4 and $5 the history limits, $6 the If-Match list (NULL: none).
 const RESTORE = {
   name: 'sync-restore',
-  text: `WITH ${LOCKED_VERSION(3)}, source AS (
-           SELECT h.encrypted_blob, h.iv, h.timestamp, h.checksum, h.blob_size FROM user_sync_history h
-           WHERE h.user_id = $1 AND h.version = $2 AND ${KEPT(4, 5)}
-           UNION ALL
-           SELECT encrypted_blob, iv, timestamp, checksum, blob_size FROM locked WHERE version = $2
-           LIMIT 1),
+  text: `WITH ${LOCKED(3)},
+         source AS (
+           SELECT v.encrypted_blob, v.iv, greatest(v.timestamp, locked.timestamp + 1) AS timestamp, v.checksum, v.blob_size
+           FROM user_sync_versions v, locked
+           WHERE locked.authorized AND v.user_id = $1 AND v.version = $2 AND ${KEPT('locked.version', 4, 5)}),
          written AS (
-           UPDATE user_sync_data SET encrypted_blob = source.encrypted_blob, iv = source.iv,
-             timestamp = greatest(source.timestamp, locked.timestamp + 1), checksum = source.checksum, blob_size = source.blob_size,
-             ${NEW_VERSION}, ${CLAIM(3)}
+           UPDATE user_sync_data SET timestamp = source.timestamp, ${NEW_VERSION}, ${CLAIM(3)}
            FROM locked, source
            WHERE user_sync_data.user_id = $1 AND locked.authorized AND ($6::text[] IS NULL OR locked.etag = ANY($6::text[]))
-           RETURNING user_sync_data.${ETAG} AS etag),
-         ${KEEP('written', 4, 5)}
+           RETURNING user_sync_data.version, user_sync_data.${ETAG} AS etag),
+         ${PRUNE('written', 4, 5)},
+         stored AS (
+           INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size)
+           SELECT $1, written.version, written.etag, source.encrypted_blob, source.iv, source.timestamp, source.checksum, source.blob_size
+           FROM written, source)
          SELECT (SELECT etag FROM written) AS etag, ${FROM_LOCKED}, EXISTS (SELECT 1 FROM source) AS found`
 }
 // A delete that removed nothing tells apart "no record" (authorized NULL) from "not this token".
@@ -217,27 +214,30 @@ const COUNT_INACTIVE = {
 }
 const TOTALS = {
   name: 'sync-totals',
-  text: `SELECT count(*)::int AS users, coalesce(sum(blob_size), 0)::float8 AS bytes,
-           (SELECT count(*) FROM user_sync_history)::int AS history_versions,
-           (SELECT coalesce(sum(blob_size), 0) FROM user_sync_history)::float8 AS history_bytes
-         FROM user_sync_data`
+  text: `SELECT (SELECT count(*) FROM user_sync_data)::int AS users,
+           (SELECT coalesce(sum(v.blob_size), 0) FROM user_sync_data JOIN user_sync_versions v USING (user_id, version))::float8 AS bytes,
+           (SELECT count(*) FROM user_sync_versions)::int AS versions,
+           (SELECT coalesce(sum(blob_size), 0) FROM user_sync_versions)::float8 AS all_bytes`
 }
 // The cleanup drops the kept versions past the limits that no write has dropped: those of records
-// not written since (HISTORY_DAYS, found through the replaced_at index), and all past
-// HISTORY_VERSIONS after it was lowered (one pass over the primary key, no blob read). In batches,
-// like the account cleanup. $1 days or versions, $2 batch size.
-const PRUNE_OLD_HISTORY_BATCH = {
-  name: 'sync-prune-old-history',
-  text: `DELETE FROM user_sync_history WHERE (user_id, version) IN (
-           SELECT user_id, version FROM user_sync_history WHERE replaced_at < now() - make_interval(days => $1::int)
+// not written since (HISTORY_DAYS: every version older than one stored before the cutoff, found
+// through the stored_at index), and all past HISTORY_VERSIONS after it was lowered (one pass over
+// the primary key, no blob read). Never a current version. In batches, like the account cleanup.
+// $1 days or versions, $2 batch size.
+const PRUNE_OLD_VERSIONS_BATCH = {
+  name: 'sync-prune-old-versions',
+  text: `DELETE FROM user_sync_versions WHERE (user_id, version) IN (
+           SELECT v.user_id, v.version FROM user_sync_versions v
+           WHERE EXISTS (SELECT 1 FROM user_sync_versions n
+                         WHERE n.stored_at < now() - make_interval(days => $1::int) AND n.user_id = v.user_id AND n.version > v.version)
            LIMIT $2 FOR UPDATE SKIP LOCKED)`
 }
-const PRUNE_EXCESS_HISTORY_BATCH = {
-  name: 'sync-prune-excess-history',
-  text: `DELETE FROM user_sync_history WHERE (user_id, version) IN (
+const PRUNE_EXCESS_VERSIONS_BATCH = {
+  name: 'sync-prune-excess-versions',
+  text: `DELETE FROM user_sync_versions WHERE (user_id, version) IN (
            SELECT user_id, version FROM (
-             SELECT user_id, version, row_number() OVER (PARTITION BY user_id ORDER BY version DESC) AS rank FROM user_sync_history) ranked
-           WHERE rank > $1::int LIMIT $2)`
+             SELECT user_id, version, row_number() OVER (PARTITION BY user_id ORDER BY version DESC) AS rank FROM user_sync_versions) ranked
+           WHERE rank > $1::int + 1 LIMIT $2)`
 }
 
 interface StoredRow {
@@ -510,22 +510,24 @@ export function createStorage (
     /** The record's versions, newest first (the current one, then the kept ones), or null when there is no record. */
     async versions (userId: string, token: AccessToken = null): Promise<{ versions: VersionInfo[], claimed?: true } | null> {
       const started = process.hrtime.bigint()
+      // One row per version shown; a record not open to the token: one row without a version.
       type Row = {
-        version: string,
+        version: string | null,
         etag: string,
         timestamp: string,
         stored_at: Date,
         blob_size: number,
         current: boolean,
-        authorized: boolean | null,
-        claimed: boolean | null
+        authorized: boolean,
+        claimed: boolean
       }
       const { rows } = await run<Row>(VERSIONS, [userId, token, ...limits])
-      const record = rows.find((row) => row.current)
+      const record = rows[0]
       if (record?.authorized === false) deny('versions', userId, started)
       logged('versions', userId, started, { found: record !== undefined, versions: rows.length })
       if (record === undefined) return null
       const versions = rows
+        .filter((row) => row.version !== null)
         .map((row) => ({
           version: Number(row.version),
           etag: row.etag,
@@ -613,8 +615,8 @@ export function createStorage (
     async pruneHistory (batchSize = 1000): Promise<number> {
       const started = process.hrtime.bigint()
       let pruned = 0
-      const batches: Array<[typeof PRUNE_OLD_HISTORY_BATCH, number]> = [[PRUNE_EXCESS_HISTORY_BATCH, history.versions]]
-      if (history.days > 0) batches.unshift([PRUNE_OLD_HISTORY_BATCH, history.days])
+      const batches: Array<[typeof PRUNE_OLD_VERSIONS_BATCH, number]> = [[PRUNE_EXCESS_VERSIONS_BATCH, history.versions]]
+      if (history.days > 0) batches.unshift([PRUNE_OLD_VERSIONS_BATCH, history.days])
       for (const [statement, limit] of batches) {
         for (;;) {
           const { rowCount } = await run(statement, [limit, batchSize])
@@ -628,9 +630,10 @@ export function createStorage (
 
     /** Stored users, the decoded bytes of their blobs, and the same of the kept versions (full scans: call it rarely). */
     async totals (): Promise<{ users: number, bytes: number, historyVersions: number, historyBytes: number }> {
-      type Row = { users: number, bytes: number, history_versions: number, history_bytes: number }
+      type Row = { users: number, bytes: number, versions: number, all_bytes: number }
       const { rows: [row] } = await run<Row>(TOTALS, [])
-      return { users: row?.users ?? 0, bytes: row?.bytes ?? 0, historyVersions: row?.history_versions ?? 0, historyBytes: row?.history_bytes ?? 0 }
+      const [users, bytes] = [row?.users ?? 0, row?.bytes ?? 0]
+      return { users, bytes, historyVersions: (row?.versions ?? 0) - users, historyBytes: (row?.all_bytes ?? 0) - bytes }
     },
 
     /** The history limits this storage applies. */
@@ -666,8 +669,8 @@ const OPERATION_OF: Record<string, string> = {
   'sync-versions': 'versions',
   'sync-version': 'version',
   'sync-restore': 'restore',
-  'sync-prune-old-history': 'cleanup',
-  'sync-prune-excess-history': 'cleanup',
+  'sync-prune-old-versions': 'cleanup',
+  'sync-prune-excess-versions': 'cleanup',
   'sync-all-user-ids': 'list',
   'sync-delete-inactive': 'cleanup',
   'sync-count-inactive': 'cleanup',

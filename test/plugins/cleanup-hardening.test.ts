@@ -2,7 +2,7 @@ import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
 import { until } from '../wait.ts'
-import { build, databaseUrlOf, inspect } from '../helper.ts'
+import { build, databaseUrlOf, insertRecords, inspect } from '../helper.ts'
 import { mock } from 'node:test'
 import { CLEANUP_LOCK, scheduleEvery, setLongTimeout } from '../../plugins/cleanup.ts'
 
@@ -11,9 +11,8 @@ type Test = Parameters<Parameters<typeof t.test>[0]>[0]
 
 /** `count` accounts last accessed 40 days ago, inserted straight into the database. */
 async function seedIdle (db: pg.Pool, count: number): Promise<void> {
-  await db.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed)
-    SELECT gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 3, now() - interval '40 days'
-    FROM generate_series(1, $1::int)`, [count])
+  await db.query(insertRecords(`SELECT gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1::bigint, repeat('a', 64), 3, now() - interval '40 days'
+    FROM generate_series(1, $1::int)`), [count])
 }
 
 const idleRows = async (db: pg.Pool): Promise<number> =>
@@ -30,8 +29,7 @@ t.test('a pool of one connection: the cleanup still deletes the inactive account
   const app = await build(t, { env: { DATABASE_POOL_MAX: '1', CLEANUP_INACTIVE_DAYS: '30', CLEANUP_INTERVAL: '0' } })
   const db = inspect(t, databaseUrlOf(app))
   await seedIdle(db, 3)
-  await db.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
-    VALUES (gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 3)`)
+  await db.query(insertRecords("SELECT gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1::bigint, repeat('a', 64), 3, now()"))
   t.match(await app.cleanup.run(), { ran: true, deleted: 3 })
   t.equal(await idleRows(db), 0)
   t.equal((await db.query('SELECT count(*)::int AS n FROM user_sync_data')).rows[0].n, 1, 'the active account stays')
@@ -117,8 +115,7 @@ t.test('the cleanup schedule: a minute after start, then every interval, however
 t.test('the scheduled cleanup runs inside the service, again and again', async (t) => {
   const app = await build(t, { env: { CLEANUP_INTERVAL: '50ms', CLEANUP_INACTIVE_DAYS: '30' } })
   const db = inspect(t, databaseUrlOf(app))
-  await db.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed)
-    VALUES (gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 3, now() - interval '40 days')`)
+  await db.query(insertRecords("SELECT gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1::bigint, repeat('a', 64), 3, now() - interval '40 days'"))
   const runs = async () => Number(/cleanup_runs_total\{result="deleted"\} (\d+)/.exec(await app.metrics.registry.metrics())?.[1] ?? 0)
   for (const deadline = Date.now() + 20_000; (await runs()) < 2;) {
     if (Date.now() > deadline) throw new Error('the scheduled cleanup did not run twice within 20 s')

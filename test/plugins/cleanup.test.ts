@@ -4,7 +4,7 @@ import { randomUUID } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import pino from 'pino'
-import { build, databaseUrlOf, inspect } from '../helper.ts'
+import { build, databaseUrlOf, insertRecords, inspect } from '../helper.ts'
 import { cleanupInactive, CLEANUP_LOCK } from '../../plugins/cleanup.ts'
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
@@ -43,8 +43,8 @@ t.test('a run deletes exactly the accounts idle longer than the retention, logs 
 
 t.test('many rows go in batches, and all of them go', async (t) => {
   await db.query('DELETE FROM user_sync_data')
-  await db.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed)
-    SELECT gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 3, now() - interval '3 years' FROM generate_series(1, 2500)`)
+  await db.query(insertRecords(`SELECT gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1::bigint, repeat('a', 64), 3, now() - interval '3 years'
+    FROM generate_series(1, 2500)`))
   const keep = await seed([1])
   t.equal(await app.storage.deleteInactive(730, 1000), 2500)
   t.equal(await remaining(keep), 1)

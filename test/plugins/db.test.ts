@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import pg from 'pg'
 import pino from 'pino'
 import { MIGRATIONS_TABLE, SQL_DIR, describeDatabase, isDatabaseUnavailable, isInvalidData, migrate } from '../../plugins/db.ts'
-import { build, createTestDatabase, type TestContext } from '../helper.ts'
+import { build, createTestDatabase, insertRecords, type TestContext } from '../helper.ts'
 
 const log = pino({ level: 'silent' })
 
@@ -47,11 +47,11 @@ t.test('a database the postgres image initialised from sql/: the service finds i
     execFileSync('psql', ['-v', 'ON_ERROR_STOP=1', '--no-psqlrc', '-q', '-d', url, '-f', join(SQL_DIR, file)])
   }
   // pg_dump brackets its output with a random \restrict key; the rest is the schema.
-  const schema = () => execFileSync('pg_dump', ['--schema-only', '--table=user_sync_data', '-d', url]).toString()
+  const schema = () => execFileSync('pg_dump', ['--schema-only', '--table=user_sync_data', '--table=user_sync_versions', '-d', url]).toString()
     .split('\n').filter((line) => !/^\\(un)?restrict /.test(line)).join('\n')
   const initialised = schema()
   const db = pool(t, url)
-  await db.query("INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ('0f8fad5b-d9cb-469f-a165-70867728950e', 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 3)")
+  await db.query(insertRecords("SELECT '0f8fad5b-d9cb-469f-a165-70867728950e'::uuid, 'AAAA', 'AAAAAAAAAAAAAAAA', 1::bigint, repeat('a', 64), 3, now()"))
 
   const logLines: string[] = []
   const app = await build(t, { env: { DATABASE_URL: url, LOG_LEVEL: 'info' }, logLines })
@@ -75,7 +75,7 @@ t.test('errors are classified from real failures', async (t) => {
   const badUuid = await db.query("SELECT 'nope'::uuid").then(() => null, (err: unknown) => err)
   t.ok(isInvalidData(badUuid), 'bad uuid text is invalid data')
   t.notOk(isDatabaseUnavailable(badUuid))
-  const check = await db.query("INSERT INTO user_sync_data VALUES ('0f8fad5b-d9cb-469f-a165-70867728950e', 'AAAA', 'bad', 1, repeat('a', 64), now(), now(), 3)")
+  const check = await db.query(insertRecords("SELECT '0f8fad5b-d9cb-469f-a165-70867728950e'::uuid, 'AAAA', 'bad', 1::bigint, repeat('a', 64), 3, now()"))
     .then(() => null, (err: unknown) => err)
   t.notOk(isInvalidData(check), 'a check violation is a bug of ours (the schemas let the value through): a 500, not a 400')
   t.notOk(isDatabaseUnavailable(check))

@@ -6,7 +6,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { createStorage } from '../../plugins/storage.ts'
 import { migrate } from '../../plugins/db.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
-import { createTestDatabase, embeddedTests, lockWaiters } from '../helper.ts'
+import { CURRENT_RECORD, createTestDatabase, embeddedTests, insertRecords, lockWaiters } from '../helper.ts'
 
 /** A tap subtest (the type of the callback's argument). */
 type Test = Parameters<Parameters<typeof t.test>[0]>[0]
@@ -71,7 +71,7 @@ async function together<R> (t: Test, userId: string, writes: Array<() => Promise
 const versionOf = (etag: string) => Number(etag.split('-')[0])
 
 async function row (userId: string) {
-  const { rows: [stored] } = await pool.query('SELECT * FROM user_sync_data WHERE user_id = $1', [userId])
+  const { rows: [stored] } = await pool.query(`${CURRENT_RECORD} WHERE user_id = $1`, [userId])
   return stored
 }
 
@@ -158,14 +158,13 @@ t.test('a full 1,000,000-byte blob round-trips', async (t) => {
 t.test('the table constraints refuse what the schemas refuse', async (t) => {
   const insert = (overrides: Record<string, unknown>) => {
     const values = { user_id: randomUUID(), encrypted_blob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64), blob_size: 3, ...overrides }
-    return pool.query(
-      'INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, $2, $3, $4, $5, $6)',
+    return pool.query(insertRecords('SELECT $1::uuid, $2::text, $3::text, $4::bigint, $5::text, $6::int, now()'),
       [values.user_id, values.encrypted_blob, values.iv, values.timestamp, values.checksum, values.blob_size])
   }
   await t.resolves(insert({}), 'a valid row goes in')
-  await t.rejects(insert({ blob_size: MAX_BLOB_BYTES + 1 }), { code: '23514', constraint: 'blob_size_limit' })
-  await t.rejects(insert({ iv: 'A'.repeat(15) + '-' }), { code: '23514', constraint: 'iv_format' })
-  await t.rejects(insert({ checksum: 'A'.repeat(64) }), { code: '23514', constraint: 'checksum_format' })
+  await t.rejects(insert({ blob_size: MAX_BLOB_BYTES + 1 }), { code: '23514', constraint: 'version_blob_size_limit' })
+  await t.rejects(insert({ iv: 'A'.repeat(15) + '-' }), { code: '23514', constraint: 'version_iv_format' })
+  await t.rejects(insert({ checksum: 'A'.repeat(64) }), { code: '23514', constraint: 'version_checksum_format' })
   await t.rejects(insert({ user_id: 'not-a-uuid' }), { code: '22P02' })
   // Through the storage API a bad value surfaces as the same database error, never a silent write.
   const userId = randomUUID()

@@ -6,7 +6,7 @@ import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify'
 import pg from 'pg'
-import { build, createTestDatabase, databaseUrlOf, embeddedTests, inspect, lockWaiters } from '../helper.ts'
+import { build, createTestDatabase, databaseUrlOf, embeddedTests, insertRecords, inspect, lockWaiters } from '../helper.ts'
 import { until } from '../wait.ts'
 
 // Access tokens (issue 13, docs/sync-protocol.md "Access tokens"). The derivation is the one
@@ -74,12 +74,14 @@ function payload (bytes = 48) {
     checksum: (fill % 16).toString(16).repeat(64)
   }
 }
-const url = (userId: string) => `/api/sync/${userId}`
+const url = (userId: string, rest = '') => `/api/sync/${userId}${rest}`
 const bearer = (token: string) => ({ authorization: `Bearer ${token}` })
 
-/** The whole stored row, every column, as PostgreSQL holds it (null when there is none). */
+/** The whole stored record, every column of the account and of each version, as PostgreSQL holds it (null when there is none). */
 async function row (userId: string, pool: pg.Pool = db): Promise<Record<string, unknown> | null> {
-  const { rows } = await pool.query('SELECT to_jsonb(u) AS row FROM user_sync_data u WHERE user_id = $1', [userId])
+  const { rows } = await pool.query(`SELECT to_jsonb(u) || jsonb_build_object('versions',
+      (SELECT jsonb_agg(to_jsonb(v) ORDER BY v.version) FROM user_sync_versions v WHERE v.user_id = u.user_id)) AS row
+    FROM user_sync_data u WHERE user_id = $1`, [userId])
   return rows[0]?.row ?? null
 }
 async function storedHash (userId: string, pool: pg.Pool = db): Promise<Buffer | null> {
@@ -335,8 +337,7 @@ t.test('two devices claiming one record at the same moment: exactly one wins, ev
         await holder.query('SELECT 1 FROM user_sync_data WHERE user_id = $1 FOR UPDATE', [userId])
       } else {
         // An upload by an old client, not yet committed: both claims wait on the key.
-        await holder.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
-          VALUES ($1, 'AAAA', 'AAAAAAAAAAAAAAAA', 1, $2, 3)`, [userId, 'f'.repeat(64)])
+        await holder.query(insertRecords("SELECT $1::uuid, 'AAAA', 'AAAAAAAAAAAAAAAA', 1::bigint, $2::text, 3, now()"), [userId, 'f'.repeat(64)])
       }
     }
     const tokens = [newToken(), newToken()]
@@ -529,6 +530,9 @@ t.test('a database from before access tokens: migrated at start, its records unc
   t.equal(got.statusCode, 200, 'an old client (no token) reads')
   t.strictSame(got.json(), data)
   t.equal(got.headers.etag, '"3-0123456789abcdef0123456789abcdef"', 'with the tag it had')
+  const listed = (await app.inject({ method: 'GET', url: url(userId, '/versions') })).json().versions
+  t.match(listed, [{ version: 3, etag: '3-0123456789abcdef0123456789abcdef', current: true, size: Buffer.from(data.encryptedBlob, 'base64').length }],
+    'its data is now its current version (sql/005_versions.sql)')
   const replaced = await app.inject({ method: 'PUT', url: url(userId), headers: { 'if-match': got.headers.etag as string }, payload: payload() })
   t.equal(replaced.statusCode, 200, 'and writes, conditionally')
   t.equal(await storedHash(userId, pool), null, 'the record is still unclaimed')

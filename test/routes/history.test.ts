@@ -2,7 +2,7 @@ import t from 'tap'
 import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
 import pg from 'pg'
-import { build, databaseUrlOf, embeddedTests, inspect, lockWaiters } from '../helper.ts'
+import { build, databaseUrlOf, embeddedTests, insertRecords, inspect, lockWaiters } from '../helper.ts'
 import { until } from '../wait.ts'
 
 // Version history (issue 14, docs/api.md "Versions"): in the default configuration
@@ -32,8 +32,10 @@ async function put (userId: string, data: ReturnType<typeof upload>, headers: Re
 async function versions (userId: string, headers: Record<string, string> = {}, on: FastifyInstance = app) {
   return await on.inject({ method: 'GET', url: url(userId, '/versions'), headers })
 }
+/** The previous versions the database holds for a user: its versions but the current one. */
 const historyRows = async (userId: string) =>
-  (await db.query('SELECT count(*)::int AS n FROM user_sync_history WHERE user_id = $1', [userId])).rows[0].n as number
+  (await db.query(`SELECT count(*)::int AS n FROM user_sync_versions v JOIN user_sync_data d USING (user_id)
+    WHERE user_id = $1 AND v.version <> d.version`, [userId])).rows[0].n as number
 
 t.test('15 uploads: the current version and exactly the 10 newest previous ones are listed, and each downloads byte-exact', async (t) => {
   const userId = randomUUID()
@@ -140,8 +142,8 @@ t.test('first uploads racing for a new user: the loser sees the winner\'s row on
     await holder.connect()
     t.teardown(() => holder.end())
     await holder.query('BEGIN')
-    await holder.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, version, etag)
-      VALUES ($1, $2, $3, $4, $5, 64, 1, '1-holder')`, [userId, created.encryptedBlob, created.iv, created.timestamp, created.checksum])
+    await holder.query(insertRecords('SELECT $1::uuid, $2::text, $3::text, $4::bigint, $5::text, 64, now()'),
+      [userId, created.encryptedBlob, created.iv, created.timestamp, created.checksum])
     const answers = Promise.all(racers.map((data) => put(userId, data)))
     await until(async () => (await lockWaiters(db)).length === 2, 'both uploads wait for the uncommitted insert', 10_000)
     await holder.query('COMMIT')
@@ -245,11 +247,13 @@ t.test('DELETE erases the record and its whole history; a new record never repea
 t.test('HISTORY_DAYS: a version replaced longer ago is neither listed nor served, the next upload drops it, the cleanup drops the rest', async (t) => {
   const [writer, idle] = [randomUUID(), randomUUID()]
   for (const userId of [writer, idle]) for (let i = 1; i <= 3; i++) await put(userId, upload(100, i))
-  await db.query("UPDATE user_sync_history SET replaced_at = now() - interval '31 days' WHERE user_id = ANY($1) AND timestamp = 1", [[writer, idle]])
+  // The first version was replaced (by the second) 31 days ago; the second was replaced just now.
+  await db.query(`UPDATE user_sync_versions SET stored_at = now() - make_interval(days => 33 - timestamp::int)
+    WHERE user_id = ANY($1) AND timestamp IN (1, 2)`, [[writer, idle]])
   for (const userId of [writer, idle]) {
     const list = (await versions(userId)).json().versions
-    t.equal(list.length, 2, 'the old version is not listed')
-    const old = (await db.query('SELECT version FROM user_sync_history WHERE user_id = $1 AND timestamp = 1', [userId])).rows[0].version
+    t.strictSame(list.map((v: { timestamp: number }) => v.timestamp), [3, 2], 'the old version is not listed')
+    const old = (await db.query('SELECT version FROM user_sync_versions WHERE user_id = $1 AND timestamp = 1', [userId])).rows[0].version
     t.equal((await app.inject({ method: 'GET', url: url(userId, `/versions/${old}`) })).statusCode, 404, 'nor served')
     t.equal((await app.inject({ method: 'POST', url: url(userId, `/versions/${old}/restore`) })).statusCode, 404, 'nor restored')
   }
@@ -290,14 +294,15 @@ t.test('HISTORY_VERSIONS=0 keeps no history; lowering it, the cleanup drops the 
 
 t.test('/info shows the limits; metrics count history rows and bytes; logs carry no user id or data', async (t) => {
   t.strictSame((await app.inject({ method: 'GET', url: '/info' })).json().history, { versions: 10, days: 30 })
-  const { rows: [expected] } = await db.query('SELECT count(*)::int AS n, coalesce(sum(blob_size), 0)::int AS bytes FROM user_sync_history')
+  const { rows: [expected] } = await db.query(`SELECT count(*)::int AS n, coalesce(sum(blob_size), 0)::int AS bytes
+    FROM user_sync_versions v JOIN user_sync_data d USING (user_id) WHERE v.version <> d.version`)
   t.ok(expected.n > 0)
   const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
   t.match(metrics, new RegExp(`^history_versions ${expected.n}$`, 'm'))
   t.match(metrics, new RegExp(`^history_bytes ${expected.bytes}$`, 'm'))
   t.match(metrics, /storage_operation_duration_seconds_count\{operation="restore",outcome="ok"\} \d+/)
 
-  const { rows } = await db.query('SELECT user_id::text AS id, encrypted_blob AS blob FROM user_sync_history LIMIT 20')
+  const { rows } = await db.query('SELECT user_id::text AS id, encrypted_blob AS blob FROM user_sync_versions LIMIT 20')
   const text = logLines.join('\n')
   t.ok(logLines.some((line) => line.includes('/versions')), 'the history routes are logged')
   for (const row of rows) {

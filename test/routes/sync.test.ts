@@ -1,6 +1,6 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { build, databaseUrlOf, embeddedTests, inspect } from '../helper.ts'
+import { CURRENT_RECORD, build, databaseUrlOf, embeddedTests, inspect } from '../helper.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
 
 const app = await build(t)
@@ -187,7 +187,7 @@ t.test('the 1,000,000-byte boundary: exactly the limit is stored, one byte more 
   t.equal(ok.statusCode, 200)
   const back = await get(userId)
   t.equal(back.json().encryptedBlob, atLimit.encryptedBlob)
-  const { rows } = await db.query('SELECT blob_size FROM user_sync_data WHERE user_id = $1', [userId])
+  const { rows } = await db.query(`${CURRENT_RECORD} WHERE user_id = $1`, [userId])
   t.equal(rows[0].blob_size, MAX_BLOB_BYTES)
 
   const over = await put(userId, payload(MAX_BLOB_BYTES + 1, 8))

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
-import { build, databaseUrlOf, createTestDatabase, inspect } from '../helper.ts'
+import { build, databaseUrlOf, createTestDatabase, insertRecords, inspect } from '../helper.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
@@ -28,7 +28,7 @@ async function script (name: string, args: string[], databaseUrl: string) {
 
 // Every column of every row, as PostgreSQL itself prints it (timestamps to the microsecond).
 const EVERYTHING = 'SELECT row_to_json(u)::text AS row FROM user_sync_data u ORDER BY user_id'
-const HISTORY = 'SELECT row_to_json(h)::text AS row FROM user_sync_history h ORDER BY user_id, version'
+const HISTORY = 'SELECT row_to_json(v)::text AS row FROM user_sync_versions v ORDER BY user_id, version'
 
 const app = await build(t)
 const source = databaseUrlOf(app)
@@ -79,13 +79,13 @@ t.test('backup, wipe, restore: every column of every row comes back, constraints
   t.match(refused.stderr, /already holds sync data for 21 users.*--force/)
 
   await db.query('DELETE FROM user_sync_data')
-  t.equal((await db.query(HISTORY)).rows.length, 0, 'the history went with the records')
+  t.equal((await db.query(HISTORY)).rows.length, 0, 'the versions went with the records')
   const restored = await script('restore.sh', [file], source)
   t.equal(restored.code, 0, restored.stderr)
   t.match(restored.stdout, /restored .* \(21 users\)/)
   t.strictSame((await db.query(EVERYTHING)).rows.map((row) => row.row), original, 'identical, column for column')
-  t.equal(history.length, 2, 'two records had a version kept')
-  t.strictSame((await db.query(HISTORY)).rows.map((row) => row.row), history, 'and the history came back, column for column')
+  t.equal(history.length, 23, 'two records had a version kept, next to the 21 current ones')
+  t.strictSame((await db.query(HISTORY)).rows.map((row) => row.row), history, 'and every version came back, column for column')
   const versions = await app.inject({ method: 'GET', url: `/api/sync/${users[1]!.id}/versions` })
   t.equal(versions.json().versions.length, 2, 'the service lists the restored history')
   const first = await app.inject({ method: 'GET', url: `/api/sync/${users[1]!.id}/versions/${versions.json().versions[1].version}` })
@@ -95,15 +95,16 @@ t.test('backup, wipe, restore: every column of every row comes back, constraints
   const reading = await app.inject({ method: 'GET', url: `/api/sync/${users[5]!.id}`, headers: { authorization: `Bearer ${claimedBy}` } })
   t.equal(reading.statusCode, 200, 'and the restored record opens with its token')
   t.equal((await app.inject({ method: 'GET', url: `/api/sync/${users[5]!.id}` })).statusCode, 401, 'and only with it')
-  const big = await db.query('SELECT blob_size, length(encrypted_blob) AS chars FROM user_sync_data WHERE user_id = $1', [users[0]!.id])
+  const big = await db.query('SELECT blob_size, length(encrypted_blob) AS chars FROM user_sync_versions WHERE user_id = $1', [users[0]!.id])
   t.strictSame(big.rows[0], { blob_size: MAX_BLOB_BYTES, chars: 1_333_336 })
 
-  await t.rejects(db.query("INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, 'AAAA', 'bad', 1, repeat('a', 64), 3)", [randomUUID()]),
-    { code: '23514' }, 'the iv constraint is back')
-  await t.rejects(db.query("INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 1000001)", [randomUUID()]),
-    { code: '23514' }, 'the size constraint is back')
-  await t.rejects(db.query("INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 3)", [users[0]!.id]),
-    { code: '23505' }, 'the primary key is back')
+  const insert = (userId: string, iv: string, size: number) =>
+    db.query(insertRecords("SELECT $1::uuid, 'AAAA', $2::text, 1::bigint, repeat('a', 64), $3::int, now()"), [userId, iv, size])
+  await t.rejects(insert(randomUUID(), 'bad', 3), { code: '23514', constraint: 'version_iv_format' }, 'the iv constraint is back')
+  await t.rejects(insert(randomUUID(), 'AAAAAAAAAAAAAAAA', 1000001), { code: '23514', constraint: 'version_blob_size_limit' }, 'the size constraint is back')
+  await t.rejects(insert(users[0]!.id, 'AAAAAAAAAAAAAAAA', 3), { code: '23505' }, 'the primary key is back')
+  await t.rejects(db.query("INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size) VALUES ($1, 1, '1-x', 'AAAA', 'AAAAAAAAAAAAAAAA', 1, repeat('a', 64), 3)", [randomUUID()]),
+    { code: '23503' }, 'and the foreign key: no version without its record')
   const get = await app.inject({ method: 'GET', url: `/api/sync/${users[2]!.id}` })
   t.equal(get.statusCode, 200, 'the running service reads the restored data')
 })
