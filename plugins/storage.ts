@@ -169,7 +169,7 @@ const RESTORE = {
          SELECT (SELECT etag FROM written) AS etag, ${FROM_LOCKED}, EXISTS (SELECT 1 FROM source) AS found`
 }
 // A delete that removed nothing tells apart "no record" (authorized NULL) from "not this token".
-// The history goes with the record (ON DELETE CASCADE), in the same statement.
+// Every version goes with the account (ON DELETE CASCADE), in the same statement.
 const DELETE = {
   name: 'sync-delete',
   text: `WITH ${LOCKED(2)}, deleted AS (
@@ -541,8 +541,8 @@ export function createStorage (
     },
 
     /**
-     * One version of the record, current or kept: 'absent' when there is no record, null when the
-     * record does not have (or no longer keeps) that version.
+     * One version of the record, current or kept, as `found`: null when the record does not have
+     * (or no longer keeps) that version; the whole answer is null when there is no record.
      */
     async version (userId: string, version: number, token: AccessToken = null): Promise<{ found: { etag: string, payload: SyncPayload } | null, claimed?: true } | null> {
       const started = process.hrtime.bigint()
