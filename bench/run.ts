@@ -634,7 +634,7 @@ service, baseline, baseline, service (${DURATION} s each after a 1 s warm-up) an
 one database, autocannon in the same process as this script, all on the same 2 cores.
 
 - **service**: the real service (\`node dist/server.js\`, NODE_ENV=production, LOG_LEVEL=info, pool of 10, rate limits off).
-- **baseline**: bench/baseline.ts, one query per request and nothing else (no validation, no logging), pool of 10.
+- **baseline**: bench/baseline.ts, one query per request on the service's tables and nothing else (no validation, no logging, no history: an upload replaces the version it finds), pool of 10.
 - Seeded: ${USERS['1KiB']} users of 1 KiB, ${USERS['100KiB']} of 100 KiB, ${USERS['1MB']} of 1,000,000 bytes; DELETE removes distinct users from a pool of ${DELETE_POOL.toLocaleString('en')} 1 KiB rows.
 - Latency in ms (p50 / p97.5 / p99). CPU µs/request: user + system time of the server process over the run, per request answered. Errors: failed requests and answers other than the expected status (200; 304 for the service's If-None-Match runs, whose baseline is a plain GET).
 - After the run, ${integrity} of ${USERS['1MB']} 1 MB users hold a whole 1,000,000-byte blob (checked in SQL after every PUT 1MB run).
