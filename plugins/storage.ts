@@ -126,7 +126,8 @@ const GET = {
 }
 // The versions of a record, newest first: the current one, then the kept ones. Metadata only,
 // read through the primary key (never a blob). $1 user, $2 token, $3 and $4 the history limits.
-const VERSIONS = {
+// Exported for the test that reads its plan.
+export const VERSIONS = {
   name: 'sync-versions',
   text: `SELECT ${authorized(2)} AS authorized, ${CLAIMED} AS claimed, v.version, v.etag, v.timestamp, v.stored_at, v.blob_size,
            v.version = user_sync_data.version AS current

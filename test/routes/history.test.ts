@@ -3,6 +3,7 @@ import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
 import pg from 'pg'
 import { build, databaseUrlOf, embeddedTests, insertRecords, inspect, lockWaiters } from '../helper.ts'
+import { VERSIONS } from '../../plugins/storage.ts'
 import { until } from '../wait.ts'
 
 // Version history (issue 14, docs/api.md "Versions"): in the default configuration
@@ -290,6 +291,25 @@ t.test('HISTORY_VERSIONS=0 keeps no history; lowering it, the cleanup drops the 
   // The cleanup's pruning step (the cleanup run itself, with its lock, is the app's: see above).
   t.ok(await two.storage.pruneHistory() >= 3, 'the cleanup drops the rest (of every user)')
   t.equal(await historyRows(kept), 2)
+})
+
+t.test('a history list is one index scan of the user\'s versions and reads no blob', async (t) => {
+  const userId = randomUUID()
+  for (let i = 1; i <= 3; i++) await put(userId, upload(100_000, i))
+  const { rows: [{ 'QUERY PLAN': [plan] }] } = await db.query({
+    text: `EXPLAIN (VERBOSE, FORMAT JSON) ${VERSIONS.text}`, values: [userId, null, 10, 30]
+  })
+  const scans: Array<{ 'Node Type': string, 'Relation Name'?: string, 'Index Name'?: string, Output?: string[] }> = []
+  const walk = (node: { Plans?: unknown[] } & Record<string, unknown>) => {
+    if (node['Relation Name'] !== undefined) scans.push(node as (typeof scans)[number])
+    for (const child of node.Plans ?? []) walk(child as typeof node)
+  }
+  walk(plan.Plan)
+  const onVersions = scans.filter((scan) => scan['Relation Name'] === 'user_sync_versions')
+  t.strictSame(onVersions.map((scan) => [scan['Node Type'], scan['Index Name']]), [['Index Scan', 'user_sync_versions_pkey']],
+    'one index scan, of the primary key')
+  t.notOk(onVersions[0]!.Output!.some((column) => column.includes('encrypted_blob')), 'which outputs no blob')
+  t.ok(scans.every((scan) => scan['Node Type'] !== 'Seq Scan'), 'and nothing is scanned whole')
 })
 
 t.test('/info shows the limits; metrics count history rows and bytes; logs carry no user id or data', async (t) => {
