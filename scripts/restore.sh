@@ -32,13 +32,16 @@ done
 
 if [ -n "${DATABASE_URL:-}" ]; then
   sql () { psql --no-psqlrc --quiet --tuples-only --no-align --set=ON_ERROR_STOP=1 --dbname="$DATABASE_URL" "$@"; }
-  restore () { pg_restore "$@" --dbname="$DATABASE_URL" < "$file"; }
+  script () { pg_restore --clean --if-exists --no-owner --no-privileges --file=- < "$file"; }
+  apply () { psql --no-psqlrc --quiet --set=ON_ERROR_STOP=1 --single-transaction --dbname="$DATABASE_URL" "$@"; }
   list () { pg_restore --list < "$file"; }
   read_all () { pg_restore --file=/dev/null < "$file"; }
 else
   sql () { docker compose exec -T postgres psql --no-psqlrc --quiet --tuples-only --no-align --set=ON_ERROR_STOP=1 \
     --username=logikids --dbname=logikids "$@"; }
-  restore () { docker compose exec -T postgres pg_restore "$@" --username=logikids --dbname=logikids < "$file"; }
+  script () { docker compose exec -T postgres pg_restore --clean --if-exists --no-owner --no-privileges --file=- < "$file"; }
+  apply () { docker compose exec -T postgres psql --no-psqlrc --quiet --set=ON_ERROR_STOP=1 --single-transaction \
+    --username=logikids --dbname=logikids "$@"; }
   list () { docker compose exec -T postgres pg_restore --list < "$file"; }
   read_all () { docker compose exec -T postgres pg_restore --file=/dev/null < "$file"; }
 fi
@@ -60,7 +63,22 @@ if [ "$rows" != "0" ] && [ "$force" != true ]; then
   exit 1
 fi
 
-# --clean --if-exists drops what the dump recreates, so this works on an empty database, on one
-# the service has already migrated, and (with --force) on one that holds data.
-restore --clean --if-exists --no-owner --no-privileges --single-transaction --exit-on-error
+# The archive is replayed as SQL by psql in one transaction, after the service's own tables are
+# dropped in that same transaction: so this works on an empty database, on one the service has
+# already migrated (also with a backup from an older release, whose tables have other
+# dependencies than the current ones: --clean alone would trip over them), and (with --force) on
+# one that holds data. Any error rolls all of it back. Should pg_restore itself fail half-way,
+# the statement appended after its output fails too, so psql rolls back rather than commit a part.
+if ! { script || echo 'SELECT 1 / 0 AS "restore: pg_restore failed; rolling back";'; } |
+  apply --command='DROP TABLE IF EXISTS user_sync_versions, user_sync_data, schema_migrations CASCADE' --file=- > /dev/null; then
+  echo "restore: restoring $file failed (the error is above); its transaction was rolled back: nothing changed" >&2
+  exit 1
+fi
 echo "restore: restored $file ($(sql --command='SELECT count(*) FROM user_sync_data') users)"
+# A backup from an older release holds an older schema: the service brings it up to date when it
+# starts (its migrations), not while it runs.
+latest=$(ls sql/*.sql | sort | tail -n 1 | xargs basename | sed 's/\.sql$//')
+restored=$(sql --command="SELECT coalesce(max(name), '') FROM schema_migrations" 2>/dev/null || echo '')
+if [ "$restored" != "$latest" ]; then
+  echo "restore: the backup is from an older release (schema ${restored:-unknown}, this release $latest): restart the service now; it upgrades the schema at start-up"
+fi

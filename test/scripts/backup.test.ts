@@ -6,7 +6,10 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
+import pg from 'pg'
+import { runner } from 'node-pg-migrate'
 import { build, databaseUrlOf, createTestDatabase, insertRecords, inspect } from '../helper.ts'
+import { MIGRATIONS_TABLE, SQL_DIR } from '../../plugins/db.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
@@ -107,6 +110,40 @@ t.test('backup, wipe, restore: every column of every row comes back, constraints
     { code: '23503' }, 'and the foreign key: no version without its record')
   const get = await app.inject({ method: 'GET', url: `/api/sync/${users[2]!.id}` })
   t.equal(get.statusCode, 200, 'the running service reads the restored data')
+})
+
+t.test('a backup from before the version history restores onto an upgraded database; the service upgrades it when restarted', async (t) => {
+  // A database as the release before sql/005_versions.sql left it, migrations table included.
+  const oldUrl = await createTestDatabase(t)
+  const old = new pg.Client({ connectionString: oldUrl })
+  await old.connect()
+  await runner({ dbClient: old, dir: SQL_DIR, migrationsTable: MIGRATIONS_TABLE, direction: 'up', count: 4, singleTransaction: true, checkOrder: true, log: () => {} })
+  const userId = randomUUID()
+  const blob = randomBytes(500).toString('base64')
+  await old.query(`INSERT INTO user_sync_data (user_id, encrypted_blob, iv, timestamp, checksum, blob_size)
+    VALUES ($1, $2, 'AAAAAAAAAAAAAAAA', 7, $3, 500)`, [userId, blob, 'e'.repeat(64)])
+  await old.end()
+  const file = join(dir, 'before-history.dump')
+  t.equal((await script('backup.sh', [file], oldUrl)).code, 0)
+
+  // Restored with --force onto a database of this release that holds data and history.
+  const running = await build(t)
+  const target = databaseUrlOf(running)
+  const other = randomUUID()
+  for (let i = 1; i <= 2; i++) {
+    await running.inject({ method: 'PUT', url: `/api/sync/${other}`, payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: i, checksum: 'c'.repeat(64) } })
+  }
+  const restored = await script('restore.sh', [file, '--force'], target)
+  t.equal(restored.code, 0, restored.stderr)
+  t.match(restored.stdout, /restored .* \(1 users\)/)
+  t.match(restored.stdout, /older release \(schema 004_access_token, this release 005_versions\): restart the service/)
+
+  const restarted = await build(t, { env: { DATABASE_URL: target } })
+  const got = await restarted.inject({ method: 'GET', url: `/api/sync/${userId}` })
+  t.equal(got.statusCode, 200, 'after the restart the old backup\'s data is served')
+  t.strictSame(got.json(), { encryptedBlob: blob, iv: 'AAAAAAAAAAAAAAAA', timestamp: 7, checksum: 'e'.repeat(64) })
+  t.match((await restarted.inject({ method: 'GET', url: `/api/sync/${userId}/versions` })).json().versions, [{ version: 1, current: true, size: 500 }])
+  t.equal((await restarted.inject({ method: 'GET', url: `/api/sync/${other}` })).statusCode, 404, 'and what the backup did not hold is gone')
 })
 
 t.test('--force replaces the data of a database that holds some', async (t) => {
