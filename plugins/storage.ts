@@ -146,10 +146,12 @@ const VERSION = {
            ON ${authorized(3)} AND v.user_id = user_sync_data.user_id AND v.version = $2 AND ${KEPT('user_sync_data.version', 4, 5)}
          WHERE user_sync_data.user_id = $1`
 }
-// Restore: a kept (or the current) version's content becomes a new version, like an upload's.
-// Its timestamp is raised past the replaced version's, so that clients which sync by "newest
-// timestamp wins" take the restored data rather than upload theirs over it again. $1 user,
-// $2 version, $3 token, $4 and $5 the history limits, $6 the If-Match list (NULL: none).
+// Restore: a kept version's content becomes a new version, like an upload's. Its timestamp is
+// raised past the replaced version's, so that clients which sync by "newest timestamp wins" take
+// the restored data rather than upload theirs over it again. A restore of what is current already
+// (the current version itself, or a restore sent twice) changes nothing: it would only push the
+// oldest kept version out. $1 user, $2 version, $3 token, $4 and $5 the history limits, $6 the
+// If-Match list (NULL: none).
 const RESTORE = {
   name: 'sync-restore',
   text: `WITH ${LOCKED(3)},
@@ -157,17 +159,23 @@ const RESTORE = {
            SELECT v.encrypted_blob, v.iv, greatest(v.timestamp, locked.timestamp + 1) AS timestamp, v.checksum, v.blob_size
            FROM user_sync_versions v, locked
            WHERE locked.authorized AND v.user_id = $1 AND v.version = $2 AND ${KEPT('locked.version', 4, 5)}),
+         unchanged AS (
+           SELECT 1 FROM user_sync_versions c, locked, source
+           WHERE c.user_id = $1 AND c.version = locked.version AND c.iv = source.iv AND c.checksum = source.checksum),
+         matched AS (SELECT 1 FROM locked WHERE $6::text[] IS NULL OR locked.etag = ANY($6::text[])),
          written AS (
            UPDATE user_sync_data SET timestamp = source.timestamp, ${NEW_VERSION}, ${CLAIM(3)}
            FROM locked, source
-           WHERE user_sync_data.user_id = $1 AND locked.authorized AND ($6::text[] IS NULL OR locked.etag = ANY($6::text[]))
+           WHERE user_sync_data.user_id = $1 AND locked.authorized AND EXISTS (SELECT 1 FROM matched)
+             AND NOT EXISTS (SELECT 1 FROM unchanged)
            RETURNING user_sync_data.version, user_sync_data.${ETAG} AS etag),
          ${PRUNE('written', 4, 5)},
          stored AS (
            INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size)
            SELECT $1, written.version, written.etag, source.encrypted_blob, source.iv, source.timestamp, source.checksum, source.blob_size
            FROM written, source)
-         SELECT (SELECT etag FROM written) AS etag, ${FROM_LOCKED}, EXISTS (SELECT 1 FROM source) AS found`
+         SELECT (SELECT etag FROM written) AS etag, ${FROM_LOCKED}, EXISTS (SELECT 1 FROM source) AS found,
+           EXISTS (SELECT 1 FROM unchanged) AND EXISTS (SELECT 1 FROM matched) AS unchanged`
 }
 // A delete that removed nothing tells apart "no record" (authorized NULL) from "not this token".
 // Every version goes with the account (ON DELETE CASCADE), in the same statement.
@@ -223,7 +231,8 @@ const TOTALS = {
 // The cleanup drops the kept versions past the limits that no write has dropped: those of records
 // not written since (HISTORY_DAYS: every version older than one stored before the cutoff, found
 // through the stored_at index), and all past HISTORY_VERSIONS after it was lowered (one pass over
-// the primary key, no blob read). Never a current version. In batches, like the account cleanup.
+// the primary key, no blob read). Never a current version. In batches, like the account cleanup;
+// rows an upload is dropping (locked) are left to it, so the cleanup never waits for one.
 // $1 days or versions, $2 batch size.
 const PRUNE_OLD_VERSIONS_BATCH = {
   name: 'sync-prune-old-versions',
@@ -236,9 +245,11 @@ const PRUNE_OLD_VERSIONS_BATCH = {
 const PRUNE_EXCESS_VERSIONS_BATCH = {
   name: 'sync-prune-excess-versions',
   text: `DELETE FROM user_sync_versions WHERE (user_id, version) IN (
-           SELECT user_id, version FROM (
-             SELECT user_id, version, row_number() OVER (PARTITION BY user_id ORDER BY version DESC) AS rank FROM user_sync_versions) ranked
-           WHERE rank > $1::int + 1 LIMIT $2)`
+           SELECT user_id, version FROM user_sync_versions WHERE (user_id, version) IN (
+             SELECT user_id, version FROM (
+               SELECT user_id, version, row_number() OVER (PARTITION BY user_id ORDER BY version DESC) AS rank FROM user_sync_versions) ranked
+             WHERE rank > $1::int + 1)
+           LIMIT $2 FOR UPDATE SKIP LOCKED)`
 }
 
 interface StoredRow {
@@ -452,6 +463,10 @@ export function createStorage (
       if (row !== undefined && !row.authorized) deny('get', userId, started)
       logged('get', userId, started, { bytes: row?.not_modified ? 0 : (row?.blob_size ?? 0), found: row !== undefined })
       if (row === undefined) return null
+      if (row.authorized && !row.not_modified && row.encrypted_blob === null) {
+        // The account names a version that is not there: never a 304 for a client that holds nothing.
+        throw new Error('the record names a current version the database does not hold')
+      }
       const record: StoredRecord = {
         etag: row.etag,
         payload: row.not_modified || row.encrypted_blob === null
@@ -567,11 +582,12 @@ export function createStorage (
     Promise<RestoreResult> {
       const started = process.hrtime.bigint()
       const { ifMatch } = precondition
-      const { rows: [row] } = await run<ConditionalRow & { found: boolean }>(RESTORE,
+      const { rows: [row] } = await run<ConditionalRow & { found: boolean, unchanged: boolean }>(RESTORE,
         [userId, version, token, ...limits, ifMatch === undefined || ifMatch === '*' ? null : ifMatch], false)
       if (row?.authorized === false) deny('restore', userId, started)
-      logged('restore', userId, started, { restored: row?.etag != null })
+      logged('restore', userId, started, { restored: row?.etag != null, unchanged: row?.unchanged === true })
       if (row?.etag != null) return { stored: true, etag: row.etag, bytes: 0 }
+      if (row?.unchanged === true && row.current !== null) return { stored: true, etag: row.current, bytes: 0 }
       const refused: RestoreResult = row?.current == null
         ? { stored: false, notFound: 'record' }
         : row.found ? { stored: false, currentEtag: row.current } : { stored: false, notFound: 'version' }
