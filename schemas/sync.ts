@@ -98,9 +98,9 @@ export const VersionParamsSchema = Type.Object({
 })
 
 export const VersionInfoSchema = Type.Object({
-  version: Type.Integer({ description: 'the version number: never used twice for a user, not even after a DELETE' }),
+  version: Type.Integer({ description: 'the version number (64-bit: about 1.8e12 today): never used twice for a user, not even after a DELETE' }),
   etag: Type.String({ description: 'the ETag the version had (and has, when current), without quotes' }),
-  timestamp: Type.Integer({ description: "the client's timestamp stored with the version" }),
+  timestamp: Type.Integer({ description: "the client's timestamp stored with the version (64-bit)" }),
   storedAt: Type.String({ format: 'date-time', description: 'when the server stored it' }),
   size: Type.Integer({ description: 'decoded bytes of its encryptedBlob' }),
   current: Type.Boolean({ description: 'true for the version GET /api/sync/{userId} returns' })
