@@ -11,17 +11,26 @@ export interface Queryable {
   query<R extends QueryResultRow>(config: QueryConfig): Promise<QueryResult<R>>
 }
 
-// The version of a record: greater than the version it replaces, and never less than the time of
-// the write in milliseconds since 1970. So a number is never handed out twice for a user, not after
-// a DELETE (which erases the versions that held the old numbers), not after a restore from backup
-// (which brings older numbers back): a later write takes the clock's value, past every number
-// handed out before. Only a database clock that goes back could repeat one.
-const NOW_MS = 'floor(extract(epoch FROM now()) * 1000)::bigint'
-const NEXT_VERSION = `greatest(user_sync_data.version + 1, ${NOW_MS})`
+// The version of a record: greater than the version it replaces, and never less than a number
+// drawn from the clock, the write's time in milliseconds since 1970 times 1000 plus the last three
+// digits of a sequence (sql/005_versions.sql). So a number is never handed out twice for a user:
+// not after a DELETE (which erases the versions that held the old numbers), not after a restore
+// from backup (which brings older numbers back: a later write draws past every number handed out
+// before). The clock is read when the value is computed, not when the transaction began, and the
+// sequence tells apart two records created in the same millisecond: an upload that waited on a
+// racing one's insert, deleted meanwhile, creates the record with a number of its own (the
+// transaction's start time alone gave it the number of the upload it waited for). Only a database
+// clock set back could repeat one. Safe in JavaScript until the year 2255.
+const DRAWN = "(floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint * 1000 + nextval('user_sync_version_seq') % 1000)"
+// Drawn once per statement (a FROM item named drawn): the version and the tag must agree.
+const DRAWN_ONCE = `(SELECT ${DRAWN} AS version) drawn`
+const NEXT_VERSION = 'greatest(user_sync_data.version + 1, drawn.version)'
 // The entity tag: the version and a random part that every write draws anew (sql/003_etag.sql),
 // so that no tag is ever repeated for other content. Stored, so that a precondition is checked
 // in the same statement as the write.
 const ETAG = 'etag'
+// A timestamp a client may send (schemas/sync.ts): a restore never raises one past it.
+const MAX_TIMESTAMP = String(Number.MAX_SAFE_INTEGER)
 const RANDOM_PART = "replace(gen_random_uuid()::text, '-', '')"
 // created_at is never in an update list, so it keeps the first upload's time.
 const NEW_VERSION = `version = ${NEXT_VERSION}, etag = ${NEXT_VERSION} || '-' || ${RANDOM_PART}, last_accessed = now()`
@@ -86,7 +95,7 @@ const upload = (name: string, condition: string | null, create: boolean) => {
   const added: string[] = []
   if (condition !== null) {
     parts.push(`written AS (
-           UPDATE user_sync_data SET timestamp = $4, ${NEW_VERSION}, ${CLAIM(7)} FROM locked
+           UPDATE user_sync_data SET timestamp = $4, ${NEW_VERSION}, ${CLAIM(7)} FROM locked, ${DRAWN_ONCE}
            WHERE user_sync_data.user_id = $1 AND locked.authorized AND ${condition}
            RETURNING user_sync_data.version, user_sync_data.${ETAG} AS etag)`, PRUNE('written', 8, 9))
     added.push('SELECT version, etag FROM written')
@@ -94,7 +103,8 @@ const upload = (name: string, condition: string | null, create: boolean) => {
   if (create) {
     parts.push(`created AS (
            INSERT INTO user_sync_data (user_id, timestamp, version, etag, token_hash)
-           SELECT $1, $4, ${NOW_MS}, ${NOW_MS} || '-' || ${RANDOM_PART}, $7::bytea WHERE NOT EXISTS (SELECT 1 FROM locked)
+           SELECT $1, $4, drawn.version, drawn.version || '-' || ${RANDOM_PART}, $7::bytea
+           FROM ${DRAWN_ONCE} WHERE NOT EXISTS (SELECT 1 FROM locked)
            ON CONFLICT (user_id) DO NOTHING RETURNING version, ${ETAG} AS etag)`)
     added.push('SELECT version, etag FROM created')
   }
@@ -156,7 +166,8 @@ const RESTORE = {
   name: 'sync-restore',
   text: `WITH ${LOCKED(3)},
          source AS (
-           SELECT v.encrypted_blob, v.iv, greatest(v.timestamp, locked.timestamp + 1) AS timestamp, v.checksum, v.blob_size
+           SELECT v.encrypted_blob, v.iv, least(greatest(v.timestamp, locked.timestamp + 1), ${MAX_TIMESTAMP}) AS timestamp,
+             v.checksum, v.blob_size
            FROM user_sync_versions v, locked
            WHERE locked.authorized AND v.user_id = $1 AND v.version = $2 AND ${KEPT('locked.version', 4, 5)}),
          unchanged AS (
@@ -165,7 +176,7 @@ const RESTORE = {
          matched AS (SELECT 1 FROM locked WHERE $6::text[] IS NULL OR locked.etag = ANY($6::text[])),
          written AS (
            UPDATE user_sync_data SET timestamp = source.timestamp, ${NEW_VERSION}, ${CLAIM(3)}
-           FROM locked, source
+           FROM locked, source, ${DRAWN_ONCE}
            WHERE user_sync_data.user_id = $1 AND locked.authorized AND EXISTS (SELECT 1 FROM matched)
              AND NOT EXISTS (SELECT 1 FROM unchanged)
            RETURNING user_sync_data.version, user_sync_data.${ETAG} AS etag),

@@ -90,15 +90,15 @@ export const TokenBodySchema = Type.Object({
 /**
  * A version number in a URL: a positive whole number as GET /api/sync/:userId/versions lists it,
  * in decimal without leading zeros (the service does not coerce types: a string pattern, then
- * Number()). Fifteen digits at most keep it exact in JSON and JavaScript.
+ * Number(), which the route checks is exact: at most Number.MAX_SAFE_INTEGER).
  */
 export const VersionParamsSchema = Type.Object({
   userId: UserParamsSchema.properties.userId,
-  version: Type.String({ pattern: '^[1-9][0-9]{0,14}$', description: 'a version number (a positive whole number), as the versions list gives it' })
+  version: Type.String({ pattern: '^[1-9][0-9]{0,15}$', description: 'a version number (a positive whole number), as the versions list gives it' })
 })
 
 export const VersionInfoSchema = Type.Object({
-  version: Type.Integer({ description: 'the version number (64-bit: about 1.8e12 today): never used twice for a user, not even after a DELETE' }),
+  version: Type.Integer({ description: 'the version number (64-bit: about 1.8e15 today): never used twice for a user, not even after a DELETE' }),
   etag: Type.String({ description: 'the ETag the version had (and has, when current), without quotes' }),
   timestamp: Type.Integer({ description: "the client's timestamp stored with the version (64-bit)" }),
   storedAt: Type.String({ format: 'date-time', description: 'when the server stored it' }),

@@ -25,6 +25,9 @@ CREATE TABLE IF NOT EXISTS user_sync_versions (
   CONSTRAINT version_checksum_format CHECK (checksum ~ '^[a-f0-9]{64}$')
 );
 
+-- The last three digits of version numbers drawn in the same millisecond (plugins/storage.ts).
+CREATE SEQUENCE IF NOT EXISTS user_sync_version_seq;
+
 -- Lets the cleanup find versions past HISTORY_DAYS without a full scan.
 CREATE INDEX IF NOT EXISTS idx_versions_stored_at ON user_sync_versions (stored_at);
 

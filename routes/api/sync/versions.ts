@@ -18,6 +18,13 @@ export interface SyncScope {
 
 const errors = { 400: ErrorSchema, 401: ErrorSchema, 404: ErrorSchema, 429: ErrorSchema, 503: ErrorSchema }
 
+/** The :version of a URL as a number; past Number.MAX_SAFE_INTEGER it would not be the number sent. */
+function versionOf (app: FastifyInstance, text: string): number {
+  const version = Number(text)
+  if (!Number.isSafeInteger(version)) throw app.httpErrors.badRequest(`version must be a whole number from 1 to ${Number.MAX_SAFE_INTEGER}`)
+  return version
+}
+
 /**
  * Version history (HISTORY_VERSIONS, HISTORY_DAYS): GET /:userId/versions, GET /:userId/versions/:version
  * and POST /:userId/versions/:version/restore, in the sync routes' scope, behind the same hooks
@@ -54,7 +61,7 @@ export function versionRoutes (app: FastifyInstance, scope: SyncScope): void {
     }
   }, async function (request, reply) {
     const { userId } = request.params
-    const version = Number(request.params.version)
+    const version = versionOf(app, request.params.version)
     const result = await guarded(request, reply, () => app.storage.version(userId, version, request.accessToken))
     await unproven(request, reply, result?.claimed)
     if (result === null) throw app.httpErrors.notFound('User not found')
@@ -77,7 +84,7 @@ export function versionRoutes (app: FastifyInstance, scope: SyncScope): void {
     }
   }, async function (request, reply) {
     const { userId } = request.params
-    const version = Number(request.params.version)
+    const version = versionOf(app, request.params.version)
     const ifMatch = parseEntityTags(request.headers['if-match'], false)
     const result = await guarded(request, reply, () => app.storage.restore(userId, version, { ifMatch }, request.accessToken))
     if (result.stored) {
