@@ -77,7 +77,8 @@ fi
 echo "restore: restored $file ($(sql --command='SELECT count(*) FROM user_sync_data') users)"
 # A backup from an older release holds an older schema: the service brings it up to date when it
 # starts (its migrations), not while it runs.
-latest=$(ls sql/*.sql | sort | tail -n 1 | xargs basename | sed 's/\.sql$//')
+latest=''
+for migration in sql/*.sql; do latest=$(basename "$migration" .sql); done # globs expand in name order
 restored=$(sql --command="SELECT coalesce(max(name), '') FROM schema_migrations" 2>/dev/null || echo '')
 if [ "$restored" != "$latest" ]; then
   echo "restore: the backup is from an older release (schema ${restored:-unknown}, this release $latest): restart the service now; it upgrades the schema at start-up"
