@@ -1,5 +1,4 @@
-import type { FastifyReply, FastifyRequest } from 'fastify'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { ErrorSchema } from '../../../schemas/error.ts'
 import { IfMatchHeadersSchema, SuccessSchema, SyncPayloadSchema, UserParamsSchema, VersionListSchema, VersionParamsSchema } from '../../../schemas/sync.ts'
