@@ -99,31 +99,19 @@ export default fp(async function metrics (app) {
       .finally(() => { refreshing = undefined })
     await refreshing
   }
-  metrics.registry.registerMetric(new Gauge({
-    name: 'stored_users',
-    help: 'Users with data stored (refreshed at most once a minute)',
-    registers: [],
-    async collect () { await refreshStored(); this.set(stored.users) }
-  }))
-  metrics.registry.registerMetric(new Gauge({
-    name: 'stored_bytes',
-    help: 'Decoded bytes of all stored blobs (refreshed at most once a minute)',
-    registers: [],
-    async collect () { await refreshStored(); this.set(stored.bytes) }
-  }))
-
-  metrics.registry.registerMetric(new Gauge({
-    name: 'history_versions',
-    help: 'Previous versions kept for undo, all users (refreshed at most once a minute)',
-    registers: [],
-    async collect () { await refreshStored(); this.set(stored.historyVersions) }
-  }))
-  metrics.registry.registerMetric(new Gauge({
-    name: 'history_bytes',
-    help: 'Decoded bytes of the previous versions kept for undo (refreshed at most once a minute)',
-    registers: [],
-    async collect () { await refreshStored(); this.set(stored.historyBytes) }
-  }))
+  for (const [name, help, read] of [
+    ['stored_users', 'Users with data stored', () => stored.users],
+    ['stored_bytes', 'Decoded bytes of all stored blobs', () => stored.bytes],
+    ['history_versions', 'Previous versions kept for undo, all users', () => stored.historyVersions],
+    ['history_bytes', 'Decoded bytes of the previous versions kept for undo', () => stored.historyBytes]
+  ] as const) {
+    metrics.registry.registerMetric(new Gauge({
+      name,
+      help: `${help} (refreshed at most once a minute)`,
+      registers: [],
+      async collect () { await refreshStored(); this.set(read()) }
+    }))
+  }
 
   app.addHook('onResponse', async (request, reply) => {
     const route = request.routeOptions.url ?? 'unmatched'
