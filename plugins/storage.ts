@@ -307,7 +307,8 @@ export class AccessDenied extends Error {
  * replaced (0: no age limit): HISTORY_VERSIONS and HISTORY_DAYS.
  */
 export interface HistoryLimits { versions: number, days: number }
-export const DEFAULT_HISTORY: HistoryLimits = { versions: 10, days: 30 }
+// The defaults of HISTORY_VERSIONS and HISTORY_DAYS (plugins/config.ts), for callers that give none.
+const DEFAULT_HISTORY: HistoryLimits = { versions: 10, days: 30 }
 
 /** A version of a record, as GET /api/sync/:userId/versions lists it. */
 export interface VersionInfo {
@@ -662,10 +663,7 @@ export function createStorage (
       const { rows: [row] } = await run<Row>(TOTALS, [])
       const [users, bytes] = [row?.users ?? 0, row?.bytes ?? 0]
       return { users, bytes, historyVersions: (row?.versions ?? 0) - users, historyBytes: (row?.all_bytes ?? 0) - bytes }
-    },
-
-    /** The history limits this storage applies. */
-    history
+    }
   }
 }
 

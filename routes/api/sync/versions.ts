@@ -32,6 +32,7 @@ function versionOf (app: FastifyInstance, text: string): number {
 export function versionRoutes (app: FastifyInstance, scope: SyncScope): void {
   const api = app.withTypeProvider<TypeBoxTypeProvider>()
   const { security, guarded, unproven, sendEtag } = scope
+  const notKept = (version: number) => app.httpErrors.notFound(`Version ${version} is not kept for this user`)
 
   api.get('/:userId/versions', {
     schema: {
@@ -64,7 +65,7 @@ export function versionRoutes (app: FastifyInstance, scope: SyncScope): void {
     const result = await guarded(request, reply, () => app.storage.version(userId, version, request.accessToken))
     await unproven(request, reply, result?.claimed)
     if (result === null) throw app.httpErrors.notFound('User not found')
-    if (result.found === null) throw app.httpErrors.notFound(`Version ${version} is not kept for this user`)
+    if (result.found === null) throw notKept(version)
     sendEtag(reply, result.found.etag)
     return result.found.payload
   })
@@ -92,7 +93,7 @@ export function versionRoutes (app: FastifyInstance, scope: SyncScope): void {
     }
     await unproven(request, reply, result.claimed)
     if ('notFound' in result) {
-      throw app.httpErrors.notFound(result.notFound === 'record' ? 'User not found' : `Version ${version} is not kept for this user`)
+      throw result.notFound === 'record' ? app.httpErrors.notFound('User not found') : notKept(version)
     }
     sendEtag(reply, result.currentEtag)
     throw app.httpErrors.preconditionFailed(scope.preconditionFailed)
