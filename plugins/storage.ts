@@ -80,10 +80,11 @@ const PRUNE = (written: string, versions: number, days: number) => `pruned AS (
              OR version < (SELECT max(version) FROM user_sync_versions
                            WHERE user_id = $1 AND stored_at < now() - make_interval(days => nullif($${days}::int, 0)))))`
 /** Whether version `v` is shown: the current one (`current`), or a kept one within the limits. */
+// One pass over the newer versions gives both: how many there are, and when the next one replaced it.
 const KEPT = (current: string, versions: number, days: number) => `(v.version = ${current} OR ($${versions}::int > 0
-           AND (SELECT count(*) FROM user_sync_versions n WHERE n.user_id = v.user_id AND n.version > v.version) <= $${versions}::int
-           AND ($${days}::int = 0 OR (SELECT min(n.stored_at) FROM user_sync_versions n WHERE n.user_id = v.user_id AND n.version > v.version)
-                                      >= now() - make_interval(days => $${days}::int))))`
+           AND (SELECT count(*) <= $${versions}::int
+                  AND ($${days}::int = 0 OR min(n.stored_at) >= now() - make_interval(days => $${days}::int))
+                FROM user_sync_versions n WHERE n.user_id = v.user_id AND n.version > v.version)))`
 
 // Every statement is named so that pg prepares it once per connection and then only binds.
 // The uploads: $1 user, $2-$6 the payload, $7 token, $8 and $9 the history limits, $10 the If-Match list.
