@@ -1,0 +1,137 @@
+// A device of the learning app: keeps a child's progress, pairs with a second device by a code
+// (the text a QR code would carry), syncs through logikids-sync, and undoes an upload.
+// Everything the service receives is encrypted here, with the built client (npm run build:client).
+import { generateKey, exportKey, importKey, newUserId, pairingCode, readPairingCode, SyncClient } from '../../client/dist/index.js'
+
+const STORAGE = 'logikids-sync-example'
+const $ = (id) => document.getElementById(id)
+
+// What this device keeps: the user id, the key (exported), the progress and the client's state.
+// A real app keeps the key in IndexedDB as a CryptoKey; localStorage keeps the example short.
+let saved = JSON.parse(localStorage.getItem(STORAGE) ?? 'null') ?? { userId: null, key: null, data: null, state: null }
+let client = null
+
+/** Per subject, the later change wins; a subject only one device has is kept. */
+function mergeProgress (local, remote) {
+  const progress = { ...remote.progress }
+  for (const [subject, entry] of Object.entries(local.progress)) {
+    const other = progress[subject]
+    if (other === undefined || entry.changedAt > other.changedAt) progress[subject] = entry
+  }
+  return { progress }
+}
+
+function persist () {
+  if (client !== null) saved.state = client.state
+  localStorage.setItem(STORAGE, JSON.stringify(saved))
+}
+
+function status (state, text) {
+  $('status').dataset.state = state
+  $('status').textContent = text
+}
+
+function render () {
+  $('user').textContent = saved.userId ?? 'none yet'
+  const rows = Object.entries(saved.data?.progress ?? {}).sort(([a], [b]) => a.localeCompare(b))
+  $('progress').replaceChildren(...rows.map(([subject, entry]) => {
+    const row = document.createElement('tr')
+    row.dataset.subject = subject
+    for (const text of [subject, '★'.repeat(entry.stars) || '–', new Date(entry.changedAt).toLocaleTimeString()]) {
+      const cell = document.createElement('td')
+      cell.textContent = text
+      row.append(cell)
+    }
+    return row
+  }))
+}
+
+async function connect (userId, key) {
+  client = new SyncClient({
+    baseUrl: $('api').value,
+    userId,
+    key,
+    state: saved.userId === userId ? saved.state ?? undefined : undefined,
+    // A page the user is looking at: give up after a few seconds rather than minutes.
+    retries: 2,
+    retryDelay: { baseMs: 250, maxMs: 5000 }
+  })
+  saved.userId = userId
+  saved.key = await exportKey(key)
+  $('pairing').textContent = await pairingCode(userId, key)
+  persist()
+  render()
+}
+
+/** Runs an action with the status line telling how it went; a typed error shows its kind. */
+async function act (busy, action) {
+  status('busy', busy)
+  try {
+    status('ok', await action())
+  } catch (err) {
+    status('error', `${err.kind ?? 'error'}: ${err.message}`)
+  }
+}
+
+$('create').addEventListener('click', () => act('creating…', async () => {
+  saved = { userId: null, key: null, data: { progress: {} }, state: null }
+  await connect(newUserId(), await generateKey())
+  return 'account created: sync to upload it'
+}))
+
+$('pair').addEventListener('click', () => act('pairing…', async () => {
+  const { userId, key } = await readPairingCode($('pair-code').value)
+  saved = { userId: null, key: null, data: null, state: null }
+  await connect(userId, key)
+  saved.data = (await client.sync(null, mergeProgress)) ?? { progress: {} }
+  persist()
+  render()
+  return 'paired and downloaded'
+}))
+
+$('save').addEventListener('click', () => {
+  if (saved.data === null) return status('error', 'create an account or pair first')
+  const subject = $('subject').value.trim()
+  if (subject === '') return status('error', 'a subject needs a name')
+  saved.data = { progress: { ...saved.data.progress, [subject]: { stars: Number($('stars').value), changedAt: Date.now() } } }
+  persist()
+  render()
+  status('idle', 'changed on this device: not synced yet')
+})
+
+$('sync').addEventListener('click', () => act('syncing…', async () => {
+  if (client === null) throw new Error('create an account or pair first')
+  saved.data = await client.sync(saved.data, mergeProgress)
+  persist()
+  render()
+  return `synced (${client.state.etag})`
+}))
+
+$('list').addEventListener('click', () => act('listing…', async () => {
+  if (client === null) throw new Error('create an account or pair first')
+  const versions = await client.versions()
+  $('versions').replaceChildren(...versions.map((entry) => {
+    const item = document.createElement('li')
+    item.dataset.version = String(entry.version)
+    item.append(`${new Date(entry.storedAt).toLocaleString()}, ${entry.size} bytes ${entry.current ? '(current) ' : ''}`)
+    if (!entry.current) {
+      const restore = document.createElement('button')
+      restore.textContent = 'Restore'
+      restore.addEventListener('click', () => act('restoring…', async () => {
+        saved.data = await client.restore(entry.version)
+        persist()
+        render()
+        return `restored the version of ${new Date(entry.storedAt).toLocaleTimeString()}`
+      }))
+      item.append(restore)
+    }
+    return item
+  }))
+  return `${versions.length} versions`
+}))
+
+$('api').value = new URLSearchParams(window.location.search).get('api') ?? 'http://localhost:3000'
+if (saved.userId !== null && saved.key !== null) {
+  importKey(saved.key).then((key) => connect(saved.userId, key)).catch((err) => status('error', err.message))
+}
+render()
