@@ -1,6 +1,6 @@
 import { ciphertextBytes, decryptJson, deriveAccessToken, encryptJson, isUserId, sha256Hex, type WireRecord } from './crypto.ts'
 import {
-  ConflictError, NotFoundError, RateLimitError, RequestError, ServerError, TooLargeError,
+  ConflictError, IntegrityError, NotFoundError, RateLimitError, RequestError, ServerError, TooLargeError,
   UnauthorizedError, UnavailableError
 } from './errors.ts'
 import { unionMerge, type Merge } from './merge.ts'
@@ -66,7 +66,7 @@ export interface VersionInfo {
 type Pulled<T> =
   | { kind: 'unchanged' }
   | { kind: 'missing' }
-  | { kind: 'changed', data: T, digest: string, etag: string | null }
+  | { kind: 'changed', data: T, digest: string, etag: string }
 
 interface Request {
   method: string
@@ -77,26 +77,60 @@ interface Request {
   expect: number[]
 }
 
+/** An answer, read in full inside the retries (a body cut off on the way is tried again). */
+interface Answer {
+  status: number
+  etag: string | null
+  text: string
+}
+
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms))
+
+/**
+ * The JSON text of data the service can keep. `null` is refused: it would read as "no data" on
+ * the other devices, and a merge that returns nothing must not wipe the record.
+ */
+function jsonOf (data: unknown, what: string): string {
+  const json = JSON.stringify(data)
+  if (typeof json !== 'string' || json === 'null') {
+    throw new TypeError(`${what} must be JSON data other than null (got ${data === null ? 'null' : typeof data})`)
+  }
+  return json
+}
 
 async function digestOf (json: string): Promise<string> {
   return await sha256Hex(json)
 }
 
+/** Parses what the service sent; never quotes it in the error (it may be someone's data). */
+function parseAnswer<V> (answer: Answer): V {
+  try {
+    return JSON.parse(answer.text) as V
+  } catch {
+    throw new ServerError(`the service answered ${answer.status} with something that is not JSON`, { status: answer.status })
+  }
+}
+
 function retryAfterSeconds (response: Response): number | undefined {
-  const value = response.headers.get('retry-after')
-  if (value === null) return undefined
-  if (/^\d+$/.test(value.trim())) return Number(value.trim())
+  const value = response.headers.get('retry-after')?.trim()
+  if (value === undefined || value === '') return undefined
+  if (/^\d+$/.test(value)) return Number(value)
   const date = Date.parse(value)
   return Number.isNaN(date) ? undefined : Math.max(0, Math.ceil((date - Date.now()) / 1000))
 }
 
-async function errorText (response: Response): Promise<string> {
+function errorText (text: string, response: Response): string {
   try {
-    const body = await response.json() as { error?: unknown }
+    const body = JSON.parse(text) as { error?: unknown }
     if (typeof body.error === 'string') return body.error
   } catch {}
   return response.statusText || 'no message'
+}
+
+function count (value: number | undefined, fallback: number, name: string, minimum: number): number {
+  if (value === undefined) return fallback
+  if (!Number.isSafeInteger(value) || value < minimum) throw new TypeError(`${name} must be a whole number of at least ${minimum}`)
+  return value
 }
 
 /** A user's encrypted record on a logikids-sync service. `T` is the app's data: anything JSON can hold. */
@@ -114,22 +148,31 @@ export class SyncClient<T = unknown> {
   #token: Promise<string | null> | undefined
   #maxBlobBytes: number | undefined
   #state: SyncState
+  /** The operations that move the state run one at a time, in the order they were called. */
+  #queue: Promise<unknown> = Promise.resolve()
 
   constructor (options: SyncClientOptions) {
     if (!isUserId(options.userId)) throw new TypeError('userId must be a UUID (see newUserId)')
     if (!(options.key instanceof CryptoKey) || options.key.algorithm.name !== 'AES-GCM') {
       throw new TypeError('key must be an AES-GCM CryptoKey (see generateKey and importKey)')
     }
+    if ((options.key.algorithm as AesKeyAlgorithm).length !== 256) throw new TypeError('key must be an AES-256 key')
     this.userId = options.userId.toLowerCase()
     this.#baseUrl = new URL(options.baseUrl).href.replace(/\/+$/, '')
     this.#key = options.key
     this.#fetch = options.fetch ?? globalThis.fetch.bind(globalThis)
     this.#tokenOption = options.token
-    this.#retries = Math.max(0, options.retries ?? 4)
-    this.#baseDelayMs = options.retryDelay?.baseMs ?? 500
-    this.#maxDelayMs = options.retryDelay?.maxMs ?? 30_000
-    this.#timeoutMs = options.timeoutMs ?? 60_000
-    this.#mergeRounds = Math.max(1, options.mergeRounds ?? 5)
+    this.#retries = count(options.retries, 4, 'retries', 0)
+    this.#baseDelayMs = count(options.retryDelay?.baseMs, 500, 'retryDelay.baseMs', 0)
+    this.#maxDelayMs = count(options.retryDelay?.maxMs, 30_000, 'retryDelay.maxMs', 0)
+    this.#timeoutMs = count(options.timeoutMs, 60_000, 'timeoutMs', 1)
+    this.#mergeRounds = count(options.mergeRounds, 5, 'mergeRounds', 1)
+    if (options.token !== undefined && options.token !== false && typeof options.token !== 'string') {
+      throw new TypeError('token must be a string, false, or left out')
+    }
+    if (options.token === undefined && !options.key.extractable) {
+      throw new TypeError('the key is not extractable, so no token can be derived from it: pass `token` (deriveAccessToken of the raw key)')
+    }
     this.#state = { etag: options.state?.etag ?? null, digest: options.state?.digest ?? null }
   }
 
@@ -143,37 +186,37 @@ export class SyncClient<T = unknown> {
    * kept in the history). Returns the new ETag. To keep another device's changes, use sync().
    */
   async upload (data: T): Promise<string> {
-    const json = JSON.stringify(data)
-    const etag = await this.#put(json, {})
-    // An unconditional PUT is never refused with 412.
-    if (etag === null) throw new ConflictError('the service refused an unconditional upload with 412', { status: 412 })
-    this.#state = { etag, digest: await digestOf(json) }
-    return etag
+    const json = jsonOf(data, 'the data')
+    return await this.#exclusive(async () => {
+      const etag = await this.#put(json, {})
+      // An unconditional PUT is never refused with 412.
+      if (etag === null) throw new ConflictError('the service refused an unconditional upload with 412', { status: 412 })
+      this.#state = { etag, digest: await digestOf(json) }
+      return etag
+    })
   }
 
-  /** The decrypted data on the server, or null if there is none. */
+  /**
+   * The decrypted data on the server, or null if there is none. It does not move the state:
+   * to make it this device's data, pass it to sync() (which then uploads nothing).
+   */
   async download (): Promise<T | null> {
-    const pulled = await this.#pull(false)
-    if (pulled.kind !== 'changed') {
-      this.#state = { etag: null, digest: null }
-      return null
-    }
-    this.#state = { etag: pulled.etag, digest: pulled.digest }
-    return pulled.data
+    const pulled = await this.#pull(null)
+    return pulled.kind === 'changed' ? pulled.data : null
   }
 
   /** Whether the server has a record for this user. */
   async exists (): Promise<boolean> {
-    const response = await this.#send({ method: 'POST', path: '/verify', expect: [200] })
-    const body = await response.json() as { exists: boolean }
-    return body.exists
+    const answer = await this.#send({ method: 'POST', path: '/verify', expect: [200] })
+    return parseAnswer<{ exists: boolean }>(answer).exists === true
   }
 
   /** Deletes the record and its whole history: it cannot be undone. Succeeds also when there was none. */
   async delete (): Promise<void> {
-    const response = await this.#send({ method: 'DELETE', path: '', expect: [200] })
-    await response.body?.cancel()
-    this.#state = { etag: null, digest: null }
+    await this.#exclusive(async () => {
+      await this.#send({ method: 'DELETE', path: '', expect: [200] })
+      this.#state = { etag: null, digest: null }
+    })
   }
 
   /**
@@ -187,17 +230,27 @@ export class SyncClient<T = unknown> {
    *   up to `mergeRounds` times, then throws a ConflictError; nothing is ever overwritten blind.
    */
   async sync (local: T | null | undefined, merge: Merge<T> = unionMerge): Promise<T | null> {
-    let current: T | null = local ?? null
+    // `local` was made from the data of the last sync that had finished when this one was
+    // called: that is its base, also if it runs after another call still in flight.
+    const base = this.#state
+    return await this.#exclusive(() => this.#sync(local ?? null, merge, base))
+  }
+
+  async #sync (local: T | null, merge: Merge<T>, base: SyncState): Promise<T | null> {
+    let current = local
     for (let round = 0; round < this.#mergeRounds; round++) {
-      const json = current === null ? null : JSON.stringify(current)
+      const json = current === null ? null : jsonOf(current, 'the local data')
       const digest = json === null ? null : await digestOf(json)
       // A device without data downloads in full, whatever its state says.
-      const pulled = await this.#pull(json !== null)
-      let condition: { ifMatch?: string, ifNoneMatch?: string }
-      let basis = this.#state.etag
+      const pulled = await this.#pull(json === null ? null : base.etag)
+      let condition: { ifMatch: string } | { ifNoneMatch: '*' }
       if (pulled.kind === 'unchanged') {
-        if (digest === this.#state.digest) return current
-        condition = { ifMatch: basis! }
+        // The server is still at the base.
+        if (digest === base.digest) {
+          this.#state = base
+          return current
+        }
+        condition = { ifMatch: base.etag! }
       } else if (pulled.kind === 'missing') {
         if (json === null) {
           this.#state = { etag: null, digest: null }
@@ -206,29 +259,27 @@ export class SyncClient<T = unknown> {
         condition = { ifNoneMatch: '*' }
       } else {
         // The server's data is taken as it is when this device has nothing of its own to add.
-        if (json === null || digest === this.#state.digest || digest === pulled.digest) {
+        if (json === null || digest === base.digest || digest === pulled.digest) {
           this.#state = { etag: pulled.etag, digest: pulled.digest }
           return pulled.data
         }
-        current = await merge(current as T, pulled.data)
-        const mergedJson = JSON.stringify(current)
-        const mergedDigest = await digestOf(mergedJson)
-        if (mergedDigest === pulled.digest) {
+        // A record of null (another client's) holds nothing to merge.
+        if (pulled.data !== null) current = await merge(current as T, pulled.data)
+        const merged = jsonOf(current, 'what merge returned')
+        if (await digestOf(merged) === pulled.digest) {
           this.#state = { etag: pulled.etag, digest: pulled.digest }
           return current
         }
-        // Until the upload succeeds, the state stays at the version this device had: if the
-        // upload fails, the next sync pulls and merges again instead of uploading over it.
-        basis = pulled.etag
-        condition = basis === null ? {} : { ifMatch: basis }
+        condition = { ifMatch: pulled.etag }
       }
-      const upload = JSON.stringify(current)
+      const upload = jsonOf(current, 'the data')
       const etag = await this.#put(upload, condition)
       if (etag !== null) {
         this.#state = { etag, digest: await digestOf(upload) }
         return current
       }
-      // 412: another device uploaded in between; pull its version and merge again.
+      // 412: another device uploaded in between. The base stays, so the next round pulls the
+      // new version and merges again: nothing is uploaded over data this call has not seen.
       await sleep(Math.random() * this.#baseDelayMs)
     }
     throw new ConflictError(`other devices uploaded during each of ${this.#mergeRounds} merges; try again later`, { status: 412 })
@@ -236,18 +287,15 @@ export class SyncClient<T = unknown> {
 
   /** The current version and the kept ones, newest first, without data. */
   async versions (): Promise<VersionInfo[]> {
-    const response = await this.#send({ method: 'GET', path: '/versions', expect: [200, 404] })
-    if (response.status === 404) {
-      await response.body?.cancel()
-      return []
-    }
-    return (await response.json() as { versions: VersionInfo[] }).versions
+    const answer = await this.#send({ method: 'GET', path: '/versions', expect: [200, 404] })
+    if (answer.status === 404) return []
+    return parseAnswer<{ versions: VersionInfo[] }>(answer).versions
   }
 
   /** The decrypted data of one kept version, to show the user before restoring it. */
   async version (version: number): Promise<T> {
-    const response = await this.#send({ method: 'GET', path: `/versions/${versionPath(version)}`, expect: [200] })
-    return JSON.parse(await decryptJson(this.#key, await response.json() as WireRecord)) as T
+    const answer = await this.#send({ method: 'GET', path: `/versions/${versionPath(version)}`, expect: [200] })
+    return parseData<T>(await decryptJson(this.#key, parseAnswer<WireRecord>(answer)))
   }
 
   /**
@@ -256,37 +304,40 @@ export class SyncClient<T = unknown> {
    * if another device uploaded meanwhile; list the versions again.
    */
   async restore (version: number): Promise<T> {
-    const current = (await this.versions()).find((entry) => entry.current)
-    if (current === undefined) throw new NotFoundError('there is no record to restore into', { status: 404 })
-    const response = await this.#send({
-      method: 'POST',
-      path: `/versions/${versionPath(version)}/restore`,
-      headers: { 'if-match': `"${current.etag}"` },
-      expect: [200, 412]
+    const path = `/versions/${versionPath(version)}/restore`
+    return await this.#exclusive(async () => {
+      const current = (await this.versions()).find((entry) => entry.current)
+      if (current === undefined) throw new NotFoundError('there is no record to restore into', { status: 404 })
+      const answer = await this.#send({ method: 'POST', path, headers: { 'if-match': `"${current.etag}"` }, expect: [200, 412] })
+      if (answer.status === 412) {
+        throw new ConflictError('another device uploaded while restoring; list the versions again', { status: 412 })
+      }
+      // What is current now: the restored version, or an upload that came right after it.
+      const pulled = await this.#pull(null)
+      if (pulled.kind !== 'changed') throw new NotFoundError('the record was deleted right after the restore', { status: 404 })
+      this.#state = { etag: pulled.etag, digest: pulled.digest }
+      return pulled.data
     })
-    await response.body?.cancel()
-    if (response.status === 412) {
-      throw new ConflictError('another device uploaded while restoring; list the versions again', { status: 412 })
-    }
-    const data = await this.download()
-    if (data === null) throw new NotFoundError('the record was deleted right after the restore', { status: 404 })
-    return data
   }
 
-  async #pull (conditional: boolean): Promise<Pulled<T>> {
+  async #exclusive<R> (operation: () => Promise<R>): Promise<R> {
+    const result = this.#queue.then(operation)
+    this.#queue = result.catch(() => {})
+    return await result
+  }
+
+  /** GET, with If-None-Match when `ifNoneMatch` is an ETag. */
+  async #pull (ifNoneMatch: string | null): Promise<Pulled<T>> {
     const headers: Record<string, string> = {}
-    if (conditional && this.#state.etag !== null) headers['if-none-match'] = this.#state.etag
-    const response = await this.#send({ method: 'GET', path: '', headers, expect: [200, 304, 404] })
-    if (response.status === 304) return { kind: 'unchanged' }
-    if (response.status === 404) {
-      await response.body?.cancel()
-      return { kind: 'missing' }
-    }
-    const etag = response.headers.get('etag')
-    const json = await decryptJson(this.#key, await response.json() as WireRecord)
-    const data = JSON.parse(json) as T
+    if (ifNoneMatch !== null) headers['if-none-match'] = ifNoneMatch
+    const answer = await this.#send({ method: 'GET', path: '', headers, expect: ifNoneMatch === null ? [200, 404] : [200, 304, 404] })
+    if (answer.status === 304) return { kind: 'unchanged' }
+    if (answer.status === 404) return { kind: 'missing' }
+    // Without the version it is based on, a merge could only be uploaded blind.
+    if (answer.etag === null) throw new ServerError('the service sent data without an ETag: is a proxy dropping it?', { status: 200 })
+    const data = parseData<T>(await decryptJson(this.#key, parseAnswer<WireRecord>(answer)))
     // The digest of the data as this client would upload it, so that local and remote compare.
-    return { kind: 'changed', data, digest: await digestOf(JSON.stringify(data)), etag }
+    return { kind: 'changed', data, digest: await digestOf(JSON.stringify(data)), etag: answer.etag }
   }
 
   /** Uploads JSON text; the new ETag, or null on 412. */
@@ -298,24 +349,19 @@ export class SyncClient<T = unknown> {
     const headers: Record<string, string> = { 'content-type': 'application/json' }
     if (condition.ifMatch !== undefined) headers['if-match'] = condition.ifMatch
     if (condition.ifNoneMatch !== undefined) headers['if-none-match'] = condition.ifNoneMatch
-    const response = await this.#send({ method: 'PUT', path: '', headers, body: JSON.stringify(record), expect: [200, 412] })
-    await response.body?.cancel()
-    if (response.status === 412) return null
-    const etag = response.headers.get('etag')
-    if (etag === null) throw new ServerError('the service sent no ETag: is it older than the ETag release, or behind a proxy that drops it?', { status: 200 })
-    return etag
+    const answer = await this.#send({ method: 'PUT', path: '', headers, body: JSON.stringify(record), expect: [200, 412] })
+    if (answer.status === 412) return null
+    if (answer.etag === null) throw new ServerError('the service sent no ETag: is a proxy dropping it?', { status: 200 })
+    return answer.etag
   }
 
   async #blobLimit (): Promise<number> {
     if (this.#maxBlobBytes !== undefined) return this.#maxBlobBytes
     try {
       const response = await this.#fetchWithTimeout(`${this.#baseUrl}/info`, { method: 'GET' })
-      if (response.ok) {
-        const info = await response.json() as { maxBlobBytes?: unknown }
-        if (typeof info.maxBlobBytes === 'number') this.#maxBlobBytes = info.maxBlobBytes
-      } else {
-        await response.body?.cancel()
-      }
+      const info = response.ok ? await response.json() as { maxBlobBytes?: unknown } : {}
+      if (!response.ok) await response.body?.cancel()
+      if (typeof info.maxBlobBytes === 'number') this.#maxBlobBytes = info.maxBlobBytes
     } catch {}
     // Unread (a network error, an older service): the default; the service checks again anyway.
     return this.#maxBlobBytes ?? DEFAULT_MAX_BLOB_BYTES
@@ -329,60 +375,82 @@ export class SyncClient<T = unknown> {
   }
 
   async #fetchWithTimeout (url: string, init: RequestInit): Promise<Response> {
-    return await this.#fetch(url, { ...init, signal: AbortSignal.timeout(this.#timeoutMs) })
+    // The API never redirects: a redirect means a wrong baseUrl, and following one would turn
+    // an upload into a GET that looks like success.
+    return await this.#fetch(url, { ...init, redirect: 'manual', signal: AbortSignal.timeout(this.#timeoutMs) })
   }
 
   #delay (attempt: number, retryAfter: number | undefined): number {
-    const backoff = Math.min(this.#maxDelayMs, this.#baseDelayMs * 2 ** attempt)
-    // Full jitter on the upper half: devices that failed together do not come back together.
-    const jittered = backoff / 2 + Math.random() * backoff / 2
-    return Math.max(jittered, (retryAfter ?? 0) * 1000)
+    return retryDelayMs(attempt, retryAfter, this.#baseDelayMs, this.#maxDelayMs, Math.random())
   }
 
-  /** One request, with the token, retried on network errors, 429, 502, 503 and 504. */
-  async #send (request: Request): Promise<Response> {
+  /** One request, with the token, retried on network errors, 429, 502, 503 and 504; read in full. */
+  async #send (request: Request): Promise<Answer> {
     const url = `${this.#baseUrl}/api/sync/${this.userId}${request.path}`
     const token = await this.#authorization()
     const headers: Record<string, string> = { ...request.headers }
     if (token !== null) headers.authorization = `Bearer ${token}`
     for (let attempt = 0; ; attempt++) {
       let response: Response
+      let text: string
       try {
         response = await this.#fetchWithTimeout(url, { method: request.method, headers, body: request.body })
+        text = await response.text()
       } catch (err) {
         if (attempt >= this.#retries) {
-          throw new UnavailableError(`the service could not be reached (${this.#retries + 1} tries)`, { cause: err })
+          throw new UnavailableError(`the service could not be reached (${attempt + 1} ${attempt === 0 ? 'try' : 'tries'})`, { cause: err })
         }
         await sleep(this.#delay(attempt, undefined))
         continue
       }
-      if (request.expect.includes(response.status)) return response
       const status = response.status
+      if (response.type === 'opaqueredirect' || (status >= 300 && status < 400 && status !== 304)) {
+        throw new RequestError('the service answered with a redirect: set baseUrl to its final address (https?)', { status })
+      }
+      if (request.expect.includes(status)) return { status, etag: response.headers.get('etag'), text }
       const retryAfter = retryAfterSeconds(response)
-      const refusedToken = status === 401 || (status === 429 && response.headers.has('www-authenticate'))
-      if (refusedToken) {
-        await response.body?.cancel()
-        throw new UnauthorizedError('the record belongs to another key: this device must pair again', { status })
+      if (status === 401 || (status === 429 && response.headers.has('www-authenticate'))) {
+        throw new UnauthorizedError(this.#tokenOption === false
+          ? 'the record is claimed by a token, and this client sends none (token: false)'
+          : 'the record belongs to another key: this device must pair again', { status })
       }
       if (status === 429 || status === 502 || status === 503 || status === 504) {
-        await response.body?.cancel()
         const delay = this.#delay(attempt, retryAfter)
         if (attempt >= this.#retries || delay > this.#maxDelayMs) {
-          const tries = attempt + 1
+          const tries = `${attempt + 1} ${attempt === 0 ? 'try' : 'tries'}`
           if (status === 429) {
-            throw new RateLimitError(`rate limited (${tries} ${tries === 1 ? 'try' : 'tries'}); retry after ${retryAfter ?? '?'} s`, { status, retryAfter })
+            throw new RateLimitError(`rate limited (${tries}); retry after ${retryAfter ?? '?'} s`, { status, retryAfter })
           }
-          throw new UnavailableError(`the service is unavailable (${status}, ${tries} ${tries === 1 ? 'try' : 'tries'})`, { status, retryAfter })
+          throw new UnavailableError(`the service is unavailable (${status}, ${tries})`, { status, retryAfter })
         }
         await sleep(delay)
         continue
       }
-      const message = await errorText(response)
+      const message = errorText(text, response)
       if (status === 404) throw new NotFoundError(message, { status })
       if (status === 412) throw new ConflictError(message, { status })
       if (status >= 400 && status < 500) throw new RequestError(`${status}: ${message}`, { status })
       throw new ServerError(`${status}: ${message}`, { status })
     }
+  }
+}
+
+/**
+ * How long to wait before try `attempt + 1` (0-based): `baseMs` doubled per try, capped at
+ * `maxMs`, spread over its upper half by `random` (0 to 1) so that devices that failed together
+ * do not come back together; never shorter than the service's Retry-After.
+ */
+export function retryDelayMs (attempt: number, retryAfter: number | undefined, baseMs: number, maxMs: number, random: number): number {
+  const backoff = Math.min(maxMs, baseMs * 2 ** attempt)
+  return Math.max(backoff / 2 + random * backoff / 2, (retryAfter ?? 0) * 1000)
+}
+
+/** The app's data from decrypted JSON text; an error never quotes it. */
+function parseData<T> (json: string): T {
+  try {
+    return JSON.parse(json) as T
+  } catch {
+    throw new IntegrityError('the decrypted record is not JSON: was it written by another app?')
   }
 }
 

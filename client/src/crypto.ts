@@ -30,18 +30,28 @@ export async function exportKey (key: CryptoKey): Promise<string> {
  */
 export async function importKey (exported: string | JsonWebKey): Promise<CryptoKey> {
   const usages: KeyUsage[] = ['encrypt', 'decrypt']
+  let key: CryptoKey
   if (typeof exported === 'object' || exported.trimStart().startsWith('{')) {
-    const jwk = typeof exported === 'object' ? exported : JSON.parse(exported) as JsonWebKey
-    return await crypto.subtle.importKey('jwk', jwk, { name: ALGORITHM, length: 256 }, true, usages)
+    let jwk: JsonWebKey
+    try {
+      jwk = typeof exported === 'object' ? exported : JSON.parse(exported) as JsonWebKey
+      key = await crypto.subtle.importKey('jwk', jwk, { name: ALGORITHM }, true, usages)
+    } catch {
+      throw new TypeError('not an exported key: a JSON Web Key that is not an AES-GCM key')
+    }
+  } else {
+    let raw: Uint8Array<ArrayBuffer>
+    try {
+      raw = fromBase64Url(exported.trim())
+    } catch {
+      throw new TypeError('not an exported key: expected 43 base64url characters or a JSON Web Key')
+    }
+    if (raw.length !== 32) throw new TypeError(`not an exported key: ${raw.length} bytes, an AES-256 key has 32`)
+    key = await crypto.subtle.importKey('raw', raw, { name: ALGORITHM }, true, usages)
   }
-  let raw: Uint8Array<ArrayBuffer>
-  try {
-    raw = fromBase64Url(exported.trim())
-  } catch {
-    throw new TypeError('not an exported key: expected 43 base64url characters or a JSON Web Key')
-  }
-  if (raw.length !== 32) throw new TypeError(`not an exported key: ${raw.length} bytes, an AES-256 key has 32`)
-  return await crypto.subtle.importKey('raw', raw, { name: ALGORITHM, length: 256 }, true, usages)
+  const bits = (key.algorithm as AesKeyAlgorithm).length
+  if (bits !== 256) throw new TypeError(`not an exported key: an AES-${bits} key, the service's clients use AES-256`)
+  return key
 }
 
 /** A new random user id (UUID v4): the only name of the user's record on the service. */
@@ -64,7 +74,8 @@ export async function pairingCode (userId: string, key: CryptoKey): Promise<stri
 
 /** The user id and key of a pairingCode, checked. */
 export async function readPairingCode (code: string): Promise<{ userId: string, key: CryptoKey }> {
-  const [userId, exported, ...rest] = code.trim().split('.')
+  // A scanner or a paste may break the line: no character of a code is white space.
+  const [userId, exported, ...rest] = code.replace(/\s+/g, '').split('.')
   if (userId === undefined || exported === undefined || rest.length > 0 || !isUserId(userId)) {
     throw new TypeError('not a pairing code: expected <user id>.<key>')
   }

@@ -21,11 +21,13 @@ function setOwn (target: Record<string, unknown>, key: string, value: unknown): 
  * - objects: every key of both sides; keys on both sides are merged the same way;
  * - arrays: the remote items, then the local items the remote side lacks (compared as JSON);
  * - anything else that differs (two numbers, two strings, an object against a number): the
- *   remote value, the one the other device uploaded first.
+ *   remote value, the one the other device uploaded first; but a remote null or undefined
+ *   keeps the local value (there is nothing there to keep).
  * Nothing is deleted by it: an item one device removed comes back if the other still has it.
  * Apps whose data has rules of its own (highest score, latest edit per item) pass a merge.
  */
 export function unionMerge<T> (local: T, remote: T): T {
+  if (remote === null || remote === undefined) return local
   if (isPlainObject(local) && isPlainObject(remote)) {
     const merged: Record<string, unknown> = {}
     for (const [key, value] of Object.entries(remote)) {

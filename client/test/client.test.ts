@@ -2,12 +2,14 @@ import t from 'tap'
 import { randomBytes } from 'node:crypto'
 import type { AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
+import { retryDelayMs } from '../src/client.ts'
 import {
-  ConflictError, exportKey, generateKey, importKey, IntegrityError, newUserId, NotFoundError, RateLimitError,
+  ConflictError, deriveAccessToken, exportKey, generateKey, importKey, IntegrityError, newUserId, NotFoundError, RateLimitError,
   SyncClient, TooLargeError, UnauthorizedError, UnavailableError, unionMerge, type SyncClientOptions
 } from '../src/index.ts'
+import { encryptJson } from '../src/crypto.ts'
 import { build, databaseUrlOf, inspect } from '../../test/helper.ts'
-import { fieldDownload, fieldImportQrKey, fieldQrKey, fieldUpload } from './field-client.ts'
+import { fieldDownload, fieldImportQrKey, fieldQrKey, fieldUpload } from './fixtures/field-client.ts'
 
 // The client in Node against the whole service on a real PostgreSQL, in the service's default
 // configuration (rate limits, optional access tokens, history of 10), over real HTTP.
@@ -64,7 +66,7 @@ t.test('upload, download, exists and delete round trip the data, and the record 
   t.equal(await client.exists(), true)
   const other = device({ userId, key: await importKey(await exportKey(key)) })
   t.strictSame(await other.download(), data, 'another device with the same key reads it')
-  t.equal(other.state.etag, etag)
+  t.strictSame(other.state, { etag: null, digest: null }, 'a download does not move the state')
   await other.delete()
   t.equal(await client.exists(), false)
   t.equal(await versionCount(userId), 0, 'the delete took the history with it')
@@ -328,4 +330,169 @@ t.test('503 with the database down: retried after Retry-After, or a typed error 
   })
   t.strictSame(await patient.download(), { v: 1 })
   t.strictSame(log, ['GET /api/sync/:id -> 503', 'GET /api/sync/:id -> 200'])
+})
+
+t.test('nothing that would wipe the record is uploaded: null data, a merge that returns nothing', async (t) => {
+  const userId = newUserId()
+  const key = await generateKey()
+  const a = device({ userId, key })
+  await a.sync({ progress: { math: 1 } })
+  const log: string[] = []
+  const b = device({ userId, key }, log)
+  await t.rejects(b.upload(null as unknown as Progress), { name: 'TypeError', message: /other than null/ })
+  await t.rejects(b.sync({ progress: { logic: 2 } }, () => undefined as unknown as Progress), { name: 'TypeError', message: /what merge returned/ })
+  await t.rejects(b.sync({ progress: { logic: 2 } }, () => null as unknown as Progress), { name: 'TypeError', message: /what merge returned/ })
+  await t.rejects(b.sync({ progress: { logic: 2 } }, () => { throw new Error('app bug') }), /app bug/)
+  t.strictSame(log.filter((line) => line.startsWith('PUT')), [], 'no upload')
+  t.strictSame(await a.download(), { progress: { math: 1 } })
+  t.throws(() => new SyncClient({ baseUrl, userId, key, retries: Number.NaN }), /retries must be a whole number/)
+  t.throws(() => new SyncClient({ baseUrl, userId, key, timeoutMs: Infinity }), /timeoutMs/)
+  t.throws(() => new SyncClient({ baseUrl, userId: 'not-a-uuid', key }), /UUID/)
+})
+
+t.test('a record of JSON null from another client is replaced by local data without a merge; one that is not JSON is an IntegrityError that quotes nothing', async (t) => {
+  const userId = newUserId()
+  const key = await generateKey()
+  const put = async (plaintext: string) => {
+    const record = await encryptJson(key, plaintext, Date.now())
+    const res = await fetch(`${baseUrl}/api/sync/${userId}`, { method: 'PUT', headers: { 'content-type': 'application/json' }, body: JSON.stringify(record) })
+    t.equal(res.status, 200)
+  }
+  await put('null')
+  let merged = 0
+  const client = device({ userId, key, token: false })
+  t.strictSame(await client.sync({ progress: { math: 2 } }, (local, remote) => { merged++; return unionMerge(local, remote) }), { progress: { math: 2 } })
+  t.equal(merged, 0)
+  t.strictSame(await client.download(), { progress: { math: 2 } })
+  t.strictSame(unionMerge({ a: 1 }, null), { a: 1 }, 'unionMerge keeps local data over a remote null')
+  await put('child name: Zoë')
+  const err = await client.download().catch((err: unknown) => err) as Error
+  t.type(err, IntegrityError)
+  t.notMatch(`${err.message} ${String(err.cause)}`, /Zo|child/, 'the error does not quote the decrypted text')
+})
+
+t.test('a proxy that drops the ETag, answers a 304 nobody asked for, or redirects: a typed error, and nothing is uploaded blind', async (t) => {
+  const userId = newUserId()
+  const key = await generateKey()
+  const a = device({ userId, key })
+  await a.sync({ progress: { math: 1 } })
+  const b = device({ userId, key })
+  const localB = await b.sync(null)
+  await a.sync({ progress: { math: 1, art: 2 } })
+  // Each wrapper stands for a proxy between the client and the real service.
+  const rewrite = (change: (response: Response) => Response) => async (input: Parameters<typeof fetch>[0], init?: RequestInit) =>
+    change(await fetch(input, init))
+  const log: string[] = []
+  const noEtag = device({
+    userId,
+    key,
+    state: b.state,
+    fetch: recording(log, rewrite((response) => {
+      const headers = new Headers(response.headers)
+      headers.delete('etag')
+      return new Response(response.body, { status: response.status, headers })
+    }))
+  })
+  await t.rejects(noEtag.sync({ progress: { ...localB!.progress, logic: 3 } }), { name: 'ServerError', message: /without an ETag/ })
+  t.strictSame(log, ['GET /api/sync/:id -> 200'], 'no upload without the version it is based on')
+
+  const fresh = device({ userId, key, fetch: rewrite(() => new Response(null, { status: 304 })) })
+  await t.rejects(fresh.sync(null), { name: 'ServerError', message: /304/ }, 'a 304 to a request without If-None-Match')
+
+  // A proxy that answers uploads with a redirect (as a misconfigured http-to-https one does).
+  const redirected = device({
+    userId,
+    key,
+    state: b.state,
+    fetch: async (input, init) =>
+      init?.method === 'PUT' ? new Response(null, { status: 303, headers: { location: '/elsewhere' } }) : await fetch(input, init)
+  })
+  await t.rejects(redirected.upload({ progress: { logic: 3 } }), { name: 'RequestError', message: /redirect/ })
+  t.strictSame(redirected.state, b.state, 'the state is not moved by an upload that did not happen')
+  t.strictSame(await a.download(), { progress: { math: 1, art: 2 } })
+})
+
+t.test('two syncs at once on one client, and a download before a sync: each merges what it has not seen, nothing is lost', async (t) => {
+  const userId = newUserId()
+  const key = await generateKey()
+  const b = device({ userId, key })
+  // C's first GET is held back until B has uploaded and C's second sync has been called.
+  let release!: () => void
+  const released = new Promise<void>((resolve) => { release = resolve })
+  let held = 0
+  const c = device({
+    userId,
+    key,
+    fetch: async (input, init) => {
+      if ((init?.method ?? 'GET') === 'GET' && new URL(String(input)).pathname.startsWith('/api/') && held++ === 1) await released
+      return await fetch(input, init)
+    }
+  })
+  const start = await c.sync({ progress: { a: 1 } })
+  await b.sync(await b.download())
+  await b.sync({ progress: { ...start!.progress, c: 1 } })
+  const first = c.sync({ progress: { ...start!.progress, y: 1 } })
+  const second = c.sync({ progress: { ...start!.progress, x: 1 } })
+  release()
+  const results = await Promise.all([first, second])
+  t.strictSame(results[1], { progress: { a: 1, c: 1, y: 1, x: 1 } }, 'the second call, made before the first ended, merged its result')
+  t.strictSame(await b.download(), { progress: { a: 1, c: 1, y: 1, x: 1 } }, 'B\'s c, and both of C\'s edits')
+
+  // A download shows the server's data but does not make it the device's: the next sync still merges.
+  await b.sync({ progress: { a: 1, c: 1, y: 1, x: 1, d: 1 } })
+  t.strictSame(await c.download(), { progress: { a: 1, c: 1, y: 1, x: 1, d: 1 } })
+  t.strictSame(await c.sync({ ...results[1]!, progress: { ...results[1]!.progress, e: 1 } }), { progress: { a: 1, c: 1, y: 1, x: 1, d: 1, e: 1 } })
+})
+
+t.test('retry delays: doubling from baseMs, capped at maxMs, jittered over the upper half, never under Retry-After', async (t) => {
+  t.strictSame([0, 1, 2, 3, 10].map((attempt) => retryDelayMs(attempt, undefined, 500, 30_000, 1)), [500, 1000, 2000, 4000, 30_000])
+  t.strictSame([0, 1, 2, 3, 10].map((attempt) => retryDelayMs(attempt, undefined, 500, 30_000, 0)), [250, 500, 1000, 2000, 15_000])
+  t.equal(retryDelayMs(0, 5, 500, 30_000, 0.5), 5000, 'Retry-After: 5 is waited for in full')
+  t.equal(retryDelayMs(6, 5, 500, 30_000, 0.5), 22_500, 'the backoff when it is longer')
+})
+
+t.test('502, 504 and a 503 without Retry-After from a proxy are retried; a 400 or 500 is a typed error at once; a stalled answer times out', async (t) => {
+  const userId = newUserId()
+  const key = await generateKey()
+  await device({ userId, key }).upload({ progress: { math: 1 } })
+  // A reverse proxy in front of the service, failing the first answers of each kind.
+  const proxy = (statuses: number[]): typeof fetch => async (input, init) => {
+    const status = statuses.shift()
+    if (status === undefined) return await fetch(input, init)
+    return new Response(JSON.stringify({ error: `proxy says ${status}` }), { status, headers: { 'content-type': 'application/json' } })
+  }
+  const log: string[] = []
+  const flaky = device({ userId, key, fetch: recording(log, proxy([502, 504, 503])) })
+  t.strictSame(await flaky.download(), { progress: { math: 1 } })
+  t.strictSame(log, ['GET /api/sync/:id -> 502', 'GET /api/sync/:id -> 504', 'GET /api/sync/:id -> 503', 'GET /api/sync/:id -> 200'])
+  for (const [status, name] of [[400, 'RequestError'], [413, 'RequestError'], [500, 'ServerError']] as const) {
+    const tries: string[] = []
+    await t.rejects(device({ userId, key, fetch: recording(tries, proxy([status])) }).download(), { name, status, message: new RegExp(`proxy says ${status}`) })
+    t.equal(tries.length, 1, `${status}: one try`)
+  }
+  // A server that accepts the connection and never answers.
+  const { createServer } = await import('node:http')
+  const silent = createServer(() => {})
+  await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { silent.closeAllConnections(); silent.close() })
+  const stalled = new SyncClient({ baseUrl: `http://127.0.0.1:${(silent.address() as AddressInfo).port}`, userId, key, timeoutMs: 200, retries: 1, retryDelay: { baseMs: 10 } })
+  await t.rejects(stalled.download(), { name: 'UnavailableError', message: /2 tries/ })
+})
+
+t.test('the size limit is the one /info gives; a token given as a string is sent as it is; a non-extractable key needs one', async (t) => {
+  const userId = newUserId()
+  const raw = crypto.getRandomValues(new Uint8Array(32))
+  const key = await crypto.subtle.importKey('raw', raw, 'AES-GCM', false, ['encrypt', 'decrypt'])
+  t.throws(() => new SyncClient({ baseUrl, userId, key }), /not extractable/)
+  const token = await deriveAccessToken(raw, userId)
+  // A service that takes at most 100 bytes, as its /info says.
+  const small: typeof fetch = async (input, init) => new URL(String(input)).pathname === '/info'
+    ? new Response(JSON.stringify({ maxBlobBytes: 100 }), { headers: { 'content-type': 'application/json' } })
+    : await fetch(input, init)
+  const client = new SyncClient<string>({ baseUrl, userId, key, token, fetch: small })
+  await t.rejects(client.upload('x'.repeat(83)), { name: 'TooLargeError', size: 101, limit: 100 })
+  await client.upload('x'.repeat(82))
+  const extractable = await importKey(Buffer.from(raw).toString('base64url'))
+  t.equal(await new SyncClient<string>({ baseUrl, userId, key: extractable }).download(), 'x'.repeat(82), 'the derived token is the one sent')
+  await t.rejects(new SyncClient({ baseUrl, userId, key, token: 'A'.repeat(43) }).download(), UnauthorizedError)
 })

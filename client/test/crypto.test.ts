@@ -5,7 +5,7 @@ import {
 } from '../src/index.ts'
 import { ciphertextBytes, decryptJson, encryptJson } from '../src/crypto.ts'
 import { fromBase64, fromBase64Url, toBase64, toBase64Url, toHex } from '../src/encoding.ts'
-import { fieldGenerateKey, fieldQrKey } from './field-client.ts'
+import { fieldGenerateKey, fieldQrKey } from './fixtures/field-client.ts'
 
 // The client's encoding and cryptography in Node, with Node's own Buffer and crypto as the reference.
 
@@ -53,12 +53,15 @@ t.test('keys: 43 characters for a QR code, the field clients\' JSON Web Keys too
   await t.rejects(importKey('tooshort'), /6 bytes, an AES-256 key has 32/)
   await t.rejects(importKey('!'.repeat(43)), /not an exported key/)
   await t.rejects(importKey(toBase64Url(new Uint8Array(16))), /16 bytes/)
+  const aes128 = await crypto.subtle.generateKey({ name: 'AES-GCM', length: 128 }, true, ['encrypt', 'decrypt'])
+  await t.rejects(importKey(await fieldQrKey(aes128)), /AES-128/, 'a JSON Web Key of another size')
+  await t.rejects(importKey('{"kty":'), /not an exported key/, 'broken JSON')
 
   const userId = newUserId()
   t.match(userId, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/)
   const code = await pairingCode(userId, key)
   t.equal(code.length, 80)
-  const paired = await readPairingCode(` ${code}\n`)
+  const paired = await readPairingCode(` ${code.slice(0, 40)}\n${code.slice(40)} `)
   t.equal(paired.userId, userId)
   t.equal(await exportKey(paired.key), exported)
   await t.rejects(readPairingCode(`not-a-uuid.${exported}`), /pairing code/)
