@@ -117,6 +117,8 @@ t.test('both devices edit and sync: the merge keeps both changes, through a real
   // Now B's upload is held on its way until A has uploaded: the service refuses it (412), and
   // B pulls A's version, merges and uploads again.
   await edit(b, 'art', 2)
+  // A subject named like an Object.prototype property is a subject like any other.
+  await edit(b, 'constructor', 1)
   await edit(a, 'chess', 1)
   let held: HTTPRequest | undefined
   let putHeld!: () => void
@@ -140,7 +142,7 @@ t.test('both devices edit and sync: the merge keeps both changes, through a real
   await b.setRequestInterception(false)
   t.equal(statuses('PUT').filter((status) => status === 412).length, refusedBefore + 1, 'B\'s held upload was refused once')
   t.match(await act(a, 'sync'), /^ok: synced/)
-  t.strictSame(await progress(a), ['art:2', 'chess:1', 'logic:4', 'math:3', 'music:5'])
+  t.strictSame(await progress(a), ['art:2', 'chess:1', 'constructor:1', 'logic:4', 'math:3', 'music:5'])
   t.strictSame(await progress(b), await progress(a))
   mkdirSync(SCREENSHOTS, { recursive: true })
   await a.screenshot({ path: `${SCREENSHOTS}/two-devices.png`, fullPage: true })
@@ -182,12 +184,12 @@ t.test('with the service stopped a sync fails with the typed error; after a rest
   await service.stop()
   await edit(a, 'physics', 4)
   t.match(await act(a, 'sync'), /^error: unavailable: the service could not be reached \(3 tries\)/)
-  t.strictSame(await progress(a), ['art:2', 'chess:1', 'logic:4', 'math:3', 'music:5', 'physics:4'], 'the edit is still on the device')
+  t.strictSame(await progress(a), ['art:2', 'chess:1', 'constructor:1', 'logic:4', 'math:3', 'music:5', 'physics:4'], 'the edit is still on the device')
   // Owned by the whole file, not this test: the next tests use it.
   service = await startServer(root, { env: { ...env, PORT: String(port) }, output })
   t.match(await act(a, 'sync'), /^ok: synced/)
   t.match(await act(b, 'sync'), /^ok: synced/)
-  t.strictSame(await progress(b), ['art:2', 'chess:1', 'logic:4', 'math:3', 'music:5', 'physics:4'], 'the other device has it')
+  t.strictSame(await progress(b), ['art:2', 'chess:1', 'constructor:1', 'logic:4', 'math:3', 'music:5', 'physics:4'], 'the other device has it')
 })
 
 t.test('the versions list, and a restore that the other device then receives', async (t) => {
@@ -205,11 +207,30 @@ t.test('the versions list, and a restore that the other device then receives', a
   await a.click(`#versions li[data-version="${versions[1]!.version}"] button`)
   await a.waitForFunction(() => ['ok', 'error'].includes((document.querySelector('#status') as HTMLElement).dataset.state!))
   t.match(await a.$eval('#status', (element) => element.textContent), /^restored the version of/)
-  t.strictSame(await progress(a), ['art:2', 'chess:1', 'logic:4', 'math:3', 'music:5'])
+  t.strictSame(await progress(a), ['art:2', 'chess:1', 'constructor:1', 'logic:4', 'math:3', 'music:5'])
   t.match(await act(b, 'sync'), /^ok: synced/)
-  t.strictSame(await progress(b), ['art:2', 'chess:1', 'logic:4', 'math:3', 'music:5'], 'B takes the restore, not its own copy back')
+  t.strictSame(await progress(b), ['art:2', 'chess:1', 'constructor:1', 'logic:4', 'math:3', 'music:5'], 'B takes the restore, not its own copy back')
   t.match(await act(a, 'list'), /^ok: \d+ versions/)
   t.equal(await a.$$eval('#versions li', (items) => items.length), versions.length + 1, 'the restore is a new version')
+})
+
+t.test('a page from an origin not in CORS_ORIGINS cannot read the API; the listed one can', async (t) => {
+  const elsewhere = await serveExample()
+  t.teardown(() => elsewhere.close())
+  const context = await browser.createBrowserContext()
+  t.teardown(() => context.close())
+  const stranger = await context.newPage()
+  await stranger.goto(elsewhere.page(service.url), { waitUntil: 'load' })
+  await stranger.evaluate("import('../../client/dist/index.js').then((lib) => { window.syncClient = lib })")
+  const probe = async (page: Page) => await page.evaluate(async () => {
+    const lib = (window as unknown as { syncClient: typeof import('../src/index.ts') }).syncClient
+    const client = new lib.SyncClient({
+      baseUrl: new URL(window.location.href).searchParams.get('api')!, userId: lib.newUserId(), key: await lib.generateKey(), retries: 0
+    })
+    return await client.exists().then(String, (err: { kind: string }) => err.kind)
+  })
+  t.equal(await probe(stranger), 'unavailable', 'the browser withholds the answer: to a page, a network error')
+  t.equal(await probe(a), 'false', 'the same request from the listed origin')
 })
 
 t.test('no script error on either page', async (t) => {

@@ -8,18 +8,22 @@ const $ = (id) => document.getElementById(id)
 
 // What this device keeps: the user id, the key (exported), the progress and the client's state.
 // A real app keeps the key in IndexedDB as a CryptoKey; localStorage keeps the example short.
-let saved = JSON.parse(localStorage.getItem(STORAGE) ?? 'null') ?? { userId: null, key: null, data: null, state: null }
+let saved = JSON.parse(localStorage.getItem(STORAGE) ?? 'null') ?? { userId: null, key: null, api: null, data: null, state: null }
 let client = null
 
 /** Per subject, the later change wins; a subject only one device has is kept. */
 function mergeProgress (local, remote) {
-  const progress = { ...remote.progress }
-  for (const [subject, entry] of Object.entries(local.progress)) {
-    const other = progress[subject]
-    if (other === undefined || entry.changedAt > other.changedAt) progress[subject] = entry
+  // A Map and fromEntries: subjects called "constructor" or "__proto__" are subjects like any other.
+  const progress = new Map(Object.entries(remote?.progress ?? {}))
+  for (const [subject, entry] of Object.entries(local?.progress ?? {})) {
+    const other = progress.get(subject)
+    if (other === undefined || entry.changedAt > other.changedAt) progress.set(subject, entry)
   }
-  return { progress }
+  return { progress: Object.fromEntries(progress) }
 }
+
+/** 0 to 5 stars, whatever another device stored. */
+const stars = (value) => Math.min(5, Math.max(0, Math.trunc(Number(value)) || 0))
 
 function persist () {
   if (client !== null) saved.state = client.state
@@ -37,7 +41,7 @@ function render () {
   $('progress').replaceChildren(...rows.map(([subject, entry]) => {
     const row = document.createElement('tr')
     row.dataset.subject = subject
-    for (const text of [subject, '★'.repeat(entry.stars) || '–', new Date(entry.changedAt).toLocaleTimeString()]) {
+    for (const text of [subject, '★'.repeat(stars(entry?.stars)) || '–', new Date(entry?.changedAt).toLocaleTimeString()]) {
       const cell = document.createElement('td')
       cell.textContent = text
       row.append(cell)
@@ -46,9 +50,9 @@ function render () {
   }))
 }
 
-async function connect (userId, key) {
+async function connect (userId, key, api) {
   client = new SyncClient({
-    baseUrl: $('api').value,
+    baseUrl: api,
     userId,
     key,
     state: saved.userId === userId ? saved.state ?? undefined : undefined,
@@ -58,6 +62,7 @@ async function connect (userId, key) {
   })
   saved.userId = userId
   saved.key = await exportKey(key)
+  saved.api = api
   $('pairing').textContent = await pairingCode(userId, key)
   persist()
   render()
@@ -74,16 +79,18 @@ async function act (busy, action) {
 }
 
 $('create').addEventListener('click', () => act('creating…', async () => {
-  saved = { userId: null, key: null, data: { progress: {} }, state: null }
-  await connect(newUserId(), await generateKey())
+  saved = { userId: null, key: null, api: null, data: { progress: {} }, state: null }
+  await connect(newUserId(), await generateKey(), $('api').value)
   return 'account created: sync to upload it'
 }))
 
 $('pair').addEventListener('click', () => act('pairing…', async () => {
   const { userId, key } = await readPairingCode($('pair-code').value)
-  saved = { userId: null, key: null, data: null, state: null }
-  await connect(userId, key)
-  saved.data = (await client.sync(null, mergeProgress)) ?? { progress: {} }
+  // Pairing again with the same account keeps this device's edits; they are merged.
+  const local = saved.userId === userId ? saved.data : null
+  saved = { ...saved, data: local }
+  await connect(userId, key, $('api').value)
+  saved.data = (await client.sync(local, mergeProgress)) ?? { progress: {} }
   persist()
   render()
   return 'paired and downloaded'
@@ -93,7 +100,7 @@ $('save').addEventListener('click', () => {
   if (saved.data === null) return status('error', 'create an account or pair first')
   const subject = $('subject').value.trim()
   if (subject === '') return status('error', 'a subject needs a name')
-  saved.data = { progress: { ...saved.data.progress, [subject]: { stars: Number($('stars').value), changedAt: Date.now() } } }
+  saved.data = { progress: { ...saved.data.progress, [subject]: { stars: stars($('stars').value), changedAt: Date.now() } } }
   persist()
   render()
   status('idle', 'changed on this device: not synced yet')
@@ -130,8 +137,10 @@ $('list').addEventListener('click', () => act('listing…', async () => {
   return `${versions.length} versions`
 }))
 
-$('api').value = new URLSearchParams(window.location.search).get('api') ?? 'http://localhost:3000'
-if (saved.userId !== null && saved.key !== null) {
-  importKey(saved.key).then((key) => connect(saved.userId, key)).catch((err) => status('error', err.message))
+// ?api= only fills in the field for a new account or a pairing: a saved account keeps talking to
+// the service it was made with, so that a link cannot send its token to another one.
+$('api').value = saved.api ?? new URLSearchParams(window.location.search).get('api') ?? 'http://localhost:3000'
+if (saved.userId !== null && saved.key !== null && saved.api !== null) {
+  importKey(saved.key).then((key) => connect(saved.userId, key, saved.api)).catch((err) => status('error', err.message))
 }
 render()
