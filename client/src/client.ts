@@ -91,7 +91,13 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
  * the other devices, and a merge that returns nothing must not wipe the record.
  */
 function jsonOf (data: unknown, what: string): string {
-  const json = JSON.stringify(data)
+  let json: string | undefined
+  try {
+    json = JSON.stringify(data)
+  } catch {
+    // Its message names the data's keys: not repeated.
+    throw new TypeError(`${what} cannot be written as JSON (a cycle, or a BigInt?)`)
+  }
   if (typeof json !== 'string' || json === 'null') {
     throw new TypeError(`${what} must be JSON data other than null (got ${data === null ? 'null' : typeof data})`)
   }
@@ -150,6 +156,13 @@ export class SyncClient<T = unknown> {
   #state: SyncState
   /** The operations that move the state run one at a time, in the order they were called. */
   #queue: Promise<unknown> = Promise.resolve()
+  #queued = 0
+  /**
+   * The digests of the data given to sync and upload calls not yet confirmed: calls still queued
+   * or running, and calls that failed after their upload may have been stored. The app's later
+   * data is an edit of these: found on the server, they are this device's own, not another's.
+   */
+  #unconfirmed: Array<Promise<string>> = []
 
   constructor (options: SyncClientOptions) {
     if (!isUserId(options.userId)) throw new TypeError('userId must be a UUID (see newUserId)')
@@ -166,9 +179,12 @@ export class SyncClient<T = unknown> {
     this.#baseDelayMs = count(options.retryDelay?.baseMs, 500, 'retryDelay.baseMs', 0)
     this.#maxDelayMs = count(options.retryDelay?.maxMs, 30_000, 'retryDelay.maxMs', 0)
     this.#timeoutMs = count(options.timeoutMs, 60_000, 'timeoutMs', 1)
+    // Timers take at most 2^31 - 1 ms; longer would fire at once.
+    if (this.#timeoutMs > 2_147_483_647 || this.#maxDelayMs > 2_147_483_647) throw new TypeError('timeoutMs and retryDelay.maxMs must be under 2^31 ms')
     this.#mergeRounds = count(options.mergeRounds, 5, 'mergeRounds', 1)
-    if (options.token !== undefined && options.token !== false && typeof options.token !== 'string') {
-      throw new TypeError('token must be a string, false, or left out')
+    if (options.token !== undefined && options.token !== false &&
+        (typeof options.token !== 'string' || !/^[A-Za-z0-9_-]{43,128}$/.test(options.token))) {
+      throw new TypeError('token must be an access token (43 to 128 base64url characters), false, or left out')
     }
     if (options.token === undefined && !options.key.extractable) {
       throw new TypeError('the key is not extractable, so no token can be derived from it: pass `token` (deriveAccessToken of the raw key)')
@@ -187,11 +203,13 @@ export class SyncClient<T = unknown> {
    */
   async upload (data: T): Promise<string> {
     const json = jsonOf(data, 'the data')
+    const digest = digestOf(json)
+    this.#remember(digest)
     return await this.#exclusive(async () => {
       const etag = await this.#put(json, {})
       // An unconditional PUT is never refused with 412.
       if (etag === null) throw new ConflictError('the service refused an unconditional upload with 412', { status: 412 })
-      this.#state = { etag, digest: await digestOf(json) }
+      this.#state = { etag, digest: await digest }
       return etag
     })
   }
@@ -232,11 +250,14 @@ export class SyncClient<T = unknown> {
   async sync (local: T | null | undefined, merge: Merge<T> = unionMerge): Promise<T | null> {
     // `local` was made from the data of the last sync that had finished when this one was
     // called: that is its base, also if it runs after another call still in flight.
+    // All of this before the first await: calls queue in the order they were made.
     const base = this.#state
-    return await this.#exclusive(() => this.#sync(local ?? null, merge, base))
+    const own = [...this.#unconfirmed]
+    if (local !== null && local !== undefined) this.#remember(digestOf(jsonOf(local, 'the local data')))
+    return await this.#exclusive(async () => this.#sync(local ?? null, merge, base, await Promise.all(own)))
   }
 
-  async #sync (local: T | null, merge: Merge<T>, base: SyncState): Promise<T | null> {
+  async #sync (local: T | null, merge: Merge<T>, base: SyncState, own: string[]): Promise<T | null> {
     let current = local
     for (let round = 0; round < this.#mergeRounds; round++) {
       const json = current === null ? null : jsonOf(current, 'the local data')
@@ -263,8 +284,10 @@ export class SyncClient<T = unknown> {
           this.#state = { etag: pulled.etag, digest: pulled.digest }
           return pulled.data
         }
-        // A record of null (another client's) holds nothing to merge.
-        if (pulled.data !== null) current = await merge(current as T, pulled.data)
+        // This device's own earlier data (a call before this one, or an upload whose answer was
+        // lost) is what `local` was edited from: nothing to merge. A record of null (another
+        // client's) holds nothing to merge either.
+        if (pulled.data !== null && !own.includes(pulled.digest)) current = await merge(current as T, pulled.data)
         const merged = jsonOf(current, 'what merge returned')
         if (await digestOf(merged) === pulled.digest) {
           this.#state = { etag: pulled.etag, digest: pulled.digest }
@@ -321,9 +344,17 @@ export class SyncClient<T = unknown> {
   }
 
   async #exclusive<R> (operation: () => Promise<R>): Promise<R> {
+    this.#queued++
     const result = this.#queue.then(operation)
-    this.#queue = result.catch(() => {})
+    this.#queue = result.then(() => {
+      // Confirmed once the last queued call succeeded: the state holds what the server has.
+      if (--this.#queued === 0) this.#unconfirmed = []
+    }, () => { this.#queued-- })
     return await result
+  }
+
+  #remember (digest: Promise<string>): void {
+    this.#unconfirmed = [...this.#unconfirmed, digest].slice(-16)
   }
 
   /** GET, with If-None-Match when `ifNoneMatch` is an ETag. */

@@ -157,5 +157,9 @@ export async function decryptJson (key: CryptoKey, record: WireRecord): Promise<
   } catch (err) {
     throw new IntegrityError('the record does not decrypt with this key (another key, or altered data)', { cause: err })
   }
-  return new TextDecoder('utf-8', { fatal: true }).decode(plaintext)
+  try {
+    return new TextDecoder('utf-8', { fatal: true }).decode(plaintext)
+  } catch {
+    throw new IntegrityError('the decrypted record is not UTF-8 text: was it written by another app?')
+  }
 }

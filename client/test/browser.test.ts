@@ -27,6 +27,7 @@ const db = inspect(t, databaseUrl)
 const output: string[] = []
 const env = { DATABASE_URL: databaseUrl, CORS_ORIGINS: example.origin }
 let service: ServerProcess = await startServer(t, { env, output })
+example.setApi(service.url)
 
 const browser = await puppeteer.launch({
   executablePath: CHROMIUM,
@@ -45,7 +46,8 @@ async function openDevice (): Promise<Page> {
   const page = await context.newPage()
   page.on('pageerror', (err) => pageErrors.push(String(err)))
   await page.setViewport({ width: 1000, height: 1100 })
-  await page.goto(example.page(service.url), { waitUntil: 'load' })
+  await page.goto(example.page, { waitUntil: 'load' })
+  await page.waitForFunction(() => (document.querySelector('#api') as HTMLInputElement).value !== '')
   // The built client as the page loaded it, for the tests that call it directly (a string: the
   // test runner's TypeScript transform would rewrite an import() written here).
   await page.evaluate("import('../../client/dist/index.js').then((lib) => { window.syncClient = lib })")
@@ -159,7 +161,7 @@ t.test('a 1,000,000-byte record round trips between the two browsers; one byte m
     let text = ''
     while (text.length < 1_000_000) text += hex(crypto.getRandomValues(new Uint8Array(65_536)))
     text = text.slice(0, 1_000_000 - 18)
-    const client = new lib.SyncClient({ baseUrl: new URL(window.location.href).searchParams.get('api')!, userId, key })
+    const client = new lib.SyncClient({ baseUrl: (document.querySelector('#api') as HTMLInputElement).value, userId, key })
     await client.upload(text)
     const tooLarge = await client.upload(text + 'x').then(() => 'stored', (err: { kind: string }) => err.kind)
     const digest = hex(new Uint8Array(await crypto.subtle.digest('SHA-256', new TextEncoder().encode(text))))
@@ -170,7 +172,7 @@ t.test('a 1,000,000-byte record round trips between the two browsers; one byte m
   t.strictSame(size, [{ blob_size: 1_000_000 }], 'one version, exactly the limit')
   const received = await b.evaluate(async ({ userId, key }) => {
     const lib = (window as unknown as { syncClient: typeof import('../src/index.ts') }).syncClient
-    const client = new lib.SyncClient({ baseUrl: new URL(window.location.href).searchParams.get('api')!, userId, key: await lib.importKey(key) })
+    const client = new lib.SyncClient({ baseUrl: (document.querySelector('#api') as HTMLInputElement).value, userId, key: await lib.importKey(key) })
     const text = await client.download() as string
     const digest = Array.from(new Uint8Array(await crypto.subtle.digest('SHA-256', new TextEncoder().encode(text))),
       (byte) => byte.toString(16).padStart(2, '0')).join('')
@@ -214,18 +216,46 @@ t.test('the versions list, and a restore that the other device then receives', a
   t.equal(await a.$$eval('#versions li', (items) => items.length), versions.length + 1, 'the restore is a new version')
 })
 
+t.test('an edit saved while a sync is on its way is kept, and the next sync uploads it', async (t) => {
+  let held: HTTPRequest | undefined
+  let getHeld!: () => void
+  const holding = new Promise<void>((resolve) => { getHeld = resolve })
+  const hold = (request: HTTPRequest) => {
+    if (request.method() === 'GET' && request.url().includes('/api/sync/') && held === undefined) {
+      held = request
+      getHeld()
+    } else {
+      request.continue().catch(() => {})
+    }
+  }
+  await a.setRequestInterception(true)
+  a.on('request', hold)
+  const syncing = act(a, 'sync')
+  await holding
+  await edit(a, 'geography', 2)
+  await held!.continue()
+  t.match(await syncing, /^ok: synced; newer edits wait for the next sync/)
+  a.off('request', hold)
+  await a.setRequestInterception(false)
+  t.ok((await progress(a)).includes('geography:2'), 'the edit is still on the device')
+  t.match(await act(a, 'sync'), /^ok: synced \(/)
+  t.match(await act(b, 'sync'), /^ok: synced/)
+  t.ok((await progress(b)).includes('geography:2'), 'and reached the other device')
+})
+
 t.test('a page from an origin not in CORS_ORIGINS cannot read the API; the listed one can', async (t) => {
-  const elsewhere = await serveExample()
+  const elsewhere = await serveExample(service.url)
   t.teardown(() => elsewhere.close())
   const context = await browser.createBrowserContext()
   t.teardown(() => context.close())
   const stranger = await context.newPage()
-  await stranger.goto(elsewhere.page(service.url), { waitUntil: 'load' })
+  await stranger.goto(elsewhere.page, { waitUntil: 'load' })
+  await stranger.waitForFunction(() => (document.querySelector('#api') as HTMLInputElement).value !== '')
   await stranger.evaluate("import('../../client/dist/index.js').then((lib) => { window.syncClient = lib })")
   const probe = async (page: Page) => await page.evaluate(async () => {
     const lib = (window as unknown as { syncClient: typeof import('../src/index.ts') }).syncClient
     const client = new lib.SyncClient({
-      baseUrl: new URL(window.location.href).searchParams.get('api')!, userId: lib.newUserId(), key: await lib.generateKey(), retries: 0
+      baseUrl: (document.querySelector('#api') as HTMLInputElement).value, userId: lib.newUserId(), key: await lib.generateKey(), retries: 0
     })
     return await client.exists().then(String, (err: { kind: string }) => err.kind)
   })

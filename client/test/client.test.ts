@@ -496,3 +496,39 @@ t.test('the size limit is the one /info gives; a token given as a string is sent
   t.equal(await new SyncClient<string>({ baseUrl, userId, key: extractable }).download(), 'x'.repeat(82), 'the derived token is the one sent')
   await t.rejects(new SyncClient({ baseUrl, userId, key, token: 'A'.repeat(43) }).download(), UnauthorizedError)
 })
+
+t.test('this device\'s own earlier data on the server is not merged against its later edit: an answer lost offline, two calls at once', async (t) => {
+  const userId = newUserId()
+  const key = await generateKey()
+  let offline = false
+  let puts = 0
+  const log: string[] = []
+  // The network drops the answer to the first upload, and everything after it until back online.
+  const device1 = device({
+    userId,
+    key,
+    retries: 1,
+    fetch: recording(log, async (input, init) => {
+      if (offline) throw new TypeError('fetch failed')
+      const response = await fetch(input, init)
+      if (init?.method === 'PUT' && ++puts === 2) {
+        offline = true
+        throw new TypeError('fetch failed')
+      }
+      return response
+    })
+  })
+  let data = await device1.sync({ progress: { score: 3 } })
+  data = { progress: { score: 4 } }
+  await t.rejects(device1.sync(data), UnavailableError)
+  t.strictSame(await device({ userId, key }).download(), { progress: { score: 4 } }, 'the upload was stored; its answer was lost')
+  offline = false
+  data = { progress: { score: 5 } } // the app kept its data, and the user edited it
+  t.strictSame(await device1.sync(data), { progress: { score: 5 } })
+  t.strictSame(await device({ userId, key }).download(), { progress: { score: 5 } }, 'the edit to 5 is not merged away')
+
+  const device2 = device({ userId, key, state: device1.state })
+  const results = await Promise.all([device2.sync({ progress: { score: 6 } }), device2.sync({ progress: { score: 7 } })])
+  t.strictSame(results, [{ progress: { score: 6 } }, { progress: { score: 7 } }], 'the later call keeps its later value')
+  t.strictSame(await device({ userId, key }).download(), { progress: { score: 7 } })
+})

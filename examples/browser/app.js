@@ -17,7 +17,7 @@ function mergeProgress (local, remote) {
   const progress = new Map(Object.entries(remote?.progress ?? {}))
   for (const [subject, entry] of Object.entries(local?.progress ?? {})) {
     const other = progress.get(subject)
-    if (other === undefined || entry.changedAt > other.changedAt) progress.set(subject, entry)
+    if (!(Number(other?.changedAt) >= Number(entry?.changedAt))) progress.set(subject, entry)
   }
   return { progress: Object.fromEntries(progress) }
 }
@@ -108,10 +108,14 @@ $('save').addEventListener('click', () => {
 
 $('sync').addEventListener('click', () => act('syncing…', async () => {
   if (client === null) throw new Error('create an account or pair first')
-  saved.data = await client.sync(saved.data, mergeProgress)
+  const sent = saved.data
+  const synced = await client.sync(sent, mergeProgress)
+  // Edits saved while the sync was on its way are kept, for the next sync.
+  const newer = saved.data !== sent
+  saved.data = newer ? mergeProgress(saved.data, synced) : synced
   persist()
   render()
-  return `synced (${client.state.etag})`
+  return newer ? 'synced; newer edits wait for the next sync' : `synced (${client.state.etag})`
 }))
 
 $('list').addEventListener('click', () => act('listing…', async () => {
@@ -137,10 +141,12 @@ $('list').addEventListener('click', () => act('listing…', async () => {
   return `${versions.length} versions`
 }))
 
-// ?api= only fills in the field for a new account or a pairing: a saved account keeps talking to
-// the service it was made with, so that a link cannot send its token to another one.
-$('api').value = saved.api ?? new URLSearchParams(window.location.search).get('api') ?? 'http://localhost:3000'
-if (saved.userId !== null && saved.key !== null && saved.api !== null) {
-  importKey(saved.key).then((key) => connect(saved.userId, key, saved.api)).catch((err) => status('error', err.message))
-}
+// The service's address comes with the page (config.json), never from the URL: a link must
+// not be able to send this device's token elsewhere. A saved account keeps its own service.
+fetch('config.json').then((response) => response.json()).then(async ({ api }) => {
+  $('api').value = saved.api ?? api
+  if (saved.userId !== null && saved.key !== null && saved.api !== null) {
+    await connect(saved.userId, await importKey(saved.key), saved.api)
+  }
+}).catch((err) => status('error', err.message))
 render()
