@@ -66,7 +66,7 @@ export interface VersionInfo {
 type Pulled<T> =
   | { kind: 'unchanged' }
   | { kind: 'missing' }
-  | { kind: 'changed', data: T, digest: string, etag: string }
+  | { kind: 'changed', data: T, json: string, digest: string, etag: string }
 
 interface Request {
   method: string
@@ -163,6 +163,8 @@ export class SyncClient<T = unknown> {
    * data is an edit of these: found on the server, they are this device's own, not another's.
    */
   #unconfirmed: Array<Promise<string>> = []
+  /** The JSON of the last data this client synced, by digest: the base of a three-way merge. */
+  #known = new Map<string, string>()
 
   constructor (options: SyncClientOptions) {
     if (!isUserId(options.userId)) throw new TypeError('userId must be a UUID (see newUserId)')
@@ -209,7 +211,7 @@ export class SyncClient<T = unknown> {
       const etag = await this.#put(json, {})
       // An unconditional PUT is never refused with 412.
       if (etag === null) throw new ConflictError('the service refused an unconditional upload with 412', { status: 412 })
-      this.#state = { etag, digest: await digest }
+      this.#synced(etag, await digest, json)
       return etag
     })
   }
@@ -268,7 +270,6 @@ export class SyncClient<T = unknown> {
       if (pulled.kind === 'unchanged') {
         // The server is still at the base.
         if (digest === base.digest) {
-          this.#state = base
           return current
         }
         condition = { ifMatch: base.etag! }
@@ -281,16 +282,17 @@ export class SyncClient<T = unknown> {
       } else {
         // The server's data is taken as it is when this device has nothing of its own to add.
         if (json === null || digest === base.digest || digest === pulled.digest) {
-          this.#state = { etag: pulled.etag, digest: pulled.digest }
+          this.#synced(pulled.etag, pulled.digest, pulled.json)
           return pulled.data
         }
-        // This device's own earlier data (a call before this one, or an upload whose answer was
-        // lost) is what `local` was edited from: nothing to merge. A record of null (another
-        // client's) holds nothing to merge either.
-        if (pulled.data !== null && !own.includes(pulled.digest)) current = await merge(current as T, pulled.data)
+        // Nothing to merge when the server holds what `local` was edited from: the base itself
+        // (uploaded again, or restored), or this device's own earlier data (a call before this
+        // one, or an upload whose answer was lost); nor in a record of null (another client's).
+        const ours = pulled.digest === base.digest || own.includes(pulled.digest)
+        if (pulled.data !== null && !ours) current = await merge(current as T, pulled.data, await this.#baseData(base))
         const merged = jsonOf(current, 'what merge returned')
         if (await digestOf(merged) === pulled.digest) {
-          this.#state = { etag: pulled.etag, digest: pulled.digest }
+          this.#synced(pulled.etag, pulled.digest, pulled.json)
           return current
         }
         condition = { ifMatch: pulled.etag }
@@ -298,7 +300,7 @@ export class SyncClient<T = unknown> {
       const upload = jsonOf(current, 'the data')
       const etag = await this.#put(upload, condition)
       if (etag !== null) {
-        this.#state = { etag, digest: await digestOf(upload) }
+        this.#synced(etag, await digestOf(upload), upload)
         return current
       }
       // 412: another device uploaded in between. The base stays, so the next round pulls the
@@ -338,7 +340,7 @@ export class SyncClient<T = unknown> {
       // What is current now: the restored version, or an upload that came right after it.
       const pulled = await this.#pull(null)
       if (pulled.kind !== 'changed') throw new NotFoundError('the record was deleted right after the restore', { status: 404 })
-      this.#state = { etag: pulled.etag, digest: pulled.digest }
+      this.#synced(pulled.etag, pulled.digest, pulled.json)
       return pulled.data
     })
   }
@@ -354,7 +356,32 @@ export class SyncClient<T = unknown> {
   }
 
   #remember (digest: Promise<string>): void {
-    this.#unconfirmed = [...this.#unconfirmed, digest].slice(-16)
+    this.#unconfirmed = [...this.#unconfirmed, digest].slice(-64)
+  }
+
+  /** Moves the state to data this client has in hand, and keeps that data as a merge base. */
+  #synced (etag: string, digest: string, json: string): void {
+    this.#state = { etag, digest }
+    this.#known.set(digest, json)
+    // The current base and the one before it (a call queued behind may still use that).
+    while (this.#known.size > 2) this.#known.delete(this.#known.keys().next().value!)
+  }
+
+  /**
+   * The data `base` names, for a three-way merge: kept from the last syncs, else downloaded from
+   * the service's version history; undefined when that version is no longer kept.
+   */
+  async #baseData (base: SyncState): Promise<T | undefined> {
+    if (base.etag === null || base.digest === null) return undefined
+    const json = this.#known.get(base.digest)
+    if (json !== undefined) return JSON.parse(json) as T
+    const kept = (await this.versions()).find((entry) => `"${entry.etag}"` === base.etag)
+    if (kept === undefined) return undefined
+    const data = await this.version(kept.version).catch((err: unknown) => {
+      if (err instanceof NotFoundError) return undefined
+      throw err
+    })
+    return data !== undefined && await digestOf(JSON.stringify(data)) === base.digest ? data : undefined
   }
 
   /** GET, with If-None-Match when `ifNoneMatch` is an ETag. */
@@ -367,8 +394,9 @@ export class SyncClient<T = unknown> {
     // Without the version it is based on, a merge could only be uploaded blind.
     if (answer.etag === null) throw new ServerError('the service sent data without an ETag: is a proxy dropping it?', { status: 200 })
     const data = parseData<T>(await decryptJson(this.#key, parseAnswer<WireRecord>(answer)))
-    // The digest of the data as this client would upload it, so that local and remote compare.
-    return { kind: 'changed', data, digest: await digestOf(JSON.stringify(data)), etag: answer.etag }
+    // The data as this client would upload it, so that local and remote compare.
+    const json = JSON.stringify(data)
+    return { kind: 'changed', data, json, digest: await digestOf(json), etag: answer.etag }
   }
 
   /** Uploads JSON text; the new ETag, or null on 412. */

@@ -532,3 +532,50 @@ t.test('this device\'s own earlier data on the server is not merged against its 
   t.strictSame(results, [{ progress: { score: 6 } }, { progress: { score: 7 } }], 'the later call keeps its later value')
   t.strictSame(await device({ userId, key }).download(), { progress: { score: 7 } })
 })
+
+t.test('the default merge is three-way: a value only one device changed keeps that change, also after a restart and when the base was restored', async (t) => {
+  t.strictSame(unionMerge({ k: 2, j: 1 }, { k: 1, j: 2 }, { k: 1, j: 1 }), { k: 2, j: 2 }, 'each side\'s own change')
+  t.strictSame(unionMerge({ k: 2 }, { k: 3 }, { k: 1 }), { k: 3 }, 'both changed it: the remote change')
+  t.strictSame(unionMerge({ k: 2 }, { k: 1 }, undefined), { k: 1 }, 'no base: the remote value')
+  t.strictSame(unionMerge({ o: { a: 2, b: 1 } }, { o: { a: 1, b: 2 }, n: 1 }, { o: { a: 1, b: 1 } }), { o: { a: 2, b: 2 }, n: 1 }, 'nested')
+
+  const userId = newUserId()
+  const key = await generateKey()
+  const a = device({ userId, key })
+  const b = device({ userId, key })
+  let dataA = await a.sync({ progress: { math: 1, logic: 1 } })
+  let dataB = await b.sync(null)
+  dataB = await b.sync({ progress: { ...dataB!.progress, logic: 2 } })
+  dataA = await a.sync({ progress: { ...dataA!.progress, math: 2 } })
+  t.strictSame(dataA, { progress: { math: 2, logic: 2 } }, 'A\'s change to math and B\'s to logic')
+
+  // After a restart: the state is kept, the base comes from the service's version history.
+  const log: string[] = []
+  const restarted = device({ userId, key, state: a.state }, log)
+  await b.sync({ progress: { ...(await b.sync(dataB))!.progress, logic: 3 } })
+  t.strictSame(await restarted.sync({ progress: { ...dataA!.progress, math: 3 } }), { progress: { math: 3, logic: 3 } })
+  t.ok(log.includes('GET /api/sync/:id/versions -> 200'), 'the base was read from the history')
+
+  // B restores the version A's data was based on; A's unsynced edit goes on top of it.
+  const base = (await restarted.versions()).find((entry) => `"${entry.etag}"` === restarted.state.etag)!
+  await b.upload({ progress: { math: 0, logic: 0 } })
+  const restored = await b.restore(base.version)
+  t.strictSame(restored, { progress: { math: 3, logic: 3 } })
+  t.strictSame(await restarted.sync({ progress: { math: 4, logic: 3 } }), { progress: { math: 4, logic: 3 } },
+    'the server holds A\'s base again: A\'s edit is not merged away')
+})
+
+t.test('without a kept base (HISTORY_VERSIONS=0, after a restart), the base uploaded again by another device is still not merged against', async (t) => {
+  const noHistory = await build(t, { env: { HISTORY_VERSIONS: '0' } })
+  const url = await listen(noHistory)
+  const userId = newUserId()
+  const key = await generateKey()
+  const a = new SyncClient<Progress>({ baseUrl: url, userId, key })
+  const data = await a.sync({ progress: { math: 1 } })
+  // Another device uploads the very same data again (a field client re-uploading, say).
+  await new SyncClient<Progress>({ baseUrl: url, userId, key }).upload(data!)
+  const restarted = new SyncClient<Progress>({ baseUrl: url, userId, key, state: a.state })
+  t.strictSame(await restarted.versions().then((list) => list.length), 1, 'no history to read the base from')
+  t.strictSame(await restarted.sync({ progress: { math: 2 } }), { progress: { math: 2 } })
+  t.strictSame(await a.download(), { progress: { math: 2 } })
+})
