@@ -245,8 +245,8 @@ export class SyncClient<T = unknown> {
    *
    * - Only the server changed since the last sync: its data is returned.
    * - Only the device changed: `local` is uploaded (If-Match: the version it is based on).
-   * - Both changed: `merge(local, remote)` decides (default unionMerge), and the result is
-   *   uploaded. If another device uploads in between (412), it pulls, merges and tries again,
+   * - Both changed: `merge(local, remote, base)` decides (default unionMerge, three-way), and
+   *   the result is uploaded. If another device uploads in between (412), it pulls, merges and tries again,
    *   up to `mergeRounds` times, then throws a ConflictError; nothing is ever overwritten blind.
    */
   async sync (local: T | null | undefined, merge: Merge<T> = unionMerge): Promise<T | null> {
