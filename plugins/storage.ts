@@ -118,22 +118,24 @@ const STORE = upload('sync-store', 'true', true)
 const STORE_IF_MATCH = upload('sync-store-if-match', 'locked.etag = ANY($10::text[])', false)
 const STORE_IF_EXISTS = upload('sync-store-if-exists', 'true', false)
 const STORE_IF_ABSENT = upload('sync-store-if-absent', null, true)
-// A download is an access: the inactivity rule counts from the last one. The row is rewritten
-// at most once a day (a write per GET would cost a WAL flush per download, and the rule needs
-// no finer grain), so most downloads are pure reads. When the client already holds the
-// current version (If-None-Match), the blob is not even looked up; nor is it for a request the
-// record is not open to, which does not count as an access either.
+// A download is an access: the inactivity rule counts from the last one. The download itself is
+// a pure read (it runs on a hot standby, and costs no WAL); when it shows the record untouched
+// for a day, TOUCH records the access apart, once a day at most. When the client already holds
+// the current version (If-None-Match), the blob is not even looked up; nor is it for a request
+// the record is not open to, which does not count as an access either.
 const NOT_MODIFIED = `(user_sync_data.${ETAG} = ANY($2::text[]) OR '*' = ANY($2::text[]))`
 const GET = {
   name: 'sync-get',
-  text: `WITH touched AS (
-           UPDATE user_sync_data SET last_accessed = now()
-           WHERE user_id = $1 AND last_accessed < now() - interval '1 day' AND ${authorized(3)} RETURNING 1)
-         SELECT user_sync_data.${ETAG} AS etag, ${authorized(3)} AS authorized, ${CLAIMED} AS claimed, ${NOT_MODIFIED} AS not_modified,
+  text: `SELECT user_sync_data.${ETAG} AS etag, ${authorized(3)} AS authorized, ${CLAIMED} AS claimed, ${NOT_MODIFIED} AS not_modified,
+           user_sync_data.last_accessed < now() - interval '1 day' AS stale,
            v.encrypted_blob, v.iv, v.timestamp, v.checksum, v.blob_size
          FROM user_sync_data LEFT JOIN user_sync_versions v
            ON v.user_id = user_sync_data.user_id AND v.version = user_sync_data.version AND NOT ${NOT_MODIFIED} AND ${authorized(3)}
          WHERE user_sync_data.user_id = $1`
+}
+const TOUCH = {
+  name: 'sync-touch',
+  text: "UPDATE user_sync_data SET last_accessed = now() WHERE user_id = $1 AND last_accessed < now() - interval '1 day'"
 }
 // The versions of a record, newest first: the current one, then the kept ones. Metadata only,
 // read through the primary key (never a blob). $1 user, $2 token, $3 and $4 the history limits.
@@ -269,6 +271,7 @@ interface StoredRow {
   authorized: boolean
   claimed: boolean
   not_modified: boolean
+  stale: boolean
   encrypted_blob: string | null
   iv: string
   timestamp: string
@@ -406,6 +409,24 @@ export function createStorage (
     log[level]({ op, user: userId === undefined ? undefined : pseudonym(userId), ms: Math.round(ms * 100) / 100, ...extra }, 'storage')
   }
 
+  // Access times being written, by user: one at a time per user, none awaited by the download.
+  const touches = new Map<string, Promise<void>>()
+  let touchWarnedAt = 0
+  /**
+   * Records a download as the record's last access, after the download's answer: a touch lost
+   * (a crash, a read-only database after a failover, a saturated pool) is harmless at a grain of
+   * days, and is made by the next download. A failure is a warning, at most one a minute.
+   */
+  function touchLater (userId: string): void {
+    if (touches.has(userId)) return
+    const touch = run(TOUCH, [userId]).then(() => {}, (err: unknown) => {
+      if (Date.now() - touchWarnedAt < 60_000) return
+      touchWarnedAt = Date.now()
+      log.warn({ err, statement: TOUCH.name }, 'a download\'s access time could not be recorded (the next download tries again)')
+    }).finally(() => touches.delete(userId))
+    touches.set(userId, touch)
+  }
+
   /** Refuses an operation on a record another token claimed, logged (at debug level) like every other. */
   function deny (op: string, userId: string, started: bigint): never {
     logged(op, userId, started, { denied: true })
@@ -474,6 +495,7 @@ export function createStorage (
       const started = process.hrtime.bigint()
       const { rows: [row] } = await run<StoredRow>(GET, [userId, notModified, token])
       if (row !== undefined && !row.authorized) deny('get', userId, started)
+      if (row?.stale === true) touchLater(userId)
       logged('get', userId, started, { bytes: row?.not_modified ? 0 : (row?.blob_size ?? 0), found: row !== undefined })
       if (row === undefined) return null
       if (row.authorized && !row.not_modified && row.encrypted_blob === null) {
@@ -489,6 +511,11 @@ export function createStorage (
       // Only set when true: a record no token guards reads as it did before tokens.
       if (row.claimed) record.claimed = true
       return record
+    },
+
+    /** Settles when the access times that downloads are recording have been written (or have failed). */
+    async touched (): Promise<void> {
+      await Promise.all(touches.values())
     },
 
     /** Removes the user's record (true when there was one), unless an If-Match precondition fails or another token claimed it. */
@@ -689,6 +716,7 @@ const OPERATION_OF: Record<string, string> = {
   'sync-store-if-exists': 'store',
   'sync-store-if-absent': 'store',
   'sync-get': 'get',
+  'sync-touch': 'touch',
   'sync-delete': 'delete',
   'sync-delete-if-match': 'delete',
   'sync-etag': 'exists',

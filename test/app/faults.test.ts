@@ -31,6 +31,15 @@ async function holdRow (t: Tap, databaseUrl: string, userId: string) {
   await holder.query('SELECT 1 FROM user_sync_data WHERE user_id = $1 FOR UPDATE', [userId])
   return { release: () => holder.query('ROLLBACK') }
 }
+/** A connection of the test's that holds `table` exclusively (no reads either) until released. */
+async function holdTable (t: Tap, databaseUrl: string, table: string) {
+  const holder = new pg.Client({ connectionString: databaseUrl, application_name: 'lock holder' })
+  await holder.connect()
+  t.teardown(() => holder.end())
+  await holder.query('BEGIN')
+  await holder.query(`LOCK TABLE ${table} IN ACCESS EXCLUSIVE MODE`)
+  return { release: () => holder.query('ROLLBACK') }
+}
 type Tap = Parameters<Parameters<typeof t.test>[0]>[0]
 
 const messages = (lines: string[]) => lines.map((line) => JSON.parse(line) as { msg: string, statement?: string })
@@ -42,9 +51,8 @@ t.test('a connection terminated under a running download: the statement is retri
   const app = await build(t, { logLines, env: { DATABASE_URL: databaseUrl, LOG_LEVEL: 'warn' } })
   const userId = randomUUID()
   t.equal((await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: payload(1) })).statusCode, 200)
-  // A download a day after the last access rewrites last_accessed, so it waits for a held row.
-  await db.query("UPDATE user_sync_data SET last_accessed = now() - interval '2 days' WHERE user_id = $1", [userId])
-  const row = await holdRow(t, databaseUrl, userId)
+  // A download only reads: it waits for a table held exclusively (as by a migration's ALTER).
+  const row = await holdTable(t, databaseUrl, 'user_sync_versions')
 
   const download = app.inject({ method: 'GET', url: `/api/sync/${userId}` })
   const [first] = await blockedOnLock(db)

@@ -602,6 +602,35 @@ t.test('14. a read-only database (as after a failover to a standby): 503 with Re
   t.equal(rows[0].n, 0, 'nothing stored')
 })
 
+t.test('14. a read-only database: downloads still answer 200 (a download only reads); the access time waits, with one warning', async (t) => {
+  const url = await createTestDatabase(t)
+  const logLines: string[] = []
+  const readOnly = await build(t, { env: { DATABASE_URL: url, LOG_LEVEL: 'warn' }, logLines })
+  const users = [randomUUID(), randomUUID(), randomUUID()]
+  for (const [i, userId] of users.entries()) {
+    t.equal((await readOnly.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: version(i + 1) })).statusCode, 200)
+  }
+  const db = inspect(t, url)
+  // Untouched for two days: each of these downloads is its user's first of the day.
+  await db.query("UPDATE user_sync_data SET last_accessed = now() - interval '2 days'")
+  const name = nameOf(url)
+  await admin(async (client) => {
+    await client.query(`ALTER DATABASE ${name} SET default_transaction_read_only = on`)
+    await client.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()', [name])
+  })
+  for (const [i, userId] of users.entries()) {
+    const res = await readOnly.inject({ method: 'GET', url: `/api/sync/${userId}` })
+    t.equal(res.statusCode, 200, `download ${i + 1}`)
+    t.strictSame(res.json(), version(i + 1))
+    await readOnly.storage.touched()
+  }
+  const warnings = logLines.filter((line) => line.includes('access time could not be recorded'))
+  t.equal(warnings.length, 1, 'one warning for three failed access times')
+  for (const userId of users) t.notOk(warnings[0]!.includes(userId), 'no user id in it')
+  const { rows } = await db.query("SELECT count(*)::int AS n FROM user_sync_data WHERE last_accessed < now() - interval '1 day'")
+  t.equal(rows[0].n, 3, 'no access time written')
+})
+
 t.test('14. a constraint the schemas let through is a server bug: 500, logged at error level', async (t) => {
   const url = await createTestDatabase(t)
   const logLines: string[] = []
