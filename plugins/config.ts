@@ -85,6 +85,11 @@ export const ConfigSchema = Type.Object({
     default: 100_000,
     description: 'counters each limit keeps in memory; past it the least recently seen start afresh'
   }),
+  REDIS_URL: Type.String({
+    default: '',
+    description: 'redis:// or rediss:// URL of a Redis the instances share their rate-limit counters in; empty: each instance counts on its own'
+  }),
+  REDIS_TIMEOUT_MS: Milliseconds(100, 'longest a request waits for Redis to count it; past it, or with Redis down, it is served uncounted'),
   AUTH_MODE: Type.Unsafe<typeof AuthModes[number]>({
     type: 'string',
     enum: [...AuthModes],

@@ -54,6 +54,16 @@ export function createMetrics () {
       labelNames: ['result'] as const,
       registers: [registry]
     }),
+    rateLimitStoreErrors: new Counter({
+      name: 'rate_limit_store_errors_total',
+      help: 'Rate-limit counts Redis did not answer in time (REDIS_TIMEOUT_MS) or at all: those requests were served uncounted',
+      registers: [registry]
+    }),
+    rateLimitStoreUp: new Gauge({
+      name: 'rate_limit_store_up',
+      help: '1 while the rate-limit counters work (in process, or Redis answering), 0 during a Redis outage',
+      registers: [registry]
+    }),
     cleanupDeleted: new Counter({
       name: 'cleanup_deleted_accounts_total',
       help: 'Accounts deleted by the inactive-account cleanup',
@@ -75,6 +85,7 @@ declare module 'fastify' {
 /** The metrics every other plugin records into (served by routes/metrics.ts or a listener of their own). */
 export default fp(async function metrics (app) {
   const metrics = createMetrics()
+  metrics.rateLimitStoreUp.set(1)
   app.decorate('metrics', metrics)
 
   const { pool } = app.pg

@@ -1,5 +1,7 @@
+import { once } from 'node:events'
 import fp from 'fastify-plugin'
 import rateLimit, { type CreateRateLimitOptions } from '@fastify/rate-limit'
+import { Redis } from 'ioredis'
 import ipaddr from 'ipaddr.js'
 import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
 import { pseudonym } from '../logging.ts'
@@ -14,6 +16,13 @@ declare module 'fastify' {
   interface FastifyRequest {
     /** The per-IP limit's count for this request, so that a later limit can compare with it. */
     ipRateLimit: Outcome | null
+  }
+  interface FastifyInstance {
+    /**
+     * A rate limit (app.createRateLimit's check) that never throws: when the shared counters
+     * (Redis) do not answer within REDIS_TIMEOUT_MS, the request is allowed, uncounted.
+     */
+    rateLimiter: (options: CreateRateLimitOptions) => (request: FastifyRequest) => ReturnType<Check>
   }
 }
 
@@ -38,14 +47,45 @@ export function clientKey (ip: string): string {
  * shed, refused or sent to the 404 handler still spends its budget. The per-user limit is
  * added by the sync routes (userRateLimit); both hold at once, and the X-RateLimit-* headers
  * describe whichever is closer to running out. Counters live in this process (an LRU of
- * RATE_LIMIT_CACHE_KEYS keys per limit): each instance counts on its own.
+ * RATE_LIMIT_CACHE_KEYS keys per limit), or, with REDIS_URL, in Redis, where every instance
+ * counts into the same budgets. Redis down or slow: requests are served uncounted (fail open,
+ * waiting REDIS_TIMEOUT_MS at most), with one warning per outage; counting resumes when it answers.
  */
 export default fp(async function rateLimits (app) {
   const { RATE_LIMIT_IP_MAX: perIp, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
-  await app.register(rateLimit, { global: false, cache })
+  const { redis, answered } = await connectRedis(app)
+  await app.register(rateLimit, { global: false, cache, ...(redis === null ? {} : { redis, nameSpace: 'logikids-sync:rate-limit:' }) })
+
+  // An outage that began before start-up was warned of there.
+  let outage = !answered
+  if (outage) app.addHook('onReady', async () => { app.metrics.rateLimitStoreUp.set(0) })
+  app.decorate('rateLimiter', (options: CreateRateLimitOptions) => {
+    const check = app.createRateLimit(options)
+    return async (request: FastifyRequest) => {
+      try {
+        const outcome = await check(request)
+        if (outage) {
+          outage = false
+          app.metrics.rateLimitStoreUp.set(1)
+          app.log.info('rate limits: Redis answers again; requests are counted again')
+        }
+        return outcome
+      } catch (err) {
+        app.metrics.rateLimitStoreErrors.inc()
+        if (!outage) {
+          outage = true
+          app.metrics.rateLimitStoreUp.set(0)
+          // The message only: a Redis error may carry the command, and with it a counter's key.
+          app.log.warn({ reason: (err as Error).message }, 'rate limits: Redis does not answer; requests are served uncounted until it does')
+        }
+        return { isAllowed: true as const, key: '' }
+      }
+    }
+  })
+
   app.decorateRequest('ipRateLimit', null)
   if (perIp === 0) return
-  const check = app.createRateLimit(limitOptions(perIp, windowMs, cache, (request) => `ip:${clientKey(request.ip)}`))
+  const check = app.rateLimiter(limitOptions(perIp, windowMs, cache, (request) => `ip:${clientKey(request.ip)}`))
   app.addHook('onRequest', async function ipRateLimit (request, reply) {
     if (UNLIMITED_ROUTES.has(request.routeOptions.url ?? '')) return
     const outcome = await check(request)
@@ -54,6 +94,32 @@ export default fp(async function rateLimits (app) {
     enforce(reply, outcome, windowMs)
   })
 }, { name: 'rate-limit', dependencies: ['config'] })
+
+/**
+ * The Redis of REDIS_URL, or null without one. Commands fail at once while it is unreachable
+ * (no offline queue) and after REDIS_TIMEOUT_MS when it is slow; it reconnects by itself. A
+ * Redis that is down at start-up does not stop the service: it starts counting when Redis is up.
+ */
+async function connectRedis (app: FastifyInstance): Promise<{ redis: Redis | null, answered: boolean }> {
+  const { REDIS_URL: url, REDIS_TIMEOUT_MS: timeout } = app.config
+  if (url === '') return { redis: null, answered: true }
+  const redis = new Redis(url, {
+    commandTimeout: timeout,
+    connectTimeout: Math.max(1_000, timeout),
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    retryStrategy: (attempt) => Math.min(attempt * 100, 1_000),
+    connectionName: 'logikids-sync'
+  })
+  // Connection errors are reported by the first count that fails (one warning per outage).
+  redis.on('error', () => {})
+  app.addHook('onClose', async () => { redis.disconnect() })
+  const ready = once(redis, 'ready').then(() => true)
+  const late = new Promise<false>((resolve) => setTimeout(resolve, Math.max(1_000, timeout), false).unref())
+  const answered = await Promise.race([ready, late])
+  if (!answered) app.log.warn('rate limits: Redis does not answer; requests are served uncounted until it does')
+  return { redis, answered }
+}
 
 /**
  * The per-user limit (RATE_LIMIT_MAX per user id and window), for routes with a :userId; keyed
@@ -73,7 +139,7 @@ export function userRateLimit (app: FastifyInstance): {
   const { RATE_LIMIT_MAX: perUser, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
   if (perUser === 0) return null
   const shared = new WeakSet<FastifyRequest>()
-  const check = app.createRateLimit(limitOptions(perUser, windowMs, cache,
+  const check = app.rateLimiter(limitOptions(perUser, windowMs, cache,
     (request) => `user:${pseudonym(String((request.params as { userId?: string }).userId ?? ''))}:` +
       (request.accessToken === null || shared.has(request) ? '-' : request.accessToken.toString('base64', 0, 9))))
   return {

@@ -62,7 +62,7 @@ export function accessControl (app: FastifyInstance) {
   const { AUTH_MODE: mode, AUTH_FAILURE_LIMIT: limit, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
   const failures = limit === 0
     ? null
-    : app.createRateLimit(limitOptions(limit, windowMs, cache, (request) => `auth:${clientKey(request.ip)}`))
+    : app.rateLimiter(limitOptions(limit, windowMs, cache, (request) => `auth:${clientKey(request.ip)}`))
   const { authFailures } = app.metrics
 
   // Without a stated failure, the request was refused by the record: for its token, or for having none.
