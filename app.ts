@@ -5,6 +5,7 @@ import fp from 'fastify-plugin'
 import sensible from '@fastify/sensible'
 import configPlugin, { type Config } from './plugins/config.ts'
 import dbPlugin, { isDatabaseUnavailable, isInvalidData } from './plugins/db.ts'
+import replicaPlugin from './plugins/replica.ts'
 import storagePlugin from './plugins/storage.ts'
 import corsPlugin from './plugins/cors.ts'
 import metricsPlugin from './plugins/metrics.ts'
@@ -134,6 +135,7 @@ export default fp(async function app (app: FastifyInstance, opts: { config: Conf
   await app.register(sensible)
   await app.register(dbPlugin)
   await app.register(metricsPlugin)
+  await app.register(replicaPlugin)
   await app.register(storagePlugin)
   await app.register(cleanupPlugin)
 

@@ -35,6 +35,16 @@ export const ConfigSchema = Type.Object({
     pattern: '^postgres(ql)?://',
     description: 'postgres://user:password@host:port/database; without it (development only) an embedded database runs'
   })),
+  DATABASE_READ_URL: Type.Optional(Type.String({
+    pattern: '^postgres(ql)?://',
+    description: 'a streaming replica of DATABASE_URL for downloads and other reads (writes and access times stay on the primary)'
+  })),
+  REPLICA_MAX_LAG_MS: Type.Integer({
+    minimum: 100,
+    maximum: 600_000,
+    default: 1_000,
+    description: 'how far behind the primary the replica may be and still serve reads; past it, or down, reads go to the primary'
+  }),
   EMBEDDED_DATA_DIR: Type.String({ minLength: 1, default: './data', description: 'where the embedded database keeps its files' }),
   PORT: Type.Integer({ minimum: 0, maximum: 65535, default: 3000 }),
   HOST: Type.String({ minLength: 1, default: '0.0.0.0' }),
@@ -195,6 +205,10 @@ export function loadConfig (env: Record<string, string | undefined> = process.en
   checkTrustProxy(config.TRUST_PROXY)
   checkCorsOrigins(config.CORS_ORIGINS)
   const database = config.DATABASE_URL === undefined ? undefined : parseDatabaseUrl(config.DATABASE_URL)
+  if (config.DATABASE_READ_URL !== undefined) {
+    if (database === undefined) throw new ConfigError('DATABASE_READ_URL needs DATABASE_URL: a replica of the embedded database cannot exist')
+    parseDatabaseUrl(config.DATABASE_READ_URL, 'DATABASE_READ_URL')
+  }
   if (config.NODE_ENV === 'production') {
     if (database === undefined) {
       throw new ConfigError('DATABASE_URL is required with NODE_ENV=production: set DATABASE_URL=postgres://user:password@host:5432/database ' +
@@ -212,17 +226,17 @@ export function loadConfig (env: Record<string, string | undefined> = process.en
   return config
 }
 
-function parseDatabaseUrl (url: string): { password: string } {
+function parseDatabaseUrl (url: string, name = 'DATABASE_URL'): { password: string } {
   let parsed: URL
   try {
     parsed = new URL(url)
   } catch {
-    throw new ConfigError('DATABASE_URL is not a valid connection string: use postgres://user:password@host:5432/database')
+    throw new ConfigError(`${name} is not a valid connection string: use postgres://user:password@host:5432/database`)
   }
   try {
     return { password: decodeURIComponent(parsed.password) }
   } catch {
-    throw new ConfigError('DATABASE_URL has a password that is not percent-encoded: write % as %25 ' +
+    throw new ConfigError(`${name} has a password that is not percent-encoded: write % as %25 ` +
       '(and @ : / ? # as %40 %3A %2F %3F %23)')
   }
 }

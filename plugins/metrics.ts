@@ -64,6 +64,12 @@ export function createMetrics () {
       help: '1 while the rate-limit counters work (in process, or Redis answering), 0 during a Redis outage',
       registers: [registry]
     }),
+    reads: new Counter({
+      name: 'database_reads_total',
+      help: 'Reads (downloads, verify, HEAD, versions) by the database that answered them: replica or primary',
+      labelNames: ['target'] as const,
+      registers: [registry]
+    }),
     cleanupDeleted: new Counter({
       name: 'cleanup_deleted_accounts_total',
       help: 'Accounts deleted by the inactive-account cleanup',

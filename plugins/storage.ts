@@ -5,6 +5,7 @@ import { decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
 import type { Logger } from 'pino'
 import { pseudonym } from '../logging.ts'
 import { POOL_SATURATED, isConnectionLost, isTransactionAborted } from './db.ts'
+import type { ReplicaReads } from './replica.ts'
 
 /** What the storage needs of a pool: one query at a time (pg's Pool, or a test's Client). */
 export interface Queryable {
@@ -361,8 +362,8 @@ export type ObserveStatement = (statement: string, outcome: 'ok' | 'error', seco
 
 /** The key-value operations of the sync store, one SQL round trip each. */
 export function createStorage (
-  db: Queryable, log: FastifyBaseLogger, observe: ObserveStatement = () => {},
-  options: { prepared?: boolean, admit?: () => boolean, history?: HistoryLimits } = {}
+  primary: Queryable, log: FastifyBaseLogger, observe: ObserveStatement = () => {},
+  options: { prepared?: boolean, admit?: () => boolean, history?: HistoryLimits, replica?: ReplicaReads | null } = {}
 ) {
   const admit = options.admit ?? (() => true)
   const history = options.history ?? DEFAULT_HISTORY
@@ -370,12 +371,35 @@ export function createStorage (
   // Named statements are prepared once per connection. Where connections share one session
   // (the embedded database, a transaction-mode pooler) the names would collide: send them unnamed.
   const prepared = options.prepared ?? true
+  const replica = options.replica ?? null
+  /**
+   * A read that may be served by the replica (DATABASE_READ_URL) while it is close enough behind
+   * (plugins/replica.ts); else, or when the replica fails it, by the primary: never a 5xx for a
+   * replica's fault. Reads that must see this request's own writes use run() instead.
+   */
+  async function read<R extends QueryResultRow> (statement: { name: string, text: string }, values: unknown[]): Promise<QueryResult<R>> {
+    const pool = replica?.pool() ?? null
+    if (pool !== null) {
+      try {
+        const result = await run<R>(statement, values, true, pool)
+        replica!.counted('replica')
+        return result
+      } catch (err) {
+        log.warn({ err, statement: statement.name }, 'a read failed on the replica; reading from the primary')
+        replica!.failed(err)
+      }
+    }
+    const result = await run<R>(statement, values)
+    replica?.counted('primary')
+    return result
+  }
+
   async function run<R extends QueryResultRow> (
-    statement: { name: string, text: string }, values: unknown[], idempotent = true
+    statement: { name: string, text: string }, values: unknown[], idempotent = true, db: Queryable = primary
   ): Promise<QueryResult<R>> {
     // A bounded queue: past it a request fails at once (503) instead of waiting in line for a
     // connection it would only get after the connect timeout anyway.
-    if (!admit()) throw Object.assign(new Error('too many requests are waiting for a database connection'), { code: POOL_SATURATED })
+    if (db === primary && !admit()) throw Object.assign(new Error('too many requests are waiting for a database connection'), { code: POOL_SATURATED })
     const query = prepared ? { name: statement.name, text: statement.text, values } : { text: statement.text, values }
     const started = process.hrtime.bigint()
     const seconds = () => Number(process.hrtime.bigint() - started) / 1e9
@@ -434,8 +458,9 @@ export function createStorage (
   }
 
   /** Whether the user has a record, its tag, whether a token guards it and whether `token` may see it; null when there is none. */
-  async function lookup (userId: string, token: AccessToken = null): Promise<{ etag: string, authorized: boolean, claimed: boolean } | null> {
-    const { rows: [row] } = await run<{ etag: string, authorized: boolean, claimed: boolean }>(ETAG_OF, [userId, token])
+  async function lookup (userId: string, token: AccessToken = null, on: 'primary' | 'replica' = 'primary'): Promise<{ etag: string, authorized: boolean, claimed: boolean } | null> {
+    type Row = { etag: string, authorized: boolean, claimed: boolean }
+    const { rows: [row] } = on === 'replica' ? await read<Row>(ETAG_OF, [userId, token]) : await run<Row>(ETAG_OF, [userId, token])
     return row ?? null
   }
 
@@ -493,7 +518,7 @@ export function createStorage (
      */
     async get (userId: string, notModified: string[] = [], token: AccessToken = null): Promise<StoredRecord | null> {
       const started = process.hrtime.bigint()
-      const { rows: [row] } = await run<StoredRow>(GET, [userId, notModified, token])
+      const { rows: [row] } = await read<StoredRow>(GET, [userId, notModified, token])
       if (row !== undefined && !row.authorized) deny('get', userId, started)
       if (row?.stale === true) touchLater(userId)
       logged('get', userId, started, { bytes: row?.not_modified ? 0 : (row?.blob_size ?? 0), found: row !== undefined })
@@ -548,7 +573,8 @@ export function createStorage (
       return (await lookup(userId))?.etag ?? null
     },
 
-    lookup,
+    /** What verify and HEAD answer: the record's tag and whether `token` may see it (a read: the replica may serve it). */
+    lookup: (userId: string, token: AccessToken = null) => lookup(userId, token, 'replica'),
 
     /**
      * Replaces the record's token hash with `next` where `current` is the stored one: 'replaced',
@@ -577,7 +603,7 @@ export function createStorage (
         authorized: boolean,
         claimed: boolean
       }
-      const { rows } = await run<Row>(VERSIONS, [userId, token, ...limits])
+      const { rows } = await read<Row>(VERSIONS, [userId, token, ...limits])
       const record = rows[0]
       if (record?.authorized === false) deny('versions', userId, started)
       logged('versions', userId, started, { found: record !== undefined, versions: rows.length })
@@ -603,7 +629,7 @@ export function createStorage (
     async version (userId: string, version: number, token: AccessToken = null): Promise<{ found: { etag: string, payload: SyncPayload } | null, claimed?: true } | null> {
       const started = process.hrtime.bigint()
       type Row = { authorized: boolean, claimed: boolean, etag: string | null, encrypted_blob: string, iv: string, timestamp: string, checksum: string }
-      const { rows: [row] } = await run<Row>(VERSION, [userId, version, token, ...limits])
+      const { rows: [row] } = await read<Row>(VERSION, [userId, version, token, ...limits])
       if (row !== undefined && !row.authorized) deny('version', userId, started)
       logged('version', userId, started, { found: row?.etag != null })
       if (row === undefined) return null
@@ -742,6 +768,7 @@ export default fp(async function storage (app) {
   }, {
     prepared,
     admit: () => pool.waitingCount < maxWaiting,
-    history: { versions: app.config.HISTORY_VERSIONS, days: app.config.HISTORY_DAYS }
+    history: { versions: app.config.HISTORY_VERSIONS, days: app.config.HISTORY_DAYS },
+    replica: app.replica
   }))
-}, { name: 'storage', dependencies: ['db', 'metrics'] })
+}, { name: 'storage', dependencies: ['db', 'metrics', 'replica'] })

@@ -41,14 +41,21 @@ async function sparePort (): Promise<number> {
   })
 }
 
-export async function startCluster (options: { fsync?: boolean } = {}): Promise<Cluster> {
+/**
+ * A throwaway cluster; with `replicaOf`, a hot standby of that one, cloned by `pg_basebackup -R`
+ * and streaming from it (read-only; `pg_wal_replay_pause()` on it holds its replay).
+ */
+export async function startCluster (options: { fsync?: boolean, replicaOf?: Cluster } = {}): Promise<Cluster> {
   const bin = serverBinaries()
   if (bin === null) throw new Error('no PostgreSQL server binaries (initdb, postgres) under /usr/lib/postgresql')
   const asRoot = userInfo().uid === 0
   const dataDir = mkdtempSync(join(tmpdir(), 'lk-pg-'))
   if (asRoot) chownSync(dataDir, Number(execFileSync('id', ['-u', 'postgres']).toString()), Number(execFileSync('id', ['-g', 'postgres']).toString()))
   const run = (command: string, args: string[]) => asRoot ? ['runuser', ['-u', 'postgres', '--', command, ...args]] as const : [command, args] as const
-  const [initCommand, initArgs] = run(join(bin, 'initdb'), ['-D', dataDir, '-U', 'postgres', '--auth=trust', '--no-sync', '-E', 'UTF8'])
+  const [initCommand, initArgs] = options.replicaOf === undefined
+    ? run(join(bin, 'initdb'), ['-D', dataDir, '-U', 'postgres', '--auth=trust', '--no-sync', '-E', 'UTF8'])
+    : run(join(bin, 'pg_basebackup'), ['-h', '127.0.0.1', '-p', String(options.replicaOf.port), '-U', 'postgres', '-D', dataDir,
+      '-R', '-X', 'stream', '--no-sync', '-c', 'fast'])
   execFileSync(initCommand, [...initArgs], { stdio: 'ignore' })
   const port = await sparePort()
   const url = `postgres://postgres@127.0.0.1:${port}/postgres`
