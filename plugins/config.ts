@@ -99,7 +99,7 @@ export const ConfigSchema = Type.Object({
     default: '',
     description: 'redis:// or rediss:// URL of a Redis the instances share their rate-limit counters in; empty: each instance counts on its own'
   }),
-  REDIS_TIMEOUT_MS: Milliseconds(100, 'longest a request waits for Redis to count it; past it, or with Redis down, it is served uncounted'),
+  REDIS_TIMEOUT_MS: Milliseconds(100, 'longest one rate-limit count waits for Redis; past it, or with Redis down, the request is served uncounted'),
   AUTH_MODE: Type.Unsafe<typeof AuthModes[number]>({
     type: 'string',
     enum: [...AuthModes],

@@ -1,4 +1,3 @@
-import { once } from 'node:events'
 import fp from 'fastify-plugin'
 import rateLimit, { type CreateRateLimitOptions } from '@fastify/rate-limit'
 import { Redis } from 'ioredis'
@@ -56,9 +55,13 @@ export default fp(async function rateLimits (app) {
   const { redis, answered } = await connectRedis(app)
   await app.register(rateLimit, { global: false, cache, ...(redis === null ? {} : { redis, nameSpace: 'logikids-sync:rate-limit:' }) })
 
-  // An outage that began before start-up was warned of there.
+  // An outage that began before start-up was warned of there. A Redis that answers about as
+  // slowly as REDIS_TIMEOUT_MS flaps between up and down: one line a minute at most, each way.
   let outage = !answered
+  let warnedAt = outage ? performance.now() : -Infinity
+  let backAt = -Infinity
   if (outage) app.addHook('onReady', async () => { app.metrics.rateLimitStoreUp.set(0) })
+
   app.decorate('rateLimiter', (options: CreateRateLimitOptions) => {
     const check = app.createRateLimit(options)
     return async (request: FastifyRequest) => {
@@ -67,7 +70,10 @@ export default fp(async function rateLimits (app) {
         if (outage) {
           outage = false
           app.metrics.rateLimitStoreUp.set(1)
-          app.log.info('rate limits: Redis answers again; requests are counted again')
+          if (performance.now() - backAt > 60_000) {
+            backAt = performance.now()
+            app.log.info('rate limits: Redis answers again; requests are counted again')
+          }
         }
         return outcome
       } catch (err) {
@@ -75,8 +81,11 @@ export default fp(async function rateLimits (app) {
         if (!outage) {
           outage = true
           app.metrics.rateLimitStoreUp.set(0)
-          // The message only: a Redis error may carry the command, and with it a counter's key.
-          app.log.warn({ reason: (err as Error).message }, 'rate limits: Redis does not answer; requests are served uncounted until it does')
+          if (performance.now() - warnedAt > 60_000) {
+            warnedAt = performance.now()
+            // The message only: a Redis error may carry the command, and with it a counter's key.
+            app.log.warn({ reason: (err as Error).message }, 'rate limits: Redis does not answer; requests are served uncounted until it does')
+          }
         }
         return { isAllowed: true as const, key: '' }
       }
@@ -114,7 +123,8 @@ async function connectRedis (app: FastifyInstance): Promise<{ redis: Redis | nul
   // Connection errors are reported by the first count that fails (one warning per outage).
   redis.on('error', () => {})
   app.addHook('onClose', async () => { redis.disconnect() })
-  const ready = once(redis, 'ready').then(() => true)
+  // Not once(): it rejects on the first 'error' (Redis down), which must not stop the start.
+  const ready = new Promise<boolean>((resolve) => redis.once('ready', () => resolve(true)))
   const late = new Promise<false>((resolve) => setTimeout(resolve, Math.max(1_000, timeout), false).unref())
   const answered = await Promise.race([ready, late])
   if (!answered) app.log.warn('rate limits: Redis does not answer; requests are served uncounted until it does')

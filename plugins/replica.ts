@@ -55,14 +55,15 @@ export default fp(async function replica (app) {
   const replicaProbe = new pg.Pool({ ...probeOptions, connectionString: config.DATABASE_READ_URL, application_name: 'logikids-sync replica probe' })
   for (const pool of [reads, primaryProbe, replicaProbe]) pool.on('error', () => {}) // a dead idle connection: the next probe tells
 
-  const samples: Array<{ at: number, position: bigint }> = []
-  let caughtUpTo = 0
+  // Times are performance.now(): a wall clock stepped back would stretch the bound.
+  let samples: Array<{ at: number, position: bigint }> = []
+  let caughtUpTo = -Infinity
   let healthy = false
   let warned = false
 
   /** Whether reads may go to the replica now; says so when that changes. */
   function usable (): boolean {
-    const now = healthy && Date.now() - caughtUpTo <= maxLag
+    const now = healthy && performance.now() - caughtUpTo <= maxLag
     if (now === warned) report(now)
     return now
   }
@@ -76,24 +77,33 @@ export default fp(async function replica (app) {
     }
   }
 
+  const POSITION = 'pg_current_wal_lsn()::text AS position, (SELECT system_identifier FROM pg_control_system())::text AS system'
   let probing = false
   async function probe (): Promise<void> {
     if (probing) return
     probing = true
     try {
-      const at = Date.now()
-      const { rows: [primary] } = await primaryProbe.query<{ position: string }>('SELECT pg_current_wal_lsn()::text AS position')
-      samples.push({ at, position: lsn(primary!.position) })
+      const at = performance.now()
+      const { rows: [primary] } = await primaryProbe.query<{ position: string, system: string }>(`SELECT ${POSITION}`)
+      const position = lsn(primary!.position)
+      // Backwards: another primary (a failover, a restore); what the old one said is void.
+      if (samples.length > 0 && position < samples.at(-1)!.position) samples = []
+      samples.push({ at, position })
       while (samples.length > 1 && samples[0]!.at < at - 2 * maxLag) samples.shift()
       try {
-        // A server that is not (or no longer) a standby has replayed everything it holds.
-        const { rows: [standby] } = await replicaProbe.query<{ position: string }>(
-          'SELECT coalesce(pg_last_wal_replay_lsn(), pg_current_wal_lsn())::text AS position')
+        // Only a standby of this very primary vouches for anything: a promoted or foreign server does not.
+        const { rows: [standby] } = await replicaProbe.query<{ standby: boolean, position: string | null, system: string }>(
+          'SELECT pg_is_in_recovery() AS standby, pg_last_wal_replay_lsn()::text AS position, ' +
+          '(SELECT system_identifier FROM pg_control_system())::text AS system')
+        if (!standby!.standby || standby!.position === null || standby!.system !== primary!.system) throw new Error('not a standby of DATABASE_URL')
         const replayed = lsn(standby!.position)
+        // From this probe alone: a standby restarted from an older point must not keep an earlier standing.
+        caughtUpTo = -Infinity
         for (const sample of samples) if (sample.position <= replayed && sample.at > caughtUpTo) caughtUpTo = sample.at
         healthy = true
       } catch {
         healthy = false
+        caughtUpTo = -Infinity
       }
     } catch {
       // The primary does not answer: nothing new was acknowledged; the replica's standing holds.
@@ -108,7 +118,7 @@ export default fp(async function replica (app) {
     name: 'replica_lag_seconds',
     help: 'How long ago the newest write the replica is known to hold was acknowledged (DATABASE_READ_URL); reads leave it past REPLICA_MAX_LAG_MS',
     registers: [],
-    collect () { this.set(caughtUpTo === 0 ? Number.NaN : (Date.now() - caughtUpTo) / 1000) }
+    collect () { this.set(caughtUpTo === -Infinity ? Number.NaN : (performance.now() - caughtUpTo) / 1000) }
   }))
   await probe()
   const timer = setInterval(() => { probe().catch(() => {}) }, Math.max(25, Math.floor(maxLag / 4)))
@@ -121,6 +131,7 @@ export default fp(async function replica (app) {
     pool: () => (usable() ? reads : null),
     failed () {
       healthy = false
+      caughtUpTo = -Infinity
       usable()
     },
     counted (target) { metrics.reads.inc({ target }) }

@@ -372,20 +372,29 @@ export function createStorage (
   // (the embedded database, a transaction-mode pooler) the names would collide: send them unnamed.
   const prepared = options.prepared ?? true
   const replica = options.replica ?? null
+  let replicaWarnedAt = -Infinity
   /**
    * A read that may be served by the replica (DATABASE_READ_URL) while it is close enough behind
    * (plugins/replica.ts); else, or when the replica fails it, by the primary: never a 5xx for a
-   * replica's fault. Reads that must see this request's own writes use run() instead.
+   * replica's fault. `settled` says whether a replica's answer may stand: an answer the replica
+   * could give only by lagging (no record, no access, another version than the client holds) is
+   * asked of the primary again, so a client never reads a version older than its own upload.
+   * Reads that must see this request's own writes use run() instead.
    */
-  async function read<R extends QueryResultRow> (statement: { name: string, text: string }, values: unknown[]): Promise<QueryResult<R>> {
+  async function read<R extends QueryResultRow> (
+    statement: { name: string, text: string }, values: unknown[], settled: (rows: R[]) => boolean = () => true
+  ): Promise<QueryResult<R>> {
     const pool = replica?.pool() ?? null
     if (pool !== null) {
       try {
         const result = await run<R>(statement, values, true, pool)
         replica!.counted('replica')
-        return result
+        if (settled(result.rows)) return result
       } catch (err) {
-        log.warn({ err, statement: statement.name }, 'a read failed on the replica; reading from the primary')
+        if (performance.now() - replicaWarnedAt > 60_000) {
+          replicaWarnedAt = performance.now()
+          log.warn({ err, statement: statement.name }, 'a read failed on the replica; reading from the primary')
+        }
         replica!.failed(err)
       }
     }
@@ -442,7 +451,9 @@ export function createStorage (
    * days, and is made by the next download. A failure is a warning, at most one a minute.
    */
   function touchLater (userId: string): void {
-    if (touches.has(userId)) return
+    // A few at a time: a burst of first downloads of the day must not fill the pool's queue
+    // ahead of uploads. One not written now is written by the user's next download.
+    if (touches.has(userId) || touches.size >= 4) return
     const touch = run(TOUCH, [userId]).then(() => {}, (err: unknown) => {
       if (Date.now() - touchWarnedAt < 60_000) return
       touchWarnedAt = Date.now()
@@ -460,7 +471,9 @@ export function createStorage (
   /** Whether the user has a record, its tag, whether a token guards it and whether `token` may see it; null when there is none. */
   async function lookup (userId: string, token: AccessToken = null, on: 'primary' | 'replica' = 'primary'): Promise<{ etag: string, authorized: boolean, claimed: boolean } | null> {
     type Row = { etag: string, authorized: boolean, claimed: boolean }
-    const { rows: [row] } = on === 'replica' ? await read<Row>(ETAG_OF, [userId, token]) : await run<Row>(ETAG_OF, [userId, token])
+    const { rows: [row] } = on === 'replica'
+      ? await read<Row>(ETAG_OF, [userId, token], ([found]) => found !== undefined && found.authorized)
+      : await run<Row>(ETAG_OF, [userId, token])
     return row ?? null
   }
 
@@ -518,7 +531,10 @@ export function createStorage (
      */
     async get (userId: string, notModified: string[] = [], token: AccessToken = null): Promise<StoredRecord | null> {
       const started = process.hrtime.bigint()
-      const { rows: [row] } = await read<StoredRow>(GET, [userId, notModified, token])
+      // A replica's answer stands when it is the version the client holds (304), or, for a
+      // client that holds none, any version it may read.
+      const { rows: [row] } = await read<StoredRow>(GET, [userId, notModified, token],
+        ([found]) => found !== undefined && found.authorized && (notModified.length === 0 || found.not_modified))
       if (row !== undefined && !row.authorized) deny('get', userId, started)
       if (row?.stale === true) touchLater(userId)
       logged('get', userId, started, { bytes: row?.not_modified ? 0 : (row?.blob_size ?? 0), found: row !== undefined })
@@ -603,7 +619,7 @@ export function createStorage (
         authorized: boolean,
         claimed: boolean
       }
-      const { rows } = await read<Row>(VERSIONS, [userId, token, ...limits])
+      const { rows } = await read<Row>(VERSIONS, [userId, token, ...limits], ([found]) => found !== undefined && found.authorized)
       const record = rows[0]
       if (record?.authorized === false) deny('versions', userId, started)
       logged('versions', userId, started, { found: record !== undefined, versions: rows.length })
@@ -629,7 +645,8 @@ export function createStorage (
     async version (userId: string, version: number, token: AccessToken = null): Promise<{ found: { etag: string, payload: SyncPayload } | null, claimed?: true } | null> {
       const started = process.hrtime.bigint()
       type Row = { authorized: boolean, claimed: boolean, etag: string | null, encrypted_blob: string, iv: string, timestamp: string, checksum: string }
-      const { rows: [row] } = await read<Row>(VERSION, [userId, version, token, ...limits])
+      const { rows: [row] } = await read<Row>(VERSION, [userId, version, token, ...limits],
+        ([found]) => found !== undefined && found.authorized && found.etag !== null)
       if (row !== undefined && !row.authorized) deny('version', userId, started)
       logged('version', userId, started, { found: row?.etag != null })
       if (row === undefined) return null
@@ -771,4 +788,6 @@ export default fp(async function storage (app) {
     history: { versions: app.config.HISTORY_VERSIONS, days: app.config.HISTORY_DAYS },
     replica: app.replica
   }))
+  // The access times being written finish before the pool closes.
+  app.addHook('onClose', async () => { await app.storage.touched() })
 }, { name: 'storage', dependencies: ['db', 'metrics', 'replica'] })

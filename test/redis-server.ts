@@ -12,7 +12,7 @@ export interface RedisServer {
   port: number
   /** kill -9: no shutdown; the counters are gone (nothing is persisted). */
   kill (): Promise<void>
-  /** Starts it again, empty, on the same port. */
+  /** Starts it again, empty, on the same port (nothing when it runs). */
   start (): Promise<void>
   /** SIGSTOP: connections stay open and nothing answers. */
   pause (): void
@@ -45,6 +45,7 @@ export async function startRedis (t: TestContext): Promise<RedisServer> {
   const exited = () => child === undefined || child.exitCode !== null || child.signalCode !== null
 
   async function start (): Promise<void> {
+    if (!exited()) return
     child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
       '--protected-mode', 'no', '--dir', '/tmp'], { stdio: 'ignore' })
     for (let i = 0; i < 200; i++) {

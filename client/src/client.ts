@@ -262,6 +262,9 @@ export class SyncClient<T = unknown> {
   async #sync (local: T | null, merge: Merge<T>, base: SyncState, own: string[]): Promise<T | null> {
     let current = local
     for (let round = 0; round < this.#mergeRounds; round++) {
+      // Each round merges the device's own data with the newest version: a merge refused by a
+      // 412 is not carried into the next one.
+      current = local
       const json = current === null ? null : jsonOf(current, 'the local data')
       const digest = json === null ? null : await digestOf(json)
       // A device without data downloads in full, whatever its state says.

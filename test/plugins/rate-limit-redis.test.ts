@@ -17,7 +17,12 @@ const logs: string[][] = [[], [], []]
 const apps: FastifyInstance[] = []
 const urls: string[] = []
 for (const lines of logs) {
-  const app = await build(t, { env: { DATABASE_URL: databaseUrl, REDIS_URL: redis.url, RATE_LIMIT_MAX: String(MAX), LOG_LEVEL: 'warn' }, logLines: lines })
+  // A generous REDIS_TIMEOUT_MS: a loaded machine's pause must not pass for an outage here (a
+  // killed Redis fails the counts at once, whatever the timeout; the stuck one has a test below).
+  const app = await build(t, {
+    env: { DATABASE_URL: databaseUrl, REDIS_URL: redis.url, REDIS_TIMEOUT_MS: '5000', RATE_LIMIT_MAX: String(MAX), LOG_LEVEL: 'warn' },
+    logLines: lines
+  })
   await app.listen({ host: '127.0.0.1', port: 0 })
   apps.push(app)
   urls.push(`http://127.0.0.1:${(app.server.address() as AddressInfo).port}`)
@@ -75,13 +80,36 @@ t.test('Redis killed: requests are served uncounted, one warning per instance; r
   }
 })
 
-t.test('a Redis that stops answering (SIGSTOP): requests are served after REDIS_TIMEOUT_MS, uncounted', async (t) => {
+t.test('a Redis that stops answering (SIGSTOP): requests are served after REDIS_TIMEOUT_MS (the default 100 ms), uncounted', async (t) => {
+  const quick = await build(t, { env: { DATABASE_URL: databaseUrl, REDIS_URL: redis.url, RATE_LIMIT_MAX: String(MAX) } })
   const userId = randomUUID()
   redis.pause()
   t.teardown(() => redis.resume())
   const answers = []
-  for (let i = 0; i < 3; i++) answers.push(await download(i, userId))
-  t.strictSame(answers.map((answer) => [answer.status, answer.remaining]), Array(3).fill([404, null]))
+  for (let i = 0; i < 3; i++) answers.push(await quick.inject({ method: 'GET', url: `/api/sync/${userId}` }))
+  t.strictSame(answers.map((res) => [res.statusCode, res.headers['x-ratelimit-remaining']]), Array(3).fill([404, undefined]))
+  t.equal(await metric(quick, 'rate_limit_store_up'), 0)
   redis.resume()
-  await until(async () => (await download(0, randomUUID())).remaining !== null, 'counting resumes')
+  await until(async () => (await quick.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).headers['x-ratelimit-remaining'] !== undefined,
+    'counting resumes')
+})
+
+t.test('Redis down at start-up: the service starts, serves uncounted with one warning, and counts once Redis is up', async (t) => {
+  await redis.kill()
+  t.teardown(() => redis.start())
+  const lines: string[] = []
+  const late = await build(t, { env: { DATABASE_URL: databaseUrl, REDIS_URL: redis.url, RATE_LIMIT_MAX: '2', LOG_LEVEL: 'warn' }, logLines: lines })
+  const userId = randomUUID()
+  const statuses = []
+  for (let i = 0; i < 4; i++) statuses.push((await late.inject({ method: 'GET', url: `/api/sync/${userId}` })).statusCode)
+  t.strictSame(statuses, [404, 404, 404, 404], 'served, uncounted')
+  t.equal(warnings(lines, 'Redis does not answer'), 1, 'one warning')
+  t.equal(await metric(late, 'rate_limit_store_up'), 0)
+  await redis.start()
+  await until(async () => (await late.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).headers['x-ratelimit-remaining'] !== undefined,
+    'counting starts')
+  const counted = []
+  for (let i = 0; i < 3; i++) counted.push((await late.inject({ method: 'GET', url: `/api/sync/${userId}` })).statusCode)
+  t.strictSame(counted, [404, 404, 429])
+  t.equal(await metric(late, 'rate_limit_store_up'), 1)
 })
