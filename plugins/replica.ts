@@ -67,12 +67,19 @@ export default fp(async function replica (app) {
     if (now === warned) report(now)
     return now
   }
+  // A replica whose lag hovers about the bound flips at every probe: a line a minute at most, each way.
+  let warnedAt = -Infinity
+  let backAt = -Infinity
   function report (usable: boolean): void {
     if (!usable && !warned) {
       warned = true
+      if (performance.now() - warnedAt < 60_000) return
+      warnedAt = performance.now()
       app.log.warn({ maxLagMs: maxLag }, 'reads: the replica (DATABASE_READ_URL) is down or too far behind; reading from the primary')
     } else if (usable && warned) {
       warned = false
+      if (performance.now() - backAt < 60_000) return
+      backAt = performance.now()
       app.log.info('reads: the replica has caught up; reading from it again')
     }
   }
