@@ -6,7 +6,9 @@
 // inactive ones under upload load; adds a few minutes), --toast (1 MB GET and PUT under each
 // TOAST setting of the blob column), --tokens (1 KiB GET and PUT with and without an access
 // token: the server CPU the token check costs), --history (PUT and GET with HISTORY_VERSIONS=10
-// against 0, and the disk a user with 10 kept 1 MB versions takes; all of it, whatever --only says).
+// against 0, and the disk a user with 10 kept 1 MB versions takes; all of it, whatever --only says),
+// --redis (1 KiB GET and PUT with both rate limits on, counted in process against counted in a
+// private redis-server: the server CPU the shared counters cost).
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync, existsSync } from 'node:fs'
@@ -25,7 +27,8 @@ const { values: args } = parseArgs({
     scale: { type: 'boolean', default: false },
     toast: { type: 'boolean', default: false },
     tokens: { type: 'boolean', default: false },
-    history: { type: 'boolean', default: false }
+    history: { type: 'boolean', default: false },
+    redis: { type: 'boolean', default: false }
   }
 })
 const DURATION = Number(args.duration)
@@ -458,6 +461,65 @@ async function tokenExperiment (service: Server): Promise<string> {
  * versions per user: the steady state, where every upload also drops the oldest), interleaved
  * off, on, on, off; then the disk one user with 10 kept 1 MB versions takes.
  */
+async function redisExperiment (): Promise<string> {
+  const ROUNDS = 3
+  const users = Array.from({ length: USERS['1KiB'] }, (_, n) => uuid(n, 0x60))
+  await admin(async (c) => {
+    await c.query(insertRecords(`SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1::bigint, repeat('a', 64), 1024, now(), NULL::bytea
+      FROM unnest($2::uuid[]) AS u`), [randomBytes(1024).toString('base64'), users])
+    await c.query('VACUUM ANALYZE user_sync_data, user_sync_versions')
+  }, benchUrl)
+  // A redis-server of the bench's own, as operations.md advises: no persistence.
+  const REDIS_PORT = 6391
+  const redis = spawn('redis-server', ['--port', String(REDIS_PORT), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' })
+  await sleep(300)
+  // Both limits on, with budgets the bench cannot use up.
+  const limits = { METRICS_TOKEN: 'bench-metrics-token', RATE_LIMIT_MAX: '1000000000', RATE_LIMIT_IP_MAX: '1000000000' }
+  const servers = {
+    local: await startServer('service', 3106, limits),
+    redis: await startServer('service', 3107, { ...limits, REDIS_URL: `redis://127.0.0.1:${REDIS_PORT}` })
+  }
+  const lines = ['## Shared rate limits (--redis)', '',
+    'The service with both rate limits on (budgets too large to refuse the bench), counting in its own memory against counting in a ' +
+    `private redis-server on the same machine, 16 connections; ${ROUNDS} rounds of (in process, Redis, Redis, in process), ` +
+    `${DURATION} s each after a 1 s warm-up; medians of the ${2 * ROUNDS} runs of each. CPU is the service process's only (Redis's own is not counted).`, '',
+    '| scenario | req/s in process / Redis | CPU µs/req in process / Redis | **CPU Redis / in process** | errors |',
+    '| --- | ---: | ---: | ---: | ---: |']
+  try {
+    const put = body('1KiB')
+    for (const method of ['GET', 'PUT'] as const) {
+      const scenario = (kind: 'local' | 'redis'): Scenario => ({
+        name: `${method} 1KiB c16 [limits ${kind}]`,
+        connections: 16,
+        method,
+        path: () => `/api/sync/${pick(users)}`,
+        ...(method === 'PUT' ? { body: put, headers: () => ({ 'content-type': 'application/json' }) } : {}),
+        expect: [200]
+      })
+      const runs: Record<'local' | 'redis', Result[]> = { local: [], redis: [] }
+      for (let round = 0; round < ROUNDS; round++) {
+        for (const kind of ['local', 'redis', 'redis', 'local'] as const) {
+          await measure(servers[kind], scenario(kind), 1)
+          const result = await measure(servers[kind], scenario(kind), DURATION)
+          runs[kind].push(result)
+          console.log(`${result.scenario.padEnd(28)} ${fmt(result.rps, 0).padStart(7)} req/s  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}`)
+        }
+      }
+      const median = (values: number[]) => { const sorted = [...values].sort((a, b) => a - b); return (sorted[ROUNDS - 1]! + sorted[ROUNDS]!) / 2 }
+      const m = (kind: 'local' | 'redis', field: (r: Result) => number) => median(runs[kind].map(field))
+      const errors = [...runs.local, ...runs.redis].reduce((sum, r) => sum + r.errors + r.unexpected, 0)
+      lines.push(`| ${method} 1 KiB | ${fmt(m('local', (r) => r.rps), 0)} / ${fmt(m('redis', (r) => r.rps), 0)} | ` +
+        `${fmt(m('local', (r) => r.cpuUs), 0)} / ${fmt(m('redis', (r) => r.cpuUs), 0)} | ` +
+        `**${fmt(m('redis', (r) => r.cpuUs) / m('local', (r) => r.cpuUs), 3)}x** | ${errors} |`)
+    }
+  } finally {
+    await stopServer(servers.local)
+    await stopServer(servers.redis)
+    redis.kill('SIGKILL')
+  }
+  return lines.join('\n')
+}
+
 async function historyExperiment (): Promise<string> {
   const ROUNDS = 3
   const sizes = { '1KiB': 1000, '1MB': 30 } as const
@@ -610,6 +672,7 @@ async function main (): Promise<void> {
     if (args.toast) extra.push(await toastExperiment(service, compare, results))
     if (args.tokens) extra.push(await tokenExperiment(service))
     if (args.history) extra.push(await historyExperiment())
+    if (args.redis) extra.push(await redisExperiment())
     if (args.scale) extra.push(await scaleExperiment(service, compare, results))
   } finally {
     await stopServer(service)
