@@ -12,6 +12,20 @@ const IS_USER_ID = new RegExp(USER_ID_PATTERN)
 const pseudonyms = new Map<string, string>()
 const PSEUDONYMS_KEPT = 10_000
 
+/**
+ * A gate for a log line that could otherwise repeat at request rate (a dependency flapping about
+ * a bound): true at most once per `ms`.
+ */
+export function atMostEvery (ms: number): () => boolean {
+  let last = -Infinity
+  return () => {
+    const now = performance.now()
+    if (now - last < ms) return false
+    last = now
+    return true
+  }
+}
+
 /** A stable, non-reversible name for a user in logs: 12 hex digits of SHA-256 of the id. */
 export function pseudonym (userId: string): string {
   let name = pseudonyms.get(userId)

@@ -3,7 +3,7 @@ import rateLimit, { type CreateRateLimitOptions } from '@fastify/rate-limit'
 import { Redis } from 'ioredis'
 import ipaddr from 'ipaddr.js'
 import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
-import { pseudonym } from '../logging.ts'
+import { atMostEvery, pseudonym } from '../logging.ts'
 
 /** Routes that are never limited: a load balancer's probes must see the instance as it is. */
 const UNLIMITED_ROUTES = new Set(['/health', '/health/live'])
@@ -58,8 +58,9 @@ export default fp(async function rateLimits (app) {
   // An outage that began before start-up was warned of there. A Redis that answers about as
   // slowly as REDIS_TIMEOUT_MS flaps between up and down: one line a minute at most, each way.
   let outage = !answered
-  let warnedAt = outage ? performance.now() : -Infinity
-  let backAt = -Infinity
+  const warnGate = atMostEvery(60_000)
+  const backGate = atMostEvery(60_000)
+  if (outage) warnGate()
   if (outage) app.addHook('onReady', async () => { app.metrics.rateLimitStoreUp.set(0) })
 
   app.decorate('rateLimiter', (options: CreateRateLimitOptions) => {
@@ -70,10 +71,7 @@ export default fp(async function rateLimits (app) {
         if (outage) {
           outage = false
           app.metrics.rateLimitStoreUp.set(1)
-          if (performance.now() - backAt > 60_000) {
-            backAt = performance.now()
-            app.log.info('rate limits: Redis answers again; requests are counted again')
-          }
+          if (backGate()) app.log.info('rate limits: Redis answers again; requests are counted again')
         }
         return outcome
       } catch (err) {
@@ -81,11 +79,8 @@ export default fp(async function rateLimits (app) {
         if (!outage) {
           outage = true
           app.metrics.rateLimitStoreUp.set(0)
-          if (performance.now() - warnedAt > 60_000) {
-            warnedAt = performance.now()
-            // The message only: a Redis error may carry the command, and with it a counter's key.
-            app.log.warn({ reason: (err as Error).message }, 'rate limits: Redis does not answer; requests are served uncounted until it does')
-          }
+          // The message only: a Redis error may carry the command, and with it a counter's key.
+          if (warnGate()) app.log.warn({ reason: (err as Error).message }, 'rate limits: Redis does not answer; requests are served uncounted until it does')
         }
         return { isAllowed: true as const, key: '' }
       }

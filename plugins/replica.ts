@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import pg, { type Pool } from 'pg'
 import { Gauge } from 'prom-client'
+import { atMostEvery } from '../logging.ts'
 
 /**
  * Where reads go. Without DATABASE_READ_URL: nowhere but the primary (null). With it: the
@@ -68,19 +69,15 @@ export default fp(async function replica (app) {
     return now
   }
   // A replica whose lag hovers about the bound flips at every probe: a line a minute at most, each way.
-  let warnedAt = -Infinity
-  let backAt = -Infinity
+  const warnGate = atMostEvery(60_000)
+  const backGate = atMostEvery(60_000)
   function report (usable: boolean): void {
     if (!usable && !warned) {
       warned = true
-      if (performance.now() - warnedAt < 60_000) return
-      warnedAt = performance.now()
-      app.log.warn({ maxLagMs: maxLag }, 'reads: the replica (DATABASE_READ_URL) is down or too far behind; reading from the primary')
+      if (warnGate()) app.log.warn({ maxLagMs: maxLag }, 'reads: the replica (DATABASE_READ_URL) is down or too far behind; reading from the primary')
     } else if (usable && warned) {
       warned = false
-      if (performance.now() - backAt < 60_000) return
-      backAt = performance.now()
-      app.log.info('reads: the replica has caught up; reading from it again')
+      if (backGate()) app.log.info('reads: the replica has caught up; reading from it again')
     }
   }
 

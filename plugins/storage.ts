@@ -3,7 +3,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
 import type { Logger } from 'pino'
-import { pseudonym } from '../logging.ts'
+import { atMostEvery, pseudonym } from '../logging.ts'
 import { POOL_SATURATED, isConnectionLost, isTransactionAborted } from './db.ts'
 import type { ReplicaReads } from './replica.ts'
 
@@ -372,7 +372,7 @@ export function createStorage (
   // (the embedded database, a transaction-mode pooler) the names would collide: send them unnamed.
   const prepared = options.prepared ?? true
   const replica = options.replica ?? null
-  let replicaWarnedAt = -Infinity
+  const replicaWarnGate = atMostEvery(60_000)
   /**
    * A read that may be served by the replica (DATABASE_READ_URL) while it is close enough behind
    * (plugins/replica.ts); else, or when the replica fails it, by the primary: never a 5xx for a
@@ -391,10 +391,7 @@ export function createStorage (
         replica!.counted('replica')
         if (settled(result.rows)) return result
       } catch (err) {
-        if (performance.now() - replicaWarnedAt > 60_000) {
-          replicaWarnedAt = performance.now()
-          log.warn({ err, statement: statement.name }, 'a read failed on the replica; reading from the primary')
-        }
+        if (replicaWarnGate()) log.warn({ err, statement: statement.name }, 'a read failed on the replica; reading from the primary')
         replica!.failed(err)
       }
     }
@@ -444,7 +441,7 @@ export function createStorage (
 
   // Access times being written, by user: one at a time per user, none awaited by the download.
   const touches = new Map<string, Promise<void>>()
-  let touchWarnedAt = 0
+  const touchWarnGate = atMostEvery(60_000)
   /**
    * Records a download as the record's last access, after the download's answer: a touch lost
    * (a crash, a read-only database after a failover, a saturated pool) is harmless at a grain of
@@ -455,9 +452,7 @@ export function createStorage (
     // ahead of uploads. One not written now is written by the user's next download.
     if (touches.has(userId) || touches.size >= 4) return
     const touch = run(TOUCH, [userId]).then(() => {}, (err: unknown) => {
-      if (Date.now() - touchWarnedAt < 60_000) return
-      touchWarnedAt = Date.now()
-      log.warn({ err, statement: TOUCH.name }, 'a download\'s access time could not be recorded (the next download tries again)')
+      if (touchWarnGate()) log.warn({ err, statement: TOUCH.name }, 'a download\'s access time could not be recorded (the next download tries again)')
     }).finally(() => touches.delete(userId))
     touches.set(userId, touch)
   }
