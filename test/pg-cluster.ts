@@ -30,7 +30,8 @@ export function serverBinaries (): string | null {
   return candidates.find((dir) => existsSync(join(dir, 'initdb')) && existsSync(join(dir, 'postgres'))) ?? null
 }
 
-async function sparePort (): Promise<number> {
+/** A loopback port nobody listens on (for a server a test starts). */
+export async function sparePort (): Promise<number> {
   return await new Promise((resolve, reject) => {
     const probe = createServer()
     probe.once('error', reject)

@@ -1,7 +1,8 @@
 import { spawn, type ChildProcess } from 'node:child_process'
-import { createConnection, createServer } from 'node:net'
+import { createConnection } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { TestContext } from './helper.ts'
+import { sparePort } from './pg-cluster.ts'
 
 /**
  * A private redis-server (Debian's binary) on a spare loopback port, owned by the test: no
@@ -17,17 +18,6 @@ export interface RedisServer {
   /** SIGSTOP: connections stay open and nothing answers. */
   pause (): void
   resume (): void
-}
-
-async function sparePort (): Promise<number> {
-  return await new Promise((resolve, reject) => {
-    const probe = createServer()
-    probe.once('error', reject)
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address() as { port: number }
-      probe.close(() => resolve(port))
-    })
-  })
 }
 
 async function answers (port: number): Promise<boolean> {
