@@ -74,6 +74,34 @@ async function progress (page: Page): Promise<string[]> {
     rows.map((row) => `${(row as HTMLElement).dataset.subject}:${row.children[1]!.textContent!.length}`))
 }
 
+/**
+ * Holds the first request of `page` that `matches` on its way (the others pass) until `release`:
+ * the moment another device acts in between. `stop` ends the interception.
+ */
+async function holdFirst (page: Page, matches: (request: HTTPRequest) => boolean) {
+  let held!: (request: HTTPRequest) => void
+  const holding = new Promise<HTTPRequest>((resolve) => { held = resolve })
+  let caught = false
+  const hold = (request: HTTPRequest) => {
+    if (!caught && matches(request)) {
+      caught = true
+      held(request)
+    } else {
+      request.continue().catch(() => {})
+    }
+  }
+  await page.setRequestInterception(true)
+  page.on('request', hold)
+  return {
+    holding,
+    release: async () => { await (await holding).continue() },
+    stop: async () => {
+      page.off('request', hold)
+      await page.setRequestInterception(false)
+    }
+  }
+}
+
 /** The service's own log: the status of every completed request of a method, in order. */
 const statuses = (method: string) => output.flatMap((line) => {
   try {
@@ -122,26 +150,13 @@ t.test('both devices edit and sync: the merge keeps both changes, through a real
   // A subject named like an Object.prototype property is a subject like any other.
   await edit(b, 'constructor', 1)
   await edit(a, 'chess', 1)
-  let held: HTTPRequest | undefined
-  let putHeld!: () => void
-  const holding = new Promise<void>((resolve) => { putHeld = resolve })
-  const hold = (request: HTTPRequest) => {
-    if (request.method() === 'PUT' && held === undefined) {
-      held = request
-      putHeld()
-    } else {
-      request.continue().catch(() => {})
-    }
-  }
-  await b.setRequestInterception(true)
-  b.on('request', hold)
+  const upload = await holdFirst(b, (request) => request.method() === 'PUT')
   const syncB = act(b, 'sync')
-  await holding
+  await upload.holding
   t.match(await act(a, 'sync'), /^ok: synced/)
-  await held!.continue()
+  await upload.release()
   t.match(await syncB, /^ok: synced/)
-  b.off('request', hold)
-  await b.setRequestInterception(false)
+  await upload.stop()
   t.equal(statuses('PUT').filter((status) => status === 412).length, refusedBefore + 1, 'B\'s held upload was refused once')
   t.match(await act(a, 'sync'), /^ok: synced/)
   t.strictSame(await progress(a), ['art:2', 'chess:1', 'constructor:1', 'logic:4', 'math:3', 'music:5'])
@@ -217,26 +232,13 @@ t.test('the versions list, and a restore that the other device then receives', a
 })
 
 t.test('an edit saved while a sync is on its way is kept, and the next sync uploads it', async (t) => {
-  let held: HTTPRequest | undefined
-  let getHeld!: () => void
-  const holding = new Promise<void>((resolve) => { getHeld = resolve })
-  const hold = (request: HTTPRequest) => {
-    if (request.method() === 'GET' && request.url().includes('/api/sync/') && held === undefined) {
-      held = request
-      getHeld()
-    } else {
-      request.continue().catch(() => {})
-    }
-  }
-  await a.setRequestInterception(true)
-  a.on('request', hold)
+  const download = await holdFirst(a, (request) => request.method() === 'GET' && request.url().includes('/api/sync/'))
   const syncing = act(a, 'sync')
-  await holding
+  await download.holding
   await edit(a, 'geography', 2)
-  await held!.continue()
+  await download.release()
   t.match(await syncing, /^ok: synced; newer edits wait for the next sync/)
-  a.off('request', hold)
-  await a.setRequestInterception(false)
+  await download.stop()
   t.ok((await progress(a)).includes('geography:2'), 'the edit is still on the device')
   t.match(await act(a, 'sync'), /^ok: synced \(/)
   t.match(await act(b, 'sync'), /^ok: synced/)
