@@ -255,20 +255,25 @@ export class SyncClient<T = unknown> {
     // All of this before the first await: calls queue in the order they were made.
     const base = this.#state
     const own = [...this.#unconfirmed]
-    if (local !== null && local !== undefined) this.#remember(digestOf(jsonOf(local, 'the local data')))
-    return await this.#exclusive(async () => this.#sync(local ?? null, merge, base, await Promise.all(own)))
+    // The device's data stays as it is for the whole call: its JSON and digest are made once.
+    const json = local === null || local === undefined ? null : jsonOf(local, 'the local data')
+    const digest = json === null ? null : digestOf(json)
+    if (digest !== null) this.#remember(digest)
+    return await this.#exclusive(async () =>
+      this.#sync(local ?? null, json === null ? null : { json, digest: await digest! }, merge, base, await Promise.all(own)))
   }
 
-  async #sync (local: T | null, merge: Merge<T>, base: SyncState, own: string[]): Promise<T | null> {
-    let current = local
+  async #sync (
+    local: T | null, localText: { json: string, digest: string } | null, merge: Merge<T>, base: SyncState, own: string[]
+  ): Promise<T | null> {
+    const digest = localText?.digest ?? null
     for (let round = 0; round < this.#mergeRounds; round++) {
       // Each round merges the device's own data with the newest version: a merge refused by a
       // 412 is not carried into the next one.
-      current = local
-      const json = current === null ? null : jsonOf(current, 'the local data')
-      const digest = json === null ? null : await digestOf(json)
+      let current = local
+      let upload = localText
       // A device without data downloads in full, whatever its state says.
-      const pulled = await this.#pull(json === null ? null : base.etag)
+      const pulled = await this.#pull(localText === null ? null : base.etag)
       let condition: { ifMatch: string } | { ifNoneMatch: '*' }
       if (pulled.kind === 'unchanged') {
         // The server is still at the base.
@@ -277,14 +282,14 @@ export class SyncClient<T = unknown> {
         }
         condition = { ifMatch: base.etag! }
       } else if (pulled.kind === 'missing') {
-        if (json === null) {
+        if (localText === null) {
           this.#state = { etag: null, digest: null }
           return null
         }
         condition = { ifNoneMatch: '*' }
       } else {
         // The server's data is taken as it is when this device has nothing of its own to add.
-        if (json === null || digest === base.digest || digest === pulled.digest) {
+        if (localText === null || digest === base.digest || digest === pulled.digest) {
           this.#synced(pulled.etag, pulled.digest, pulled.json)
           return pulled.data
         }
@@ -292,18 +297,21 @@ export class SyncClient<T = unknown> {
         // (uploaded again, or restored), or this device's own earlier data (a call before this
         // one, or an upload whose answer was lost); nor in a record of null (another client's).
         const ours = pulled.digest === base.digest || own.includes(pulled.digest)
-        if (pulled.data !== null && !ours) current = await merge(current as T, pulled.data, await this.#baseData(base))
-        const merged = jsonOf(current, 'what merge returned')
-        if (await digestOf(merged) === pulled.digest) {
+        if (pulled.data !== null && !ours) {
+          current = await merge(current as T, pulled.data, await this.#baseData(base))
+          const merged = jsonOf(current, 'what merge returned')
+          upload = { json: merged, digest: await digestOf(merged) }
+        }
+        if (upload!.digest === pulled.digest) {
           this.#synced(pulled.etag, pulled.digest, pulled.json)
           return current
         }
         condition = { ifMatch: pulled.etag }
       }
-      const upload = jsonOf(current, 'the data')
-      const etag = await this.#put(upload, condition)
+      // Every way here has data to upload: a device without any returned above.
+      const etag = await this.#put(upload!.json, condition)
       if (etag !== null) {
-        this.#synced(etag, await digestOf(upload), upload)
+        this.#synced(etag, upload!.digest, upload!.json)
         return current
       }
       // 412: another device uploaded in between. The base stays, so the next round pulls the
