@@ -405,6 +405,30 @@ async function scaleExperiment (service: Server, compare: Compare, results: Resu
 }
 
 /**
+ * `rounds` rounds of `order` (A B B A: drift in the machine's load falls on both sides alike),
+ * each run a 1 s warm-up, then DURATION s measured: the runs of each kind.
+ */
+async function alternate<K extends string> (rounds: number, order: readonly K[], run: (kind: K) => [Server, Scenario]): Promise<Record<K, Result[]>> {
+  const runs = Object.fromEntries(order.map((kind) => [kind, [] as Result[]])) as Record<K, Result[]>
+  for (let round = 0; round < rounds; round++) {
+    for (const kind of order) {
+      const [server, scenario] = run(kind)
+      await measure(server, scenario, 1)
+      const result = await measure(server, scenario, DURATION)
+      runs[kind].push(result)
+      console.log(`${result.scenario.padEnd(28)} ${fmt(result.rps, 0).padStart(7)} req/s  p99 ${result.p99} ms  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}`)
+    }
+  }
+  return runs
+}
+
+/** The median of an even number of values: the mean of the middle two. */
+function median (values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b)
+  return (sorted[sorted.length / 2 - 1]! + sorted[sorted.length / 2]!) / 2
+}
+
+/**
  * 1 KiB GET and PUT by devices with an access token (records claimed by it) against the same
  * without one (unclaimed records), on the service only: the server CPU per request the token
  * costs (hashing it, the check in SQL). Five rounds of none, token, token, none; medians.
@@ -436,16 +460,7 @@ async function tokenExperiment (service: Server): Promise<string> {
       path: () => { index = Math.floor(Math.random() * users); return `/api/sync/${claimed[index]}` },
       headers: () => ({ ...plain.headers?.(), authorization: `Bearer ${tokens[index]}` })
     }
-    const runs: Record<'plain' | 'token', Result[]> = { plain: [], token: [] }
-    for (let round = 0; round < ROUNDS; round++) {
-      for (const [kind, scenario] of [['plain', plain], ['token', withToken], ['token', withToken], ['plain', plain]] as const) {
-        await measure(service, scenario, 1)
-        const result = await measure(service, scenario, DURATION)
-        runs[kind].push(result)
-        console.log(`${scenario.name.padEnd(28)} ${fmt(result.rps, 0).padStart(7)} req/s  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}`)
-      }
-    }
-    const median = (values: number[]) => { const sorted = [...values].sort((a, b) => a - b); return (sorted[ROUNDS - 1]! + sorted[ROUNDS]!) / 2 }
+    const runs = await alternate(ROUNDS, ['plain', 'token', 'token', 'plain'] as const, (kind) => [service, kind === 'plain' ? plain : withToken])
     const [p, t] = [runs.plain, runs.token]
     const cpu = [median(p.map((r) => r.cpuUs)), median(t.map((r) => r.cpuUs))] as const
     const errors = [...p, ...t].reduce((sum, r) => sum + r.errors + r.unexpected, 0)
@@ -496,16 +511,7 @@ async function redisExperiment (): Promise<string> {
         ...(method === 'PUT' ? { body: put, headers: () => ({ 'content-type': 'application/json' }) } : {}),
         expect: [200]
       })
-      const runs: Record<'local' | 'redis', Result[]> = { local: [], redis: [] }
-      for (let round = 0; round < ROUNDS; round++) {
-        for (const kind of ['local', 'redis', 'redis', 'local'] as const) {
-          await measure(servers[kind], scenario(kind), 1)
-          const result = await measure(servers[kind], scenario(kind), DURATION)
-          runs[kind].push(result)
-          console.log(`${result.scenario.padEnd(28)} ${fmt(result.rps, 0).padStart(7)} req/s  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}`)
-        }
-      }
-      const median = (values: number[]) => { const sorted = [...values].sort((a, b) => a - b); return (sorted[ROUNDS - 1]! + sorted[ROUNDS]!) / 2 }
+      const runs = await alternate(ROUNDS, ['local', 'redis', 'redis', 'local'] as const, (kind) => [servers[kind], scenario(kind)])
       const m = (kind: 'local' | 'redis', field: (r: Result) => number) => median(runs[kind].map(field))
       const errors = [...runs.local, ...runs.redis].reduce((sum, r) => sum + r.errors + r.unexpected, 0)
       lines.push(`| ${method} 1 KiB | ${fmt(m('local', (r) => r.rps), 0)} / ${fmt(m('redis', (r) => r.rps), 0)} | ` +
@@ -563,16 +569,7 @@ async function historyExperiment (): Promise<string> {
       expect: [200]
     })
     for (const [method, size] of [['PUT', '1KiB'], ['PUT', '1MB'], ['GET', '1KiB']] as const) {
-      const runs: Record<'on' | 'off', Result[]> = { on: [], off: [] }
-      for (let round = 0; round < ROUNDS; round++) {
-        for (const kind of ['off', 'on', 'on', 'off'] as const) {
-          await measure(servers[kind], scenario(kind, method, size), 1)
-          const result = await measure(servers[kind], scenario(kind, method, size), DURATION)
-          runs[kind].push(result)
-          console.log(`${result.scenario.padEnd(28)} ${fmt(result.rps, 0).padStart(7)} req/s  p99 ${result.p99} ms  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}`)
-        }
-      }
-      const median = (values: number[]) => { const sorted = [...values].sort((a, b) => a - b); return (sorted[ROUNDS - 1]! + sorted[ROUNDS]!) / 2 }
+      const runs = await alternate(ROUNDS, ['off', 'on', 'on', 'off'] as const, (kind) => [servers[kind], scenario(kind, method, size)])
       const m = (kind: 'on' | 'off', pickField: (r: Result) => number) => median(runs[kind].map(pickField))
       const errors = [...runs.on, ...runs.off].reduce((sum, r) => sum + r.errors + r.unexpected, 0)
       lines.push(`| ${method} ${size} | ${fmt(m('off', (r) => r.rps), 0)} / ${fmt(m('on', (r) => r.rps), 0)} | ` +
