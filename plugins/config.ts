@@ -50,10 +50,16 @@ export const ConfigSchema = Type.Object({
   HOST: Type.String({ minLength: 1, default: '0.0.0.0' }),
   LOG_LEVEL: Type.Unsafe<typeof Level[number]>({ type: 'string', enum: [...Level], default: 'info' }),
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 1000, default: 10 }),
-  DATABASE_PREPARED_STATEMENTS: Type.Boolean({
-    default: true,
-    description: 'prepare each statement once per connection; false sends them unnamed (the embedded database always does)'
+  DATABASE_POOLER: Type.Unsafe<'none' | 'transaction'>({
+    type: 'string',
+    enum: ['none', 'transaction'],
+    default: 'none',
+    description: 'transaction: DATABASE_URL is a transaction-mode pooler (PgBouncer pool_mode = transaction); none: PostgreSQL itself or a session-mode pooler'
   }),
+  // No default: unset, it follows DATABASE_POOLER (named statements need a session of their own).
+  DATABASE_PREPARED_STATEMENTS: Type.Optional(Type.Boolean({
+    description: 'prepare each statement once per connection; false sends them unnamed (the embedded database always does)'
+  })),
   DATABASE_MAX_WAITING: Type.Integer({
     minimum: 1,
     maximum: 100_000,

@@ -1,10 +1,11 @@
 import fp from 'fastify-plugin'
 import fastifyPostgres from '@fastify/postgres'
-import { runner } from 'node-pg-migrate'
-import pg, { type Pool } from 'pg'
+import { PG_MIGRATE_LOCK_ID, runner } from 'node-pg-migrate'
+import pg, { type Pool, type QueryConfig, type QueryResult, type QueryResultRow } from 'pg'
 import type { FastifyBaseLogger } from 'fastify'
-import { projectFile } from './config.ts'
+import { projectFile, type Config } from './config.ts'
 import { startEmbeddedDatabase } from './embedded.ts'
+import type { Queryable } from './storage.ts'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -87,31 +88,95 @@ export function describeDatabase (connectionString: string): string {
   return `${url.hostname}:${url.port || '5432'}${url.pathname}`
 }
 
+// A transaction-mode pooler (DATABASE_POOLER=transaction: PgBouncer's pool_mode = transaction)
+// hands each transaction to whichever server connection is free, so nothing may belong to a
+// session: no start-up parameters (PgBouncer refuses statement_timeout), no SET, no session
+// lock, no named statement. The statement limit is then set in each statement's own transaction.
+
+/** The statement limit as a start-up parameter, where each connection is a session of its own. */
+export function sessionTimeout (config: Pick<Config, 'DATABASE_POOLER'>, ms: number): { statement_timeout?: number } {
+  return config.DATABASE_POOLER === 'transaction' ? {} : { statement_timeout: ms }
+}
+
+/** Whether statements are prepared once per connection under a name (DATABASE_PREPARED_STATEMENTS, else per DATABASE_POOLER). */
+export function preparedStatements (config: Pick<Config, 'DATABASE_POOLER' | 'DATABASE_PREPARED_STATEMENTS'>): boolean {
+  return config.DATABASE_PREPARED_STATEMENTS ?? config.DATABASE_POOLER !== 'transaction'
+}
+
 /**
- * Applies the pending files of sql/ in name order and records them in schema_migrations.
- * Instances that start together queue on node-pg-migrate's advisory lock (mode 'wait')
- * instead of failing, so every instance comes up once the first has migrated.
+ * What the storage sends its statements to: the pool itself, or behind a transaction-mode pooler
+ * a pool that runs each statement in a transaction of its own which first sets the statement
+ * limit (SET LOCAL ends with the transaction, so the server connection goes back clean).
+ * Two more round trips per statement, on that configuration only.
  */
-export async function migrate (pool: Pool, log: FastifyBaseLogger): Promise<string[]> {
+export function statementRunner (pool: Pool, config: Pick<Config, 'DATABASE_POOLER'>, timeoutMs: number): Queryable {
+  if (config.DATABASE_POOLER !== 'transaction') return pool
+  const begin = `BEGIN; SET LOCAL statement_timeout = ${Math.trunc(timeoutMs)}`
+  return {
+    async query<R extends QueryResultRow> (statement: QueryConfig): Promise<QueryResult<R>> {
+      const client = await pool.connect()
+      // Like pool.query: a connection that dies while checked out must not crash the process.
+      let lost: Error | undefined
+      const onError = (err: Error) => { lost = err }
+      client.on('error', onError)
+      try {
+        await client.query(begin)
+        const result = await client.query<R>(statement)
+        await client.query('COMMIT')
+        client.release(lost)
+        return result
+      } catch (err) {
+        // Rolled back, or where even that fails the connection is dropped (the pooler rolls back).
+        await client.query('ROLLBACK').then(() => client.release(lost), (rollback: Error) => client.release(rollback))
+        throw err
+      } finally {
+        client.removeListener('error', onError)
+      }
+    }
+  }
+}
+
+/**
+ * Applies the pending files of sql/ in name order and records them in schema_migrations, all in
+ * one transaction. Instances that start together queue on an advisory lock (node-pg-migrate's
+ * key) instead of failing, so every instance comes up once the first has migrated. The lock is
+ * the transaction's, not the session's: a transaction-mode pooler keeps a transaction on one
+ * server connection, never a session, and the lock cannot outlive the migration.
+ */
+export async function migrate (pool: Pool, log: FastifyBaseLogger, statementTimeoutMs?: number): Promise<string[]> {
   const client = await pool.connect()
   // A checked-out client has no listener of the pool's: a dropped connection must not crash us.
   const onError = (err: Error) => log.warn({ err }, 'migration connection lost')
   client.on('error', onError)
+  // The runner's own transaction control is ours: it runs inside the transaction that holds the lock.
+  const inTransaction = {
+    query: (statement: string | QueryConfig, values?: unknown[]) =>
+      typeof statement === 'string' && /^(BEGIN|COMMIT|ROLLBACK);?$/.test(statement.trim())
+        ? Promise.resolve({ rows: [], rowCount: 0 })
+        : client.query(statement as string, values)
+  }
+  let failed = true
   try {
+    await client.query('BEGIN')
+    if (statementTimeoutMs !== undefined) await client.query(`SET LOCAL statement_timeout = ${Math.trunc(statementTimeoutMs)}`)
+    await client.query('SELECT pg_advisory_xact_lock($1)', [PG_MIGRATE_LOCK_ID])
     const applied = await runner({
-      dbClient: client,
+      dbClient: inTransaction as unknown as pg.Client,
       dir: SQL_DIR,
       migrationsTable: MIGRATIONS_TABLE,
       direction: 'up',
       count: Infinity,
       checkOrder: true,
       singleTransaction: true,
-      advisoryLockMode: 'wait',
+      noLock: true,
       log: () => {},
       logger: { debug: () => {}, info: () => {}, warn: (msg: string) => log.warn(msg), error: (msg: string) => log.error(msg) }
     })
+    await client.query('COMMIT')
+    failed = false
     return applied.map((migration) => migration.name)
   } finally {
+    if (failed) await client.query('ROLLBACK').catch(() => {})
     client.removeListener('error', onError)
     client.release()
   }
@@ -139,7 +204,7 @@ export default fp(async function db (app) {
     connectionTimeoutMillis: config.DATABASE_CONNECT_TIMEOUT_MS,
     // The server cancels a runaway statement; the client gives up a little later in case
     // the server itself is stalled or the network dropped the answer.
-    statement_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS,
+    ...sessionTimeout(config, config.DATABASE_STATEMENT_TIMEOUT_MS),
     query_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS + 1_000,
     application_name: 'logikids-sync'
   })
@@ -155,7 +220,7 @@ export default fp(async function db (app) {
     max: 1,
     idleTimeoutMillis: 60_000,
     connectionTimeoutMillis: config.HEALTH_TIMEOUT_MS,
-    statement_timeout: config.HEALTH_TIMEOUT_MS,
+    ...sessionTimeout(config, config.HEALTH_TIMEOUT_MS),
     // A connection the network silently dropped never answers: without a client-side limit its
     // SELECT 1, shared by every later check, would keep /health at 503 (and hold up shutdown).
     query_timeout: config.HEALTH_TIMEOUT_MS,
@@ -172,7 +237,7 @@ export default fp(async function db (app) {
   const where = app.databaseKind === 'embedded' ? `embedded (${config.EMBEDDED_DATA_DIR})` : describeDatabase(connectionString)
   let applied: string[]
   try {
-    applied = await migrate(app.pg.pool, app.log)
+    applied = await migrate(app.pg.pool, app.log, config.DATABASE_STATEMENT_TIMEOUT_MS)
   } catch (err) {
     throw new Error(`cannot prepare the database at ${where}: ${describeFailure(err)}`, { cause: err })
   }

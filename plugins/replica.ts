@@ -1,7 +1,9 @@
 import fp from 'fastify-plugin'
-import pg, { type Pool } from 'pg'
+import pg from 'pg'
 import { Gauge } from 'prom-client'
 import { atMostEvery } from '../logging.ts'
+import { sessionTimeout, statementRunner } from './db.ts'
+import type { Queryable } from './storage.ts'
 
 /**
  * Where reads go. Without DATABASE_READ_URL: nowhere but the primary (null). With it: the
@@ -17,7 +19,7 @@ import { atMostEvery } from '../logging.ts'
  */
 export interface ReplicaReads {
   /** The replica's pool if reads may go there now, else null. */
-  pool (): Pool | null
+  pool (): Queryable | null
   /** A read on the replica failed (it is down, restarting, or refused): read the primary until the next good probe. */
   failed (err: unknown): void
   counted (target: 'replica' | 'primary'): void
@@ -45,13 +47,14 @@ export default fp(async function replica (app) {
   const options = {
     idleTimeoutMillis: 30_000,
     connectionTimeoutMillis: Math.min(config.DATABASE_CONNECT_TIMEOUT_MS, maxLag),
-    statement_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS,
+    ...sessionTimeout(config, config.DATABASE_STATEMENT_TIMEOUT_MS),
     query_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS + 1_000
   }
   const reads = new pg.Pool({ ...options, connectionString: config.DATABASE_READ_URL, max: config.DATABASE_POOL_MAX, application_name: 'logikids-sync read' })
+  const readStatements = statementRunner(reads, config, config.DATABASE_STATEMENT_TIMEOUT_MS)
   // One connection each for the probes, with timeouts of the lag bound: a probe that cannot
   // answer within it has nothing useful to say.
-  const probeOptions = { max: 1, idleTimeoutMillis: 60_000, connectionTimeoutMillis: maxLag, statement_timeout: maxLag, query_timeout: maxLag }
+  const probeOptions = { max: 1, idleTimeoutMillis: 60_000, connectionTimeoutMillis: maxLag, ...sessionTimeout(config, maxLag), query_timeout: maxLag }
   const primaryProbe = new pg.Pool({ ...probeOptions, connectionString: config.DATABASE_URL, application_name: 'logikids-sync replica probe' })
   const replicaProbe = new pg.Pool({ ...probeOptions, connectionString: config.DATABASE_READ_URL, application_name: 'logikids-sync replica probe' })
   for (const pool of [reads, primaryProbe, replicaProbe]) pool.on('error', () => {}) // a dead idle connection: the next probe tells
@@ -132,7 +135,7 @@ export default fp(async function replica (app) {
   })
 
   app.decorate('replica', {
-    pool: () => (usable() ? reads : null),
+    pool: () => (usable() ? readStatements : null),
     failed () {
       healthy = false
       caughtUpTo = -Infinity

@@ -4,7 +4,7 @@ import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
 import type { Logger } from 'pino'
 import { atMostEvery, pseudonym } from '../logging.ts'
-import { POOL_SATURATED, isConnectionLost, isTransactionAborted } from './db.ts'
+import { POOL_SATURATED, isConnectionLost, isTransactionAborted, preparedStatements, statementRunner } from './db.ts'
 import type { ReplicaReads } from './replica.ts'
 
 /** What the storage needs of a pool: one query at a time (pg's Pool, or a test's Client). */
@@ -772,15 +772,17 @@ const OPERATION_OF: Record<string, string> = {
 
 export default fp(async function storage (app) {
   const { storageDuration } = app.metrics
-  const prepared = app.config.DATABASE_PREPARED_STATEMENTS && app.databaseKind !== 'embedded'
+  const { config } = app
+  const prepared = preparedStatements(config) && app.databaseKind !== 'embedded'
   const { pool } = app.pg
-  const maxWaiting = app.config.DATABASE_MAX_WAITING
-  app.decorate('storage', createStorage(app.pg.pool, app.log.child({ component: 'storage' }), (statement, outcome, seconds) => {
+  const maxWaiting = config.DATABASE_MAX_WAITING
+  const statements = statementRunner(pool, config, config.DATABASE_STATEMENT_TIMEOUT_MS)
+  app.decorate('storage', createStorage(statements, app.log.child({ component: 'storage' }), (statement, outcome, seconds) => {
     storageDuration.observe({ operation: OPERATION_OF[statement] ?? statement, outcome }, seconds)
   }, {
     prepared,
     admit: () => pool.waitingCount < maxWaiting,
-    history: { versions: app.config.HISTORY_VERSIONS, days: app.config.HISTORY_DAYS },
+    history: { versions: config.HISTORY_VERSIONS, days: config.HISTORY_DAYS },
     replica: app.replica
   }))
   // The access times being written finish before the pool closes.

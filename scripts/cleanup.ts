@@ -9,6 +9,7 @@ import pino from 'pino'
 import { loadConfig, type Config } from '../plugins/config.ts'
 import { createStorage } from '../plugins/storage.ts'
 import { cleanupInactive } from '../plugins/cleanup.ts'
+import { preparedStatements, sessionTimeout, statementRunner } from '../plugins/db.ts'
 import { loggerOptions } from '../logging.ts'
 
 const usage = 'usage: npm run cleanup -- --days N [--dry-run]'
@@ -43,12 +44,15 @@ const pool = new pg.Pool({
   connectionString: config.DATABASE_URL,
   max: 2,
   connectionTimeoutMillis: config.DATABASE_CONNECT_TIMEOUT_MS,
-  statement_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS,
+  ...sessionTimeout(config, config.DATABASE_STATEMENT_TIMEOUT_MS),
   query_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS + 1_000
 })
 pool.on('error', (err) => log.warn({ err }, 'database connection lost'))
 try {
-  const storage = createStorage(pool, log, undefined, { history: { versions: config.HISTORY_VERSIONS, days: config.HISTORY_DAYS } })
+  const storage = createStorage(statementRunner(pool, config, config.DATABASE_STATEMENT_TIMEOUT_MS), log, undefined, {
+    prepared: preparedStatements(config),
+    history: { versions: config.HISTORY_VERSIONS, days: config.HISTORY_DAYS }
+  })
   const result = await cleanupInactive(pool, storage, log, { inactiveDays: days, dryRun })
   if (!result.ran) {
     console.log(`cleanup: skipped: ${result.reason}`)

@@ -10,6 +10,7 @@ import { loadConfig, type Config } from '../plugins/config.ts'
 import { describeDatabase } from '../plugins/db.ts'
 import { isAlive, startEmbeddedDatabase } from '../plugins/embedded.ts'
 import { serverBinaries, startCluster } from './pg-cluster.ts'
+import { pgbouncerVersion, startPgBouncer } from './pgbouncer.ts'
 
 /** The part of tap's Test a helper needs (kept narrow so helpers work in any subtest). */
 export interface TestContext {
@@ -24,7 +25,7 @@ interface TestServer {
   newDatabase (t: TestContext): Promise<string>
 }
 
-const KINDS = ['url', 'container', 'local', 'embedded'] as const
+const KINDS = ['url', 'container', 'local', 'embedded', 'pgbouncer'] as const
 type Kind = typeof KINDS[number]
 
 let serverPromise: Promise<TestServer> | undefined
@@ -48,6 +49,7 @@ async function findTestServer (): Promise<TestServer> {
     throw new Error(`TEST_DATABASE must be one of ${KINDS.join(', ')} (got ${forced})`)
   }
   const tried: string[] = []
+  if (forced === 'pgbouncer') return await behindPgBouncer()
   if (forced === 'url' || (forced === undefined && process.env.DATABASE_URL)) {
     if (!process.env.DATABASE_URL) throw new Error('TEST_DATABASE=url needs DATABASE_URL')
     await dropAbandonedDatabases(process.env.DATABASE_URL)
@@ -84,6 +86,32 @@ async function findTestServer (): Promise<TestServer> {
       const embedded = await startEmbeddedDatabase('memory://', 20)
       t.teardown(() => embedded.close())
       return embedded.url
+    }
+  }
+}
+
+/**
+ * TEST_DATABASE=pgbouncer: the databases of DATABASE_URL's server (else of a throwaway cluster),
+ * reached through a private PgBouncer in transaction pooling mode, and the service told so
+ * (DATABASE_POOLER=transaction). The databases are created and dropped on the server itself.
+ */
+async function behindPgBouncer (): Promise<TestServer> {
+  resolvedKind = 'pgbouncer'
+  let serverUrl = process.env.DATABASE_URL
+  if (serverUrl) {
+    await dropAbandonedDatabases(serverUrl)
+  } else {
+    const cluster = await startCluster()
+    tap.teardown(() => cluster.stop())
+    serverUrl = cluster.url
+  }
+  const bouncer = await startPgBouncer(serverUrl)
+  tap.teardown(() => bouncer.stop())
+  const direct = serverDatabases('', serverUrl)
+  return {
+    kind: `${pgbouncerVersion()} in transaction mode on port ${bouncer.port}, in front of ${describeDatabase(serverUrl)}`,
+    async newDatabase (t) {
+      return bouncer.url(new URL(await direct.newDatabase(t)).pathname.slice(1))
     }
   }
 }
@@ -241,7 +269,13 @@ export function testConfig (env: Record<string, string>): Config {
   // The embedded database has one session for all connections: no named statements there
   // (the service knows that of its own embedded database, not of one given by DATABASE_URL).
   const shared = embeddedTests() ? { DATABASE_PREPARED_STATEMENTS: 'false' } : {}
-  return loadConfig({ LOG_LEVEL: 'silent', NODE_ENV: 'test', ...shared, ...env })
+  const pooler = transactionPooled() ? { DATABASE_POOLER: 'transaction' } : {}
+  return loadConfig({ LOG_LEVEL: 'silent', NODE_ENV: 'test', ...shared, ...pooler, ...env })
+}
+
+/** Whether this file's databases are reached through a transaction-mode PgBouncer (TEST_DATABASE=pgbouncer). */
+export function transactionPooled (): boolean {
+  return resolvedKind === 'pgbouncer'
 }
 
 /** Whether this file's databases are embedded ones (known once createTestDatabase has run). */

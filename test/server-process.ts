@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
-import type { TestContext } from './helper.ts'
+import { transactionPooled, type TestContext } from './helper.ts'
 
 // The real entry point, as `npm start` runs it, from the sources (no build step in the tests).
 const ROOT = fileURLToPath(new URL('../', import.meta.url))
@@ -38,7 +38,8 @@ interface Spawned { child: ChildProcess, output: string[], exited: Promise<Exit>
 function spawnServer (env: Record<string, string>, output: string[]): Spawned {
   const child = spawn(process.execPath, ['--import', 'tsx', 'server.ts'], {
     cwd: ROOT,
-    env: { PATH: process.env.PATH ?? '', ...env },
+    // Through the test's transaction-mode PgBouncer (TEST_DATABASE=pgbouncer) the service is told so, as in build().
+    env: { PATH: process.env.PATH ?? '', ...(transactionPooled() ? { DATABASE_POOLER: 'transaction' } : {}), ...env },
     stdio: ['ignore', 'pipe', 'pipe']
   })
   const exited = new Promise<Exit>((resolve) => child.once('close', (code, signal) => resolve({ code, signal })))

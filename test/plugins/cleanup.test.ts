@@ -53,12 +53,15 @@ t.test('many rows go in batches, and all of them go', async (t) => {
 t.test('with the lock held elsewhere (another instance), a run skips and deletes nothing', async (t) => {
   const idle = await seed([1000])
   const other = await db.connect()
-  await other.query('SELECT pg_advisory_lock($1)', [CLEANUP_LOCK])
+  // Held as another instance holds it: in a transaction (a session's lock would stay with
+  // whichever server connection a transaction-mode pooler lent for the statement).
+  await other.query('BEGIN')
+  await other.query('SELECT pg_advisory_xact_lock($1)', [CLEANUP_LOCK])
   try {
     t.strictSame(await app.cleanup.run(), { ran: false, reason: 'another instance is running it' })
     t.equal(await remaining(idle), 1)
   } finally {
-    await other.query('SELECT pg_advisory_unlock($1)', [CLEANUP_LOCK])
+    await other.query('COMMIT')
     other.release()
   }
   t.match(await app.cleanup.run(), { ran: true, deleted: 1 }, 'and runs once the lock is free')
@@ -97,7 +100,7 @@ t.test('two cleanups at once: while one holds the lock, the other skips', async 
 t.test('npm run cleanup: dry run, then the real thing', async (t) => {
   const idle = await seed([900, 900])
   const run = promisify(execFile)
-  const env = { PATH: process.env.PATH ?? '', DATABASE_URL: databaseUrlOf(app) }
+  const env = { PATH: process.env.PATH ?? '', DATABASE_URL: databaseUrlOf(app), DATABASE_POOLER: app.config.DATABASE_POOLER }
   const dry = await run(process.execPath, ['--import', 'tsx', 'scripts/cleanup.ts', '--days', '730', '--dry-run'], { cwd: ROOT, env })
   t.match(dry.stdout, /would delete 2 accounts not accessed for more than 730 days \(dry run, nothing deleted\)/)
   t.equal(await remaining(idle), 2)

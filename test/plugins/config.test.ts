@@ -1,5 +1,6 @@
 import t from 'tap'
 import { loadConfig } from '../../plugins/config.ts'
+import { preparedStatements } from '../../plugins/db.ts'
 
 const DATABASE_URL = 'postgres://logikids@db.example:5432/logikids'
 
@@ -61,6 +62,17 @@ t.test('production refuses a weak database password, and accepts authentication 
   t.equal(strong.NODE_ENV, 'production')
   t.doesNotThrow(() => loadConfig({ NODE_ENV: 'production', DATABASE_URL: 'postgres://logikids@db/logikids' }),
     'no password: ~/.pgpass, a client certificate or peer authentication')
+})
+
+t.test('DATABASE_POOLER: prepared statements follow it unless set', async (t) => {
+  const prepared = (env: Record<string, string>) => preparedStatements(loadConfig({ DATABASE_URL, ...env }))
+  t.equal(loadConfig({ DATABASE_URL }).DATABASE_POOLER, 'none')
+  t.equal(prepared({}), true, 'directly: named statements')
+  t.equal(prepared({ DATABASE_POOLER: 'transaction' }), false, 'behind a transaction-mode pooler: unnamed')
+  t.equal(prepared({ DATABASE_POOLER: 'transaction', DATABASE_PREPARED_STATEMENTS: 'true' }), true, 'unless told the pooler keeps them')
+  t.equal(prepared({ DATABASE_PREPARED_STATEMENTS: 'false' }), false)
+  t.equal(prepared({ DATABASE_PREPARED_STATEMENTS: '' }), true, 'empty is unset')
+  t.throws(() => loadConfig({ DATABASE_URL, DATABASE_POOLER: 'session' }), /DATABASE_POOLER must be one of none, transaction/)
 })
 
 t.test('without DATABASE_URL (development): the embedded database in ./data', async (t) => {
