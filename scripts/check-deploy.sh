@@ -33,13 +33,51 @@ prod_db_ports=$(POSTGRES_PASSWORD=x docker-compose -f docker-compose.yml -f dock
 prod_config=$(POSTGRES_PASSWORD=x docker-compose -f docker-compose.yml -f docker-compose.prod.yml config)
 grep -q 'NODE_ENV: production' <<<"$prod_config" || fail "production compose must set NODE_ENV=production"
 
+# The scale-out file (docs/scaling.md): resolves with its two passwords and refuses to without;
+# three instances, each with the shared Redis, the replica for reads and the proxy as the only
+# trusted one; only the proxy publishes a port; nginx sends to exactly those instances; every
+# variable an instance gets is one docker-compose.yml passes (test/docs/settings.test.ts ties
+# those to the settings the service reads).
+scale_env=(POSTGRES_PASSWORD=check-only-password REPLICATION_PASSWORD=check-only-replication)
+scale_config=$(env "${scale_env[@]}" docker-compose -f docker-compose.scale.yml config)
+if docker-compose -f docker-compose.scale.yml config -q 2>/dev/null </dev/null; then
+  [ -f .env ] || fail "docker-compose.scale.yml accepted empty passwords"
+fi
+base_config=$(docker-compose -f docker-compose.yml config)
+problems=$(python3 -c '
+import re, sys, yaml
+scale = yaml.safe_load(sys.argv[1])["services"]
+base = yaml.safe_load(sys.argv[2])["services"]["sync"]["environment"]
+upstream = re.findall(r"^\s*server\s+([a-z0-9-]+):3000", open("deploy/scale/nginx.conf").read(), re.M)
+instances = sorted(name for name in scale if name.startswith("sync-"))
+problems = []
+if instances != ["sync-1", "sync-2", "sync-3"]: problems.append("instances: %s" % instances)
+if sorted(upstream) != instances: problems.append("nginx upstream %s is not the instances %s" % (upstream, instances))
+proxy_ip = scale["proxy"]["networks"]["scale"]["ipv4_address"]
+for name in instances:
+    env = scale[name]["environment"]
+    if env.get("REDIS_URL") != "redis://redis:6379": problems.append(name + ": REDIS_URL is not the shared Redis")
+    if "@postgres-replica:5432/" not in env.get("DATABASE_READ_URL", ""): problems.append(name + ": DATABASE_READ_URL is not the replica")
+    if "@postgres:5432/" not in env.get("DATABASE_URL", ""): problems.append(name + ": DATABASE_URL is not the primary")
+    if env.get("TRUST_PROXY") != proxy_ip: problems.append(name + ": TRUST_PROXY is not the proxy (%s)" % proxy_ip)
+    if env.get("NODE_ENV") != "production": problems.append(name + ": NODE_ENV is not production")
+    unknown = sorted(set(env) - set(base))
+    if unknown: problems.append(name + ": variables docker-compose.yml does not pass: %s" % unknown)
+    if scale[name].get("ports"): problems.append(name + " publishes a port")
+published = sorted(name for name, service in scale.items() if service.get("ports"))
+if published != ["proxy"]: problems.append("only the proxy may publish a port, not %s" % published)
+if "--save" not in scale["redis"].get("command", []): problems.append("redis keeps counters on disk")
+print("\n".join(problems))
+' "$scale_config" "$base_config")
+[ -z "$problems" ] || fail "docker-compose.scale.yml: $problems"
+
 # The Dockerfile linter (its findings go to stdout; it exits 0 either way). It would download
 # its own copy of shellcheck; -s none and no install scripts skip that (Debian's runs below).
 lint=$(npm_config_ignore_scripts=true npx --yes -p dockerlinter@1.2.2 dockerlinter -f Dockerfile -s none)
 [ -z "$lint" ] || fail "Dockerfile lint findings:
 $lint"
 
-shellcheck scripts/*.sh .ci/run
+shellcheck scripts/*.sh deploy/scale/*.sh .ci/run
 
 # The runtime image's contents without an engine: the production install the Dockerfile makes
 # (no dev, no optional dependencies: no PGlite), the compiled service and sql/, started as the
