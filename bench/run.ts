@@ -8,16 +8,19 @@
 // token: the server CPU the token check costs), --history (PUT and GET with HISTORY_VERSIONS=10
 // against 0, and the disk a user with 10 kept 1 MB versions takes; all of it, whatever --only says),
 // --redis (1 KiB GET and PUT with both rate limits on, counted in process against counted in a
-// private redis-server: the server CPU the shared counters cost).
+// private redis-server: the server CPU the shared counters cost), --replica (1 KiB GET with
+// reads on a streaming replica against reads on the primary, on a throwaway primary and a
+// pg_basebackup standby: the primary's CPU per read each way).
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
-import { readFileSync, writeFileSync, existsSync } from 'node:fs'
+import { readFileSync, readdirSync, writeFileSync, existsSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { setTimeout as sleep } from 'node:timers/promises'
 import autocannon from 'autocannon'
 import pg from 'pg'
+import { startCluster, type Cluster } from '../test/pg-cluster.ts'
 
 const ROOT = fileURLToPath(new URL('../', import.meta.url))
 const { values: args } = parseArgs({
@@ -28,7 +31,8 @@ const { values: args } = parseArgs({
     toast: { type: 'boolean', default: false },
     tokens: { type: 'boolean', default: false },
     history: { type: 'boolean', default: false },
-    redis: { type: 'boolean', default: false }
+    redis: { type: 'boolean', default: false },
+    replica: { type: 'boolean', default: false }
   }
 })
 const DURATION = Number(args.duration)
@@ -526,6 +530,98 @@ async function redisExperiment (): Promise<string> {
   return lines.join('\n')
 }
 
+/** CPU seconds a PostgreSQL cluster's processes (the postmaster's children: backends, walsender, startup) have used so far. */
+function clusterCpuSeconds (cluster: Cluster): number {
+  const postmaster = Number(readFileSync(`${cluster.dataDir}/postmaster.pid`, 'utf8').split('\n')[0])
+  let total = cpuSeconds(postmaster)
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue
+    try {
+      const fields = readFileSync(`/proc/${entry}/stat`, 'utf8').split(') ')[1]!.split(' ')
+      if (Number(fields[1]) === postmaster) total += (Number(fields[11]) + Number(fields[12])) / 100
+    } catch {} // gone meanwhile
+  }
+  return total
+}
+
+/**
+ * 1 KiB GET with reads on a streaming replica (DATABASE_READ_URL) against reads on the primary,
+ * on a throwaway primary and a hot standby made by pg_basebackup -R (both on this machine's
+ * 2 cores, so the replica adds no capacity here: what it shows is the cost of the routing to
+ * the service, and the read load it takes off the primary). Three rounds of (primary, replica,
+ * replica, primary); medians.
+ */
+async function replicaExperiment (): Promise<string> {
+  const ROUNDS = 3
+  const primary = await startCluster()
+  let standby: Cluster | undefined
+  const servers: Partial<Record<'primary' | 'replica', Server>> = {}
+  const lines = ['## Reads on a replica (--replica)', '']
+  try {
+    const url = (cluster: Cluster) => {
+      const u = new URL(cluster.url)
+      u.pathname = '/postgres'
+      u.password = 'bench-with-trust-auth'
+      return u.toString()
+    }
+    // /metrics on the main port (the bench's own service holds the separate listener's).
+    const metrics = { METRICS_TOKEN: 'bench-metrics-token' }
+    // The schema, made by the service, then the users; the standby is cloned after, so it starts with all of it.
+    await stopServer(await startServer('service', 3108, metrics, url(primary)))
+    const users = Array.from({ length: USERS['1KiB'] }, (_, n) => uuid(n, 0x70))
+    await admin(async (c) => {
+      await c.query(insertRecords(`SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1::bigint, repeat('a', 64), 1024, now(), NULL::bytea
+        FROM unnest($2::uuid[]) AS u`), [randomBytes(1024).toString('base64'), users])
+      await c.query('VACUUM ANALYZE user_sync_data, user_sync_versions')
+    }, primary.url)
+    standby = await startCluster({ replicaOf: primary })
+    servers.primary = await startServer('service', 3108, metrics, url(primary))
+    servers.replica = await startServer('service', 3109, { ...metrics, DATABASE_READ_URL: url(standby) }, url(primary))
+    const scenario = (kind: 'primary' | 'replica'): Scenario => ({
+      name: `GET 1KiB c16 [reads ${kind}]`, connections: 16, method: 'GET', path: () => `/api/sync/${pick(users)}`, expect: [200]
+    })
+    const primaryCpu: Record<'primary' | 'replica', number[]> = { primary: [], replica: [] }
+    const runs = await alternate(ROUNDS, ['primary', 'replica', 'replica', 'primary'] as const, (kind) => {
+      // The primary's own CPU over the measured run (alternate's warm-up is 1 s, then DURATION s).
+      const before = clusterCpuSeconds(primary)
+      const started = Date.now()
+      setTimeout(() => {
+        const cpu = clusterCpuSeconds(primary) - before
+        primaryCpu[kind].push(cpu / ((Date.now() - started) / 1000))
+      }, (1 + DURATION) * 1000).unref()
+      return [servers[kind]!, scenario(kind)]
+    })
+    await sleep(200)
+    const reads = async (server: Server) => {
+      const text = await (await fetch(`http://127.0.0.1:${server.port}/metrics`, { headers: { authorization: 'Bearer bench-metrics-token' } })).text()
+      const of = (target: string) => Number(new RegExp(`database_reads_total\\{target="${target}"\\} (\\d+)`).exec(text)?.[1] ?? 0)
+      return { replica: of('replica'), primary: of('primary') }
+    }
+    const share = await reads(servers.replica)
+    const m = (kind: 'primary' | 'replica', field: (r: Result) => number) => median(runs[kind].map(field))
+    const errors = [...runs.primary, ...runs.replica].reduce((sum, r) => sum + r.errors + r.unexpected, 0)
+    lines.push(`1 KiB GET, 16 connections, ${USERS['1KiB']} users, on a throwaway primary and a \`pg_basebackup -R\` hot standby of it (both on the same 2 cores): ` +
+      `a service reading from the primary against one with \`DATABASE_READ_URL\` on the standby (REPLICA_MAX_LAG_MS 1000), ${ROUNDS} rounds of (primary, replica, replica, primary), ` +
+      `${DURATION} s each after a 1 s warm-up; medians of the ${2 * ROUNDS} runs of each. The primary's CPU is all its processes' (backends, WAL sender), in cores busy over the run.`, '',
+      '| reads on | req/s | p50 / p99 ms | service CPU µs/req | primary CPU (cores) | primary CPU µs/req |',
+      '| --- | ---: | --- | ---: | ---: | ---: |')
+    for (const kind of ['primary', 'replica'] as const) {
+      const rps = m(kind, (r) => r.rps)
+      const cores = median(primaryCpu[kind])
+      lines.push(`| ${kind} | ${fmt(rps, 0)} | ${fmt(m(kind, (r) => r.p50))} / ${fmt(m(kind, (r) => r.p99))} | ${fmt(m(kind, (r) => r.cpuUs), 0)} | ` +
+        `${fmt(cores, 2)} | ${fmt(cores * 1e6 / rps, 0)} |`)
+    }
+    lines.push('', `req/s replica / primary: **${fmt(m('replica', (r) => r.rps) / m('primary', (r) => r.rps), 2)}x**; service CPU per request replica / primary: ` +
+      `**${fmt(m('replica', (r) => r.cpuUs) / m('primary', (r) => r.cpuUs), 3)}x**. Reads the replica service answered: ${share.replica} from the standby, ` +
+      `${share.primary} from the primary; errors ${errors}.`)
+  } finally {
+    for (const server of Object.values(servers)) await stopServer(server)
+    await standby?.stop()
+    await primary.stop()
+  }
+  return lines.join('\n')
+}
+
 async function historyExperiment (): Promise<string> {
   const ROUNDS = 3
   const sizes = { '1KiB': 1000, '1MB': 30 } as const
@@ -670,6 +766,7 @@ async function main (): Promise<void> {
     if (args.tokens) extra.push(await tokenExperiment(service))
     if (args.history) extra.push(await historyExperiment())
     if (args.redis) extra.push(await redisExperiment())
+    if (args.replica) extra.push(await replicaExperiment())
     if (args.scale) extra.push(await scaleExperiment(service, compare, results))
   } finally {
     await stopServer(service)
