@@ -603,8 +603,8 @@ async function replicaExperiment (): Promise<string> {
     lines.push(`1 KiB GET, 16 connections, ${USERS['1KiB']} users, on a throwaway primary and a \`pg_basebackup -R\` hot standby of it (both on the same 2 cores): ` +
       `a service reading from the primary against one with \`DATABASE_READ_URL\` on the standby (REPLICA_MAX_LAG_MS 1000), ${ROUNDS} rounds of (primary, replica, replica, primary), ` +
       `${DURATION} s each after a 1 s warm-up; medians of the ${2 * ROUNDS} runs of each. The primary's CPU is all its processes' (backends, WAL sender), in cores busy over the run.`, '',
-      '| reads on | req/s | p50 / p99 ms | service CPU µs/req | primary CPU (cores) | primary CPU µs/req |',
-      '| --- | ---: | --- | ---: | ---: | ---: |')
+    '| reads on | req/s | p50 / p99 ms | service CPU µs/req | primary CPU (cores) | primary CPU µs/req |',
+    '| --- | ---: | --- | ---: | ---: | ---: |')
     for (const kind of ['primary', 'replica'] as const) {
       const rps = m(kind, (r) => r.rps)
       const cores = median(primaryCpu[kind])

@@ -9,19 +9,34 @@ import { atMostEvery, pseudonym } from '../logging.ts'
 const UNLIMITED_ROUTES = new Set(['/health', '/health/live'])
 
 type Check = ReturnType<FastifyInstance['createRateLimit']>
-type Outcome = Exclude<Awaited<ReturnType<Check>>, { isAllowed: true }>
+/** A count that was made: how far the client is from its limit. */
+export type Outcome = Exclude<Awaited<ReturnType<Check>>, { isAllowed: true }>
+/** What a limit says of a request: counted (an Outcome), or let through uncounted (Redis not answering). */
+export type Verdict = Outcome | { isAllowed: true, key: string }
+const UNCOUNTED: Verdict = { isAllowed: true, key: '' }
 
 declare module 'fastify' {
   interface FastifyRequest {
     /** The per-IP limit's count for this request, so that a later limit can compare with it. */
     ipRateLimit: Outcome | null
+    /**
+     * The per-user limit's count, where it was made in the per-IP limit's round trip to Redis
+     * (see userRateLimit): taken by the per-user hook, given back if the request never got there.
+     */
+    userRateLimitAhead: Verdict | null
   }
   interface FastifyInstance {
     /**
-     * A rate limit (app.createRateLimit's check) that never throws: when the shared counters
-     * (Redis) do not answer within REDIS_TIMEOUT_MS, the request is allowed, uncounted.
+     * A limit of `max` requests per key and RATE_LIMIT_WINDOW that never throws: when the
+     * shared counters (Redis) do not answer within REDIS_TIMEOUT_MS, the request is allowed, uncounted.
      */
-    rateLimiter: (options: CreateRateLimitOptions) => (request: FastifyRequest) => ReturnType<Check>
+    rateLimiter: (max: number, keyOf: (request: FastifyRequest) => string) => (request: FastifyRequest) => Promise<Verdict>
+    /** Set by userRateLimit: the per-user limit and its key for a request, or null where the request will not be counted. */
+    userRateLimitAhead: { max: number, keyOf: ((request: FastifyRequest) => string | null) | null }
+  }
+  interface FastifyContextConfig {
+    /** The route counts the per-user limit (userRateLimit) in its onRequest hooks. */
+    userRateLimit?: boolean
   }
 }
 
@@ -41,6 +56,8 @@ export function clientKey (ip: string): string {
 }
 
 /**
+
+/**
  * Per-IP limit of every route but the health probes (RATE_LIMIT_IP_MAX per RATE_LIMIT_WINDOW),
  * counted in onRequest, before load shedding and before any body is read: a client that is
  * shed, refused or sent to the 404 handler still spends its budget. The per-user limit is
@@ -49,11 +66,17 @@ export function clientKey (ip: string): string {
  * RATE_LIMIT_CACHE_KEYS keys per limit), or, with REDIS_URL, in Redis, where every instance
  * counts into the same budgets. Redis down or slow: requests are served uncounted (fail open,
  * waiting REDIS_TIMEOUT_MS at most), with one warning per outage; counting resumes when it answers.
+ *
+ * With Redis, each count is a round trip, so a sync request's per-user count is made in the
+ * per-IP count's (one script for both keys); a request that never reaches the per-user hook
+ * (refused by this limit, shed, refused for its body or token) gets that count back.
  */
 export default fp(async function rateLimits (app) {
   const { RATE_LIMIT_IP_MAX: perIp, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
   const { redis, answered } = await connectRedis(app)
-  await app.register(rateLimit, { global: false, cache, ...(redis === null ? {} : { redis, nameSpace: 'logikids-sync:rate-limit:' }) })
+  // In process: @fastify/rate-limit's LRU store. In Redis the counting is ours (redisCounter).
+  await app.register(rateLimit, { global: false, cache })
+  const count = redis === null ? null : redisCounter(redis, windowMs)
 
   // An outage that began before start-up was warned of there. A Redis that answers about as
   // slowly as REDIS_TIMEOUT_MS flaps between up and down: one line a minute at most, each way.
@@ -63,41 +86,115 @@ export default fp(async function rateLimits (app) {
   if (outage) warnGate()
   if (outage) app.addHook('onReady', async () => { app.metrics.rateLimitStoreUp.set(0) })
 
-  app.decorate('rateLimiter', (options: CreateRateLimitOptions) => {
-    const check = app.createRateLimit(options)
-    return async (request: FastifyRequest) => {
-      try {
-        const outcome = await check(request)
-        if (outage) {
-          outage = false
-          app.metrics.rateLimitStoreUp.set(1)
-          if (backGate()) app.log.info('rate limits: Redis answers again; requests are counted again')
-        }
-        return outcome
-      } catch (err) {
-        app.metrics.rateLimitStoreErrors.inc()
-        if (!outage) {
-          outage = true
-          app.metrics.rateLimitStoreUp.set(0)
-          // The message only: a Redis error may carry the command, and with it a counter's key.
-          if (warnGate()) app.log.warn({ reason: (err as Error).message }, 'rate limits: Redis does not answer; requests are served uncounted until it does')
-        }
-        return { isAllowed: true as const, key: '' }
+  /** Counts that never throw: Redis not answering lets the request through uncounted. */
+  async function guarded (counting: () => Promise<Verdict[]>, keys: number): Promise<Verdict[]> {
+    try {
+      const verdicts = await counting()
+      if (outage) {
+        outage = false
+        app.metrics.rateLimitStoreUp.set(1)
+        if (backGate()) app.log.info('rate limits: Redis answers again; requests are counted again')
       }
+      return verdicts
+    } catch (err) {
+      app.metrics.rateLimitStoreErrors.inc()
+      if (!outage) {
+        outage = true
+        app.metrics.rateLimitStoreUp.set(0)
+        // The message only: a Redis error may carry the command, and with it a counter's key.
+        if (warnGate()) app.log.warn({ reason: (err as Error).message }, 'rate limits: Redis does not answer; requests are served uncounted until it does')
+      }
+      return Array.from({ length: keys }, () => UNCOUNTED)
     }
-  })
+  }
 
+  app.decorate('rateLimiter', (max: number, keyOf: (request: FastifyRequest) => string) => {
+    if (count === null) {
+      // createRateLimit passes `cache` on to its store; without it each limit holds 5,000 keys.
+      const check = app.createRateLimit({ max, timeWindow: windowMs, keyGenerator: keyOf, cache } as CreateRateLimitOptions)
+      return async (request: FastifyRequest) => (await guarded(async () => [await check(request)], 1))[0]!
+    }
+    return async (request: FastifyRequest) => (await guarded(() => count([{ key: keyOf(request), max }]), 1))[0]!
+  })
+  app.decorate('userRateLimitAhead', { max: 0, keyOf: null })
   app.decorateRequest('ipRateLimit', null)
+  app.decorateRequest('userRateLimitAhead', null)
   if (perIp === 0) return
-  const check = app.rateLimiter(limitOptions(perIp, windowMs, cache, (request) => `ip:${clientKey(request.ip)}`))
+
+  const ipKey = (request: FastifyRequest) => `ip:${clientKey(request.ip)}`
+  const check = app.rateLimiter(perIp, ipKey)
   app.addHook('onRequest', async function ipRateLimit (request, reply) {
     if (UNLIMITED_ROUTES.has(request.routeOptions.url ?? '')) return
-    const outcome = await check(request)
+    const { max, keyOf } = app.userRateLimitAhead
+    const userKey = count !== null && keyOf !== null && request.routeOptions.config.userRateLimit === true ? keyOf(request) : null
+    let outcome: Verdict
+    if (userKey === null) {
+      outcome = await check(request)
+    } else {
+      const [ip, user] = await guarded(() => count!([{ key: ipKey(request), max: perIp }, { key: userKey, max }]), 2)
+      outcome = ip!
+      request.userRateLimitAhead = user!
+    }
     if (outcome.isAllowed) return
     request.ipRateLimit = outcome
     enforce(reply, outcome, windowMs)
   })
+  if (count === null) return
+  app.addHook('onResponse', async function giveBack (request) {
+    const ahead = request.userRateLimitAhead
+    if (ahead === null || ahead.isAllowed) return
+    request.userRateLimitAhead = null
+    // A give-back lost (Redis gone meanwhile) costs the user one count of the window.
+    await count.giveBack(ahead.key).catch(() => {})
+  })
 }, { name: 'rate-limit', dependencies: ['config'] })
+
+// Per key: INCR; the window's first count sets the expiry, later ones read what is left of it
+// (as @fastify/rate-limit's own Redis store does, one key per script). Returns, per key, the
+// count and the milliseconds left.
+const COUNT = `local result = {}
+for i, key in ipairs(KEYS) do
+  local current = redis.call('INCR', key)
+  local left = tonumber(ARGV[1])
+  if current == 1 then redis.call('PEXPIRE', key, left) else left = redis.call('PTTL', key) end
+  result[2 * i - 1] = current
+  result[2 * i] = left
+end
+return result`
+// Only a counter still in its window goes down: an expired one must not come back without an expiry.
+const GIVE_BACK = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
+const NAMESPACE = 'logikids-sync:rate-limit:'
+
+type Counting = Redis & {
+  logikidsCount (keys: number, ...args: Array<string | number>): Promise<number[]>
+  logikidsGiveBack (key: string): Promise<number>
+}
+
+/** Counts keys in Redis, all of one request's in one round trip, in windows of `windowMs`. */
+function redisCounter (redis: Redis, windowMs: number) {
+  redis.defineCommand('logikidsCount', { lua: COUNT })
+  redis.defineCommand('logikidsGiveBack', { numberOfKeys: 1, lua: GIVE_BACK })
+  const commands = redis as Counting
+  async function count (limits: Array<{ key: string, max: number }>): Promise<Outcome[]> {
+    const reply = await commands.logikidsCount(limits.length, ...limits.map((limit) => NAMESPACE + limit.key), windowMs)
+    return limits.map(({ key, max }, i) => {
+      const current = reply[2 * i]!
+      const ttl = Math.max(0, reply[2 * i + 1]!)
+      return {
+        isAllowed: false as const,
+        key,
+        max,
+        timeWindow: windowMs,
+        remaining: Math.max(0, max - current),
+        ttl,
+        ttlInSeconds: Math.ceil(ttl / 1000),
+        isExceeded: current > max,
+        isBanned: false
+      }
+    })
+  }
+  return Object.assign(count, { giveBack: (key: string) => commands.logikidsGiveBack(NAMESPACE + key) })
+}
 
 /**
  * The Redis of REDIS_URL, or null without one. Commands fail at once while it is unreachable
@@ -136,20 +233,31 @@ async function connectRedis (app: FastifyInstance): Promise<{ redis: Redis | nul
  * requests without one (`unproven`), so that made-up tokens do not escape the limit. That is
  * known only once the storage answered: a request that changed nothing is then refused (429);
  * one that changed something (the delete of an unclaimed record) is only counted.
+ *
+ * The routes mark themselves with `config.userRateLimit`. With Redis their count is made in the
+ * per-IP limit's round trip: `tokenAhead` tells it, from the headers alone, the token a request
+ * will be counted under, or that authenticate will refuse it (then it is not counted).
  */
-export function userRateLimit (app: FastifyInstance): {
+export function userRateLimit (app: FastifyInstance, tokenAhead: (request: FastifyRequest) => Buffer | null | 'refused'): {
   onRequest: onRequestHookHandler
   unproven: (request: FastifyRequest, reply: FastifyReply, refuse: boolean) => Promise<void>
 } | null {
-  const { RATE_LIMIT_MAX: perUser, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
+  const { RATE_LIMIT_MAX: perUser, RATE_LIMIT_WINDOW: windowMs } = app.config
   if (perUser === 0) return null
   const shared = new WeakSet<FastifyRequest>()
-  const check = app.rateLimiter(limitOptions(perUser, windowMs, cache,
-    (request) => `user:${pseudonym(String((request.params as { userId?: string }).userId ?? ''))}:` +
-      (request.accessToken === null || shared.has(request) ? '-' : request.accessToken.toString('base64', 0, 9))))
+  const keyOf = (request: FastifyRequest, token: Buffer | null) =>
+    `user:${pseudonym(String((request.params as { userId?: string }).userId ?? ''))}:${token === null ? '-' : token.toString('base64', 0, 9)}`
+  const check = app.rateLimiter(perUser, (request) => keyOf(request, shared.has(request) ? null : request.accessToken))
+  app.userRateLimitAhead.max = perUser
+  app.userRateLimitAhead.keyOf = (request) => {
+    const token = tokenAhead(request)
+    return token === 'refused' ? null : keyOf(request, token)
+  }
   return {
     async onRequest (request, reply) {
-      const outcome = await check(request)
+      const ahead = request.userRateLimitAhead
+      request.userRateLimitAhead = null // taken: not given back
+      const outcome = ahead ?? await check(request)
       if (outcome.isAllowed) return
       const ip = request.ipRateLimit
       // The headers tell the client about the limit it will hit first.
@@ -164,11 +272,6 @@ export function userRateLimit (app: FastifyInstance): {
       if (refuse && !outcome.isAllowed && outcome.isExceeded) enforce(reply, outcome, windowMs)
     }
   }
-}
-
-export function limitOptions (max: number, timeWindow: number, cache: number, keyGenerator: (request: FastifyRequest) => string): CreateRateLimitOptions {
-  // createRateLimit passes `cache` on to its store; without it each limit holds 5,000 keys.
-  return { max, timeWindow, keyGenerator, cache } as CreateRateLimitOptions
 }
 
 function enforce (reply: FastifyReply, outcome: Outcome, windowMs: number): void {

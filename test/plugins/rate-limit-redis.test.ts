@@ -2,6 +2,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import type { AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
+import { Redis } from 'ioredis'
 import { build, createTestDatabase } from '../helper.ts'
 import { startRedis } from '../redis-server.ts'
 import { until } from '../wait.ts'
@@ -48,6 +49,32 @@ t.test('a client rotating over three instances gets exactly RATE_LIMIT_MAX reque
     'one budget counted down across the instances')
   t.strictSame(answers.slice(MAX).map((answer) => answer.status), [429, 429, 429], 'then 429, from each instance')
   t.ok(Number(answers[MAX]!.retryAfter) > 0, 'with Retry-After')
+})
+
+t.test('one round trip to Redis per sync request (both limits in one script); a request refused before the per-user count gets it back', async (t) => {
+  const client = new Redis(redis.url)
+  t.teardown(() => client.disconnect())
+  // Scripts Redis ran (ioredis sends a defined command as EVALSHA, once as EVAL).
+  const scripts = async () => {
+    const stats = await client.info('commandstats')
+    return [...stats.matchAll(/^cmdstat_(?:evalsha|eval):calls=(\d+)/gm)].reduce((sum, match) => sum + Number(match[1]), 0)
+  }
+  const userId = randomUUID()
+  const before = await scripts()
+  for (let i = 0; i < 6; i++) t.equal((await download(i, userId)).status, 404)
+  t.equal(await scripts() - before, 6, 'six requests, six scripts: the per-user count went with the per-IP one')
+
+  // Refused for its compressed body (415, by an onRequest hook ahead of the sync routes' own): the
+  // per-user count made with the per-IP one is given back, so MAX of them leave the budget whole.
+  const other = randomUUID()
+  const refusedFrom = await scripts()
+  for (let i = 0; i < MAX; i++) {
+    const res = await fetch(`${urls[i % 3]}/api/sync/${other}`, { method: 'PUT', headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' }, body: 'x' })
+    await res.arrayBuffer()
+    t.equal(res.status, 415)
+  }
+  await until(async () => await scripts() - refusedFrom === 2 * MAX, 'a count and a give-back for each refused request')
+  t.strictSame(await download(0, other), { status: 404, remaining: MAX - 1, retryAfter: null }, 'the user\'s budget is whole')
 })
 
 t.test('Redis killed: requests are served uncounted, one warning per instance; restarted, the limits apply again', async (t) => {

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto'
 import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
-import { clientKey, limitOptions } from '../../../plugins/rate-limit.ts'
+import { clientKey } from '../../../plugins/rate-limit.ts'
 import { ACCESS_TOKEN_PATTERN } from '../../../schemas/sync.ts'
 
 /**
@@ -59,10 +59,8 @@ declare module 'fastify' {
  * client to back off, and the metrics show the refusals.
  */
 export function accessControl (app: FastifyInstance) {
-  const { AUTH_MODE: mode, AUTH_FAILURE_LIMIT: limit, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
-  const failures = limit === 0
-    ? null
-    : app.rateLimiter(limitOptions(limit, windowMs, cache, (request) => `auth:${clientKey(request.ip)}`))
+  const { AUTH_MODE: mode, AUTH_FAILURE_LIMIT: limit } = app.config
+  const failures = limit === 0 ? null : app.rateLimiter(limit, (request) => `auth:${clientKey(request.ip)}`)
   const { authFailures } = app.metrics
 
   // Without a stated failure, the request was refused by the record: for its token, or for having none.
@@ -91,5 +89,13 @@ export function accessControl (app: FastifyInstance) {
     request.accessToken = tokenHash(credential.token)
   }
 
-  return { authenticate, refuse }
+  /** What authenticate will make of a request, from its headers alone: its token's hash, null for none, or 'refused'. */
+  function tokenAhead (request: FastifyRequest): Buffer | null | 'refused' {
+    const credential = credentialOf(request.headers.authorization)
+    if (credential === 'malformed') return 'refused'
+    if (credential === 'none') return mode === 'required' ? 'refused' : null
+    return tokenHash(credential.token)
+  }
+
+  return { authenticate, refuse, tokenAhead }
 }

@@ -46,11 +46,15 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
 
   // The token is read before the per-user limit counts the request: that limit gives each
   // token its own budget, and a request refused here spends none of it.
-  const { authenticate, refuse } = accessControl(app)
+  const { authenticate, refuse, tokenAhead } = accessControl(app)
   app.decorateRequest('accessToken', null)
   app.addHook('onRequest', authenticate)
-  const perUser = userRateLimit(app)
-  if (perUser !== null) app.addHook('onRequest', perUser.onRequest)
+  const perUser = userRateLimit(app, tokenAhead)
+  if (perUser !== null) {
+    app.addHook('onRequest', perUser.onRequest)
+    // Every route of this scope counts the per-user limit (with Redis, in the per-IP round trip).
+    app.addHook('onRoute', (route) => { route.config = { ...route.config, userRateLimit: true } })
+  }
   /** A token that opened no record claimed with it proved nothing: see userRateLimit. */
   async function unproven (request: FastifyRequest, reply: FastifyReply, claimed: boolean | undefined, changed = false): Promise<void> {
     if (perUser !== null && request.accessToken !== null && claimed !== true) await perUser.unproven(request, reply, !changed)
