@@ -108,10 +108,17 @@ export function preparedStatements (config: Pick<Config, 'DATABASE_POOLER' | 'DA
  * a pool that runs each statement in a transaction of its own which first sets the statement
  * limit (SET LOCAL ends with the transaction, so the server connection goes back clean).
  * Two more round trips per statement, on that configuration only.
+ *
+ * The pooler hands out a server connection when the transaction begins, so the BEGIN is where a
+ * request waits for one: it gets `waitMs` (DATABASE_CONNECT_TIMEOUT_MS), as a request waits for a
+ * pooled connection without a pooler, then a 503. A connection the client gave up on (a time-out)
+ * or that broke is dropped, not rolled back: a ROLLBACK would only wait behind what hangs, and
+ * the pooler rolls back a transaction whose client went away.
  */
-export function statementRunner (pool: Pool, config: Pick<Config, 'DATABASE_POOLER'>, timeoutMs: number): Queryable {
+export function statementRunner (pool: Pool, config: Pick<Config, 'DATABASE_POOLER'>, timeoutMs: number, waitMs: number): Queryable {
   if (config.DATABASE_POOLER !== 'transaction') return pool
-  const begin = `BEGIN; SET LOCAL statement_timeout = ${Math.trunc(timeoutMs)}`
+  const begin = { text: `BEGIN; SET LOCAL statement_timeout = ${Math.trunc(timeoutMs)}`, query_timeout: waitMs }
+  const rollback = { text: 'ROLLBACK', query_timeout: waitMs }
   return {
     async query<R extends QueryResultRow> (statement: QueryConfig): Promise<QueryResult<R>> {
       const client = await pool.connect()
@@ -126,8 +133,12 @@ export function statementRunner (pool: Pool, config: Pick<Config, 'DATABASE_POOL
         client.release(lost)
         return result
       } catch (err) {
-        // Rolled back, or where even that fails the connection is dropped (the pooler rolls back).
-        await client.query('ROLLBACK').then(() => client.release(lost), (rollback: Error) => client.release(rollback))
+        if (err instanceof pg.DatabaseError && lost === undefined) {
+          // The server refused the statement; the connection is fine once the transaction is rolled back.
+          await client.query(rollback).then(() => client.release(), (failed: Error) => client.release(failed))
+        } else {
+          client.release(lost ?? (err instanceof Error ? err : new Error(String(err))))
+        }
         throw err
       } finally {
         client.removeListener('error', onError)

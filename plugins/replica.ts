@@ -51,7 +51,7 @@ export default fp(async function replica (app) {
     query_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS + 1_000
   }
   const reads = new pg.Pool({ ...options, connectionString: config.DATABASE_READ_URL, max: config.DATABASE_POOL_MAX, application_name: 'logikids-sync read' })
-  const readStatements = statementRunner(reads, config, config.DATABASE_STATEMENT_TIMEOUT_MS)
+  const readStatements = statementRunner(reads, config, config.DATABASE_STATEMENT_TIMEOUT_MS, options.connectionTimeoutMillis)
   // One connection each for the probes, with timeouts of the lag bound: a probe that cannot
   // answer within it has nothing useful to say.
   const probeOptions = { max: 1, idleTimeoutMillis: 60_000, connectionTimeoutMillis: maxLag, ...sessionTimeout(config, maxLag), query_timeout: maxLag }

@@ -49,7 +49,7 @@ const pool = new pg.Pool({
 })
 pool.on('error', (err) => log.warn({ err }, 'database connection lost'))
 try {
-  const storage = createStorage(statementRunner(pool, config, config.DATABASE_STATEMENT_TIMEOUT_MS), log, undefined, {
+  const storage = createStorage(statementRunner(pool, config, config.DATABASE_STATEMENT_TIMEOUT_MS, config.DATABASE_CONNECT_TIMEOUT_MS), log, undefined, {
     prepared: preparedStatements(config),
     history: { versions: config.HISTORY_VERSIONS, days: config.HISTORY_DAYS }
   })

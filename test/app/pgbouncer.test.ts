@@ -5,6 +5,7 @@ import pg from 'pg'
 import { build } from '../helper.ts'
 import { startCluster } from '../pg-cluster.ts'
 import { pgbouncerVersion, startPgBouncer } from '../pgbouncer.ts'
+import { until } from '../wait.ts'
 
 // The service behind a transaction-mode PgBouncer (DATABASE_POOLER=transaction): Debian's
 // pgbouncer in front of a throwaway cluster, with two server connections for every client, so
@@ -108,4 +109,39 @@ t.test('the statement time-out is set in each statement\'s transaction: the serv
     t.equal(setting!.statement_timeout, '0', 'a server session the service used has no statement_timeout left')
   }
   t.equal((await app.inject({ method: 'GET', url: `/api/sync/${userId}` })).statusCode, 200, 'the next download is served')
+})
+
+t.test('with every server connection of the pooler busy, a request gets its 503 after DATABASE_CONNECT_TIMEOUT_MS (not the statement time-out), and is served once one is free', async (t) => {
+  const { direct, pooled } = await database()
+  // A statement time-out of 10 minutes: a request that waited for it would outlast the test's own time-out.
+  const app = await build(t, { env: { DATABASE_URL: pooled, DATABASE_POOLER: 'transaction', DATABASE_CONNECT_TIMEOUT_MS: '500', DATABASE_STATEMENT_TIMEOUT_MS: '600000' } })
+  const userId = randomUUID()
+  t.equal((await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: payload(1) })).statusCode, 200)
+
+  // Both server connections of the pooler held: each lent to a client waiting for a lock the test holds.
+  const lock = new pg.Client({ connectionString: direct })
+  await lock.connect()
+  t.teardown(() => lock.end())
+  await lock.query('BEGIN')
+  await lock.query('SELECT pg_advisory_xact_lock(42)')
+  const holders = [new pg.Client({ connectionString: pooled }), new pg.Client({ connectionString: pooled })]
+  const held: Array<Promise<unknown>> = []
+  for (const holder of holders) {
+    await holder.connect()
+    t.teardown(() => holder.end())
+    held.push(holder.query('BEGIN').then(() => holder.query('SELECT pg_advisory_xact_lock(42)')).then(() => holder.query('COMMIT')))
+  }
+  // Asked outside the lock's transaction: within one, pg_stat_activity keeps its first snapshot.
+  await until(async () => (await admin.query<{ n: number }>(
+    "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'", [new URL(direct).pathname.slice(1)])).rows[0]!.n === 2,
+  'both server connections wait for the lock')
+
+  const busy = await app.inject({ method: 'GET', url: `/api/sync/${userId}` })
+  t.equal(busy.statusCode, 503, 'no server connection within DATABASE_CONNECT_TIMEOUT_MS: 503')
+  t.equal((await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: payload(2) })).statusCode, 503, 'an upload too')
+  await lock.query('COMMIT')
+  await Promise.all(held)
+  const served = await app.inject({ method: 'GET', url: `/api/sync/${userId}` })
+  t.equal(served.statusCode, 200, 'served once the pooler has a connection again')
+  t.equal(served.json().encryptedBlob, payload(1).encryptedBlob, 'the upload refused with 503 stored nothing')
 })
