@@ -159,10 +159,12 @@ export async function migrate (pool: Pool, log: FastifyBaseLogger, statementTime
   // A checked-out client has no listener of the pool's: a dropped connection must not crash us.
   const onError = (err: Error) => log.warn({ err }, 'migration connection lost')
   client.on('error', onError)
-  // The runner's own transaction control is ours: it runs inside the transaction that holds the lock.
+  // The runner's own transaction control (BEGIN, COMMIT, ROLLBACK, sent bare) is ours: it runs
+  // inside the transaction that holds the lock. A migration's own (`BEGIN;`, `COMMIT;` around one
+  // that must run outside a transaction, as CREATE INDEX CONCURRENTLY) goes through.
   const inTransaction = {
     query: (statement: string | QueryConfig, values?: unknown[]) =>
-      typeof statement === 'string' && /^(BEGIN|COMMIT|ROLLBACK);?$/.test(statement.trim())
+      typeof statement === 'string' && /^(BEGIN|COMMIT|ROLLBACK)$/.test(statement)
         ? Promise.resolve({ rows: [], rowCount: 0 })
         : client.query(statement as string, values)
   }

@@ -57,9 +57,13 @@ export async function startPgBouncer (serverUrl: string, options: { poolMode?: '
   child.stdout!.on('data', (chunk) => { output += String(chunk) })
   child.stderr!.on('data', (chunk) => { output += String(chunk) })
   const exited = () => child.exitCode !== null || child.signalCode !== null
+  // A test file that fails before its teardown runs must not leave the pooler behind.
+  const orphaned = () => { if (!exited()) child.kill('SIGKILL') }
+  process.once('exit', orphaned)
   const url = (database: string) => `postgres://postgres@127.0.0.1:${port}/${database}`
 
   async function stop (): Promise<void> {
+    process.removeListener('exit', orphaned)
     if (!exited()) {
       const gone = new Promise((resolve) => child.once('exit', resolve))
       child.kill('SIGINT') // immediate shutdown: the tests are done with it

@@ -8,7 +8,9 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   mkdir -p "$PGDATA"
   chown postgres:postgres "$PGDATA"
   chmod 700 "$PGDATA"
-  PGPASSWORD="$REPLICATION_PASSWORD" su-exec postgres \
+  # The image's tool to drop root: gosu (su-exec on older alpine images).
+  if command -v gosu > /dev/null; then as_postgres=gosu; else as_postgres=su-exec; fi
+  PGPASSWORD="$REPLICATION_PASSWORD" "$as_postgres" postgres \
     pg_basebackup --host=postgres --username=replicator --pgdata="$PGDATA" \
       --write-recovery-conf --wal-method=stream --checkpoint=fast --progress
 fi
