@@ -150,7 +150,8 @@ export function statementRunner (pool: Pool, config: Pick<Config, 'DATABASE_POOL
 /**
  * Applies the pending files of sql/ in name order and records them in schema_migrations, all in
  * one transaction. Instances that start together queue on an advisory lock (node-pg-migrate's
- * key) instead of failing, so every instance comes up once the first has migrated. The lock is
+ * key) instead of failing, however long the first takes, so every instance comes up once the
+ * first has migrated. The lock is
  * the transaction's, not the session's: a transaction-mode pooler keeps a transaction on one
  * server connection, never a session, and the lock cannot outlive the migration.
  */
@@ -171,8 +172,11 @@ export async function migrate (pool: Pool, log: FastifyBaseLogger, statementTime
   let failed = true
   try {
     await client.query('BEGIN')
-    if (statementTimeoutMs !== undefined) await client.query(`SET LOCAL statement_timeout = ${Math.trunc(statementTimeoutMs)}`)
+    // The lock is waited for as long as another instance migrates (its lock ends with its
+    // transaction, also when it dies); the migration's own statements have the statement limit.
+    await client.query('SET LOCAL statement_timeout = 0')
     await client.query('SELECT pg_advisory_xact_lock($1)', [PG_MIGRATE_LOCK_ID])
+    if (statementTimeoutMs !== undefined) await client.query(`SET LOCAL statement_timeout = ${Math.trunc(statementTimeoutMs)}`)
     const applied = await runner({
       dbClient: inTransaction as unknown as pg.Client,
       dir: SQL_DIR,

@@ -4,8 +4,11 @@ import { readdirSync } from 'node:fs'
 import { join } from 'node:path'
 import pg from 'pg'
 import pino from 'pino'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { PG_MIGRATE_LOCK_ID } from 'node-pg-migrate'
 import { MIGRATIONS_TABLE, SQL_DIR, describeDatabase, isDatabaseUnavailable, isInvalidData, migrate } from '../../plugins/db.ts'
 import { build, createTestDatabase, insertRecords, type TestContext } from '../helper.ts'
+import { until } from '../wait.ts'
 
 const log = pino({ level: 'silent' })
 
@@ -38,6 +41,27 @@ t.test('instances starting at once: both come up, each file is applied once', as
   const results = await Promise.all(Array.from({ length: 4 }, () => migrate(pool(t, url), log)))
   t.equal(results.flat().length, migrationFiles.length, 'each migration applied by exactly one instance')
   t.strictSame(await appliedNames(pool(t, url)), migrationFiles.map((name) => name.replace(/\.sql$/, '')))
+})
+
+t.test('an instance starting while another migrates for longer than the statement time-out waits for it, then finds nothing to do', async (t) => {
+  const url = await createTestDatabase(t)
+  const db = pool(t, url)
+  await migrate(db, log)
+  // Another instance in the middle of a long migration: its transaction holds the lock.
+  const other = await db.connect()
+  t.teardown(() => other.release())
+  await other.query('BEGIN')
+  await other.query('SELECT pg_advisory_xact_lock($1)', [PG_MIGRATE_LOCK_ID])
+  let settled = false
+  const starting = migrate(pool(t, url), log, 300).finally(() => { settled = true })
+  starting.catch(() => {}) // judged below
+  await until(async () => (await db.query<{ n: number }>(
+    "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'advisory'")).rows[0]!.n === 1,
+  'the starting instance waits for the lock')
+  await sleep(1_000) // past its 300 ms statement time-out
+  t.equal(settled, false, 'still waiting, not timed out')
+  await other.query('COMMIT')
+  t.strictSame(await starting, [], 'then starts, with nothing left to apply')
 })
 
 t.test('a database the postgres image initialised from sql/: the service finds it current', async (t) => {
