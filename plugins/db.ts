@@ -151,9 +151,9 @@ export function statementRunner (pool: Pool, config: Pick<Config, 'DATABASE_POOL
  * Applies the pending files of sql/ in name order and records them in schema_migrations, all in
  * one transaction. Instances that start together queue on an advisory lock (node-pg-migrate's
  * key) instead of failing, however long the first takes, so every instance comes up once the
- * first has migrated. The lock is
- * the transaction's, not the session's: a transaction-mode pooler keeps a transaction on one
- * server connection, never a session, and the lock cannot outlive the migration.
+ * first has migrated. The lock is the transaction's, not the session's: a transaction-mode
+ * pooler keeps a transaction on one server connection, never a session, and the lock cannot
+ * outlive the migration.
  */
 export async function migrate (pool: Pool, log: FastifyBaseLogger, statementTimeoutMs?: number): Promise<string[]> {
   const client = await pool.connect()

@@ -56,8 +56,6 @@ export function clientKey (ip: string): string {
 }
 
 /**
-
-/**
  * Per-IP limit of every route but the health probes (RATE_LIMIT_IP_MAX per RATE_LIMIT_WINDOW),
  * counted in onRequest, before load shedding and before any body is read: a client that is
  * shed, refused or sent to the 404 handler still spends its budget. The per-user limit is

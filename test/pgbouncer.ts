@@ -15,8 +15,6 @@ export interface PgBouncer {
   /** The pooler's address for `database` (as postgres, the only user it lets in). */
   url (database: string): string
   port: number
-  /** Everything it logged (connections, refusals), for a test that looks. */
-  log (): string
   stop (): Promise<void>
 }
 
@@ -80,7 +78,7 @@ export async function startPgBouncer (serverUrl: string, options: { poolMode?: '
       await client.connect()
       await client.query('SELECT 1')
       await client.end()
-      return { url, port, log: () => output, stop }
+      return { url, port, stop }
     } catch {
       await client.end().catch(() => {})
       await sleep(25)
