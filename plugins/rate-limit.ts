@@ -85,7 +85,7 @@ export default fp(async function rateLimits (app) {
   if (outage) app.addHook('onReady', async () => { app.metrics.rateLimitStoreUp.set(0) })
 
   /** Counts that never throw: Redis not answering lets the request through uncounted. */
-  async function guarded (counting: () => Promise<Verdict[]>, keys: number): Promise<Verdict[]> {
+  async function guarded (counting: () => Promise<Array<Verdict | undefined>>, keys: number): Promise<Array<Verdict | undefined>> {
     try {
       const verdicts = await counting()
       if (outage) {
@@ -131,25 +131,32 @@ export default fp(async function rateLimits (app) {
     } else {
       const [ip, user] = await guarded(() => count!([{ key: ipKey(request), max: perIp }, { key: userKey, max }]), 2)
       outcome = ip!
-      request.userRateLimitAhead = user!
+      // Not counted (null) when the address is over its limit: that request is refused here.
+      request.userRateLimitAhead = user ?? null
     }
     if (outcome.isAllowed) return
     request.ipRateLimit = outcome
     enforce(reply, outcome, windowMs)
   })
   if (count === null) return
-  app.addHook('onResponse', async function giveBack (request) {
+  // Answered, or the client went away, before the per-user hook took the count: it goes back.
+  // A give-back lost (Redis gone meanwhile) costs the user one count of the window.
+  async function giveBack (request: FastifyRequest): Promise<void> {
     const ahead = request.userRateLimitAhead
     if (ahead === null || ahead.isAllowed) return
     request.userRateLimitAhead = null
-    // A give-back lost (Redis gone meanwhile) costs the user one count of the window.
-    await count.giveBack(ahead.key).catch(() => {})
-  })
+    await guarded(async () => { await count!.giveBack(ahead.key); return [] }, 0)
+  }
+  app.addHook('onResponse', giveBack)
+  app.addHook('onRequestAbort', giveBack)
 }, { name: 'rate-limit', dependencies: ['config'] })
 
-// Per key: INCR; the window's first count sets the expiry, later ones read what is left of it
-// (as @fastify/rate-limit's own Redis store does, one key per script). Returns, per key, the
-// count and the milliseconds left.
+// Per key, in order: INCR; the window's first count sets the expiry, later ones read what is
+// left of it (as @fastify/rate-limit's own Redis store does, one key per script). A key whose
+// count passes its limit (ARGV[1 + i]) ends the script: the keys after it are not counted (the
+// request is refused). Returns, per key counted, the count and the milliseconds left.
+// All keys of a script must live on one server: a single Redis (or one with replicas), not a
+// Redis Cluster, which refuses a script over keys in different slots.
 const COUNT = `local result = {}
 for i, key in ipairs(KEYS) do
   local current = redis.call('INCR', key)
@@ -157,10 +164,14 @@ for i, key in ipairs(KEYS) do
   if current == 1 then redis.call('PEXPIRE', key, left) else left = redis.call('PTTL', key) end
   result[2 * i - 1] = current
   result[2 * i] = left
+  if current > tonumber(ARGV[1 + i]) then break end
 end
 return result`
-// Only a counter still in its window goes down: an expired one must not come back without an expiry.
-const GIVE_BACK = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
+// A count given back: never below zero (the window may have started afresh meanwhile), and a
+// counter back at zero is removed rather than kept for the rest of its window.
+const GIVE_BACK = `local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current <= 1 then redis.call('DEL', KEYS[1]) return 0 end
+return redis.call('DECR', KEYS[1])`
 const NAMESPACE = 'logikids-sync:rate-limit:'
 
 type Counting = Redis & {
@@ -173,9 +184,11 @@ function redisCounter (redis: Redis, windowMs: number) {
   redis.defineCommand('logikidsCount', { lua: COUNT })
   redis.defineCommand('logikidsGiveBack', { numberOfKeys: 1, lua: GIVE_BACK })
   const commands = redis as Counting
+  /** The outcome of each limit, in order; those after one that is exceeded are not counted (missing). */
   async function count (limits: Array<{ key: string, max: number }>): Promise<Outcome[]> {
-    const reply = await commands.logikidsCount(limits.length, ...limits.map((limit) => NAMESPACE + limit.key), windowMs)
-    return limits.map(({ key, max }, i) => {
+    const reply = await commands.logikidsCount(limits.length, ...limits.map((limit) => NAMESPACE + limit.key), windowMs,
+      ...limits.map((limit) => limit.max))
+    return limits.slice(0, reply.length / 2).map(({ key, max }, i) => {
       const current = reply[2 * i]!
       const ttl = Math.max(0, reply[2 * i + 1]!)
       return {

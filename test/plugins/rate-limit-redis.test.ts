@@ -3,6 +3,7 @@ import { randomUUID } from 'node:crypto'
 import type { AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
+import { pseudonym } from '../../logging.ts'
 import { build, createTestDatabase } from '../helper.ts'
 import { startRedis } from '../redis-server.ts'
 import { until } from '../wait.ts'
@@ -74,7 +75,22 @@ t.test('one round trip to Redis per sync request (both limits in one script); a 
     t.equal(res.status, 415)
   }
   await until(async () => await scripts() - refusedFrom === 2 * MAX, 'a count and a give-back for each refused request')
+  t.equal(await client.exists(`logikids-sync:rate-limit:user:${pseudonym(other)}:-`), 0, 'a counter given back to zero is removed, not kept for its window')
   t.strictSame(await download(0, other), { status: 404, remaining: MAX - 1, retryAfter: null }, 'the user\'s budget is whole')
+})
+
+t.test('a request over its address budget counts no user: nothing to give back, no counter left behind', async (t) => {
+  const own = await startRedis(t)
+  const app = await build(t, { env: { DATABASE_URL: databaseUrl, REDIS_URL: own.url, REDIS_TIMEOUT_MS: '5000', RATE_LIMIT_IP_MAX: '2', LOG_LEVEL: 'warn' } })
+  const client = new Redis(own.url)
+  t.teardown(() => client.disconnect())
+  const statuses = []
+  for (let i = 0; i < 6; i++) statuses.push((await app.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).statusCode)
+  t.strictSame(statuses, [404, 404, 429, 429, 429, 429])
+  t.equal((await client.keys('logikids-sync:rate-limit:user:*')).length, 2, 'user counters for the two served requests only')
+  const stats = await client.info('commandstats')
+  t.equal([...stats.matchAll(/^cmdstat_(?:evalsha|eval):calls=(\d+)/gm)].reduce((sum, match) => sum + Number(match[1]), 0), 6,
+    'one script per request, no give-back')
 })
 
 t.test('Redis killed: requests are served uncounted, one warning per instance; restarted, the limits apply again', async (t) => {
