@@ -139,8 +139,8 @@ export default fp(async function rateLimits (app) {
     enforce(reply, outcome, windowMs)
   })
   if (count === null) return
-  // Answered, or the client went away, before the per-user hook took the count: it goes back.
-  // A give-back lost (Redis gone meanwhile) costs the user one count of the window.
+  // Answered before the per-user hook took the count (shed, a refused body): it goes back. A
+  // give-back lost (Redis gone meanwhile) costs the user one count of the window.
   async function giveBack (request: FastifyRequest): Promise<void> {
     const ahead = request.userRateLimitAhead
     if (ahead === null || ahead.isAllowed) return
@@ -148,7 +148,6 @@ export default fp(async function rateLimits (app) {
     await guarded(async () => { await count!.giveBack(ahead.key); return [] }, 0)
   }
   app.addHook('onResponse', giveBack)
-  app.addHook('onRequestAbort', giveBack)
 }, { name: 'rate-limit', dependencies: ['config'] })
 
 // Per key, in order: INCR; the window's first count sets the expiry, later ones read what is
