@@ -98,6 +98,21 @@ export function sessionTimeout (config: Pick<Config, 'DATABASE_POOLER'>, ms: num
   return config.DATABASE_POOLER === 'transaction' ? {} : { statement_timeout: ms }
 }
 
+/**
+ * The time limits of a pool the storage's statements go through: the wait for a connection
+ * (`connectMs`, a 503 after it), the statement limit (a start-up parameter where the session is
+ * the connection's own; see statementRunner) and the client's own give-up a second later, in case
+ * the server itself is stalled or the network dropped the answer.
+ */
+export function statementLimits (config: Pick<Config, 'DATABASE_POOLER' | 'DATABASE_STATEMENT_TIMEOUT_MS' | 'DATABASE_CONNECT_TIMEOUT_MS'>,
+  connectMs = config.DATABASE_CONNECT_TIMEOUT_MS): { connectionTimeoutMillis: number, statement_timeout?: number, query_timeout: number } {
+  return {
+    connectionTimeoutMillis: connectMs,
+    ...sessionTimeout(config, config.DATABASE_STATEMENT_TIMEOUT_MS),
+    query_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS + 1_000
+  }
+}
+
 /** Whether statements are prepared once per connection under a name (DATABASE_PREPARED_STATEMENTS, else per DATABASE_POOLER). */
 export function preparedStatements (config: Pick<Config, 'DATABASE_POOLER' | 'DATABASE_PREPARED_STATEMENTS'>): boolean {
   return config.DATABASE_PREPARED_STATEMENTS ?? config.DATABASE_POOLER !== 'transaction'
@@ -110,14 +125,15 @@ export function preparedStatements (config: Pick<Config, 'DATABASE_POOLER' | 'DA
  * Two more round trips per statement, on that configuration only.
  *
  * The pooler hands out a server connection when the transaction begins, so the BEGIN is where a
- * request waits for one: it gets `waitMs` (DATABASE_CONNECT_TIMEOUT_MS), as a request waits for a
- * pooled connection without a pooler, then a 503. A connection the client gave up on (a time-out)
+ * request waits for one: as long as it waits for one of the pool's connections (its
+ * connectionTimeoutMillis, DATABASE_CONNECT_TIMEOUT_MS), then a 503. A connection the client gave up on (a time-out)
  * or that broke is dropped, not rolled back: a ROLLBACK would only wait behind what hangs, and
  * the pooler rolls back a transaction whose client went away.
  */
-export function statementRunner (pool: Pool, config: Pick<Config, 'DATABASE_POOLER'>, timeoutMs: number, waitMs: number): Queryable {
+export function statementRunner (pool: Pool, config: Pick<Config, 'DATABASE_POOLER' | 'DATABASE_STATEMENT_TIMEOUT_MS'>): Queryable {
   if (config.DATABASE_POOLER !== 'transaction') return pool
-  const begin = { text: `BEGIN; SET LOCAL statement_timeout = ${Math.trunc(timeoutMs)}`, query_timeout: waitMs }
+  const waitMs = pool.options.connectionTimeoutMillis
+  const begin = { text: `BEGIN; SET LOCAL statement_timeout = ${Math.trunc(config.DATABASE_STATEMENT_TIMEOUT_MS)}`, query_timeout: waitMs }
   const rollback = { text: 'ROLLBACK', query_timeout: waitMs }
   return {
     async query<R extends QueryResultRow> (statement: QueryConfig): Promise<QueryResult<R>> {
@@ -217,12 +233,9 @@ export default fp(async function db (app) {
     connectionString,
     max: config.DATABASE_POOL_MAX,
     idleTimeoutMillis: 30_000,
-    // A request waits this long for a connection, then gets a 503 instead of hanging.
-    connectionTimeoutMillis: config.DATABASE_CONNECT_TIMEOUT_MS,
-    // The server cancels a runaway statement; the client gives up a little later in case
-    // the server itself is stalled or the network dropped the answer.
-    ...sessionTimeout(config, config.DATABASE_STATEMENT_TIMEOUT_MS),
-    query_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS + 1_000,
+    // A request waits DATABASE_CONNECT_TIMEOUT_MS for a connection, then gets a 503 instead of
+    // hanging; the server cancels a runaway statement, the client gives up a little later.
+    ...statementLimits(config),
     application_name: 'logikids-sync'
   })
   // pg emits 'error' on the pool when an idle connection dies (server restart, crash,

@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import pg from 'pg'
 import { Gauge } from 'prom-client'
 import { atMostEvery } from '../logging.ts'
-import { sessionTimeout, statementRunner } from './db.ts'
+import { sessionTimeout, statementLimits, statementRunner } from './db.ts'
 import type { Queryable } from './storage.ts'
 
 /**
@@ -44,14 +44,14 @@ export default fp(async function replica (app) {
     return
   }
   const maxLag = config.REPLICA_MAX_LAG_MS
-  const options = {
+  const reads = new pg.Pool({
+    ...statementLimits(config, Math.min(config.DATABASE_CONNECT_TIMEOUT_MS, maxLag)),
     idleTimeoutMillis: 30_000,
-    connectionTimeoutMillis: Math.min(config.DATABASE_CONNECT_TIMEOUT_MS, maxLag),
-    ...sessionTimeout(config, config.DATABASE_STATEMENT_TIMEOUT_MS),
-    query_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS + 1_000
-  }
-  const reads = new pg.Pool({ ...options, connectionString: config.DATABASE_READ_URL, max: config.DATABASE_POOL_MAX, application_name: 'logikids-sync read' })
-  const readStatements = statementRunner(reads, config, config.DATABASE_STATEMENT_TIMEOUT_MS, options.connectionTimeoutMillis)
+    connectionString: config.DATABASE_READ_URL,
+    max: config.DATABASE_POOL_MAX,
+    application_name: 'logikids-sync read'
+  })
+  const readStatements = statementRunner(reads, config)
   // One connection each for the probes, with timeouts of the lag bound: a probe that cannot
   // answer within it has nothing useful to say.
   const probeOptions = { max: 1, idleTimeoutMillis: 60_000, connectionTimeoutMillis: maxLag, ...sessionTimeout(config, maxLag), query_timeout: maxLag }

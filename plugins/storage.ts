@@ -776,7 +776,7 @@ export default fp(async function storage (app) {
   const prepared = preparedStatements(config) && app.databaseKind !== 'embedded'
   const { pool } = app.pg
   const maxWaiting = config.DATABASE_MAX_WAITING
-  const statements = statementRunner(pool, config, config.DATABASE_STATEMENT_TIMEOUT_MS, config.DATABASE_CONNECT_TIMEOUT_MS)
+  const statements = statementRunner(pool, config)
   app.decorate('storage', createStorage(statements, app.log.child({ component: 'storage' }), (statement, outcome, seconds) => {
     storageDuration.observe({ operation: OPERATION_OF[statement] ?? statement, outcome }, seconds)
   }, {

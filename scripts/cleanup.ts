@@ -9,7 +9,7 @@ import pino from 'pino'
 import { loadConfig, type Config } from '../plugins/config.ts'
 import { createStorage } from '../plugins/storage.ts'
 import { cleanupInactive } from '../plugins/cleanup.ts'
-import { preparedStatements, sessionTimeout, statementRunner } from '../plugins/db.ts'
+import { preparedStatements, statementLimits, statementRunner } from '../plugins/db.ts'
 import { loggerOptions } from '../logging.ts'
 
 const usage = 'usage: npm run cleanup -- --days N [--dry-run]'
@@ -43,13 +43,11 @@ const log = pino({ ...(loggerOptions({ LOG_LEVEL: config.LOG_LEVEL === 'info' ? 
 const pool = new pg.Pool({
   connectionString: config.DATABASE_URL,
   max: 2,
-  connectionTimeoutMillis: config.DATABASE_CONNECT_TIMEOUT_MS,
-  ...sessionTimeout(config, config.DATABASE_STATEMENT_TIMEOUT_MS),
-  query_timeout: config.DATABASE_STATEMENT_TIMEOUT_MS + 1_000
+  ...statementLimits(config)
 })
 pool.on('error', (err) => log.warn({ err }, 'database connection lost'))
 try {
-  const storage = createStorage(statementRunner(pool, config, config.DATABASE_STATEMENT_TIMEOUT_MS, config.DATABASE_CONNECT_TIMEOUT_MS), log, undefined, {
+  const storage = createStorage(statementRunner(pool, config), log, undefined, {
     prepared: preparedStatements(config),
     history: { versions: config.HISTORY_VERSIONS, days: config.HISTORY_DAYS }
   })

@@ -21,7 +21,7 @@ t.teardown(() => pool.end())
 await migrate(pool, log)
 // Behind a transaction-mode pooler (TEST_DATABASE=pgbouncer) as the service sends them there.
 const pooled = transactionPooled()
-const storage = createStorage(statementRunner(pool, { DATABASE_POOLER: pooled ? 'transaction' : 'none' }, 5_000, 2_000), log, undefined,
+const storage = createStorage(statementRunner(pool, { DATABASE_POOLER: pooled ? 'transaction' : 'none', DATABASE_STATEMENT_TIMEOUT_MS: 5_000 }), log, undefined,
   { prepared: !embeddedTests() && !pooled })
 
 function payload (bytes = 32, fill = 1) {
