@@ -293,6 +293,16 @@ export function inspect (t: TestContext, connectionString: string): pg.Pool {
   return pool
 }
 
+/** A connection of the test's that holds `table` exclusively (no reads either) until released. */
+export async function holdTable (t: TestContext, databaseUrl: string, table: string): Promise<{ release (): Promise<unknown> }> {
+  const holder = new pg.Client({ connectionString: databaseUrl, application_name: 'lock holder' })
+  await holder.connect()
+  t.teardown(() => holder.end())
+  await holder.query('BEGIN')
+  await holder.query(`LOCK TABLE ${table} IN ACCESS EXCLUSIVE MODE`)
+  return { release: () => holder.query('ROLLBACK') }
+}
+
 /**
  * The backends of `applicationName` on this database that wait for a lock (their pids): how
  * the tests that force an interleaving see the service's statements queued behind a held row.

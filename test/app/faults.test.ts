@@ -2,7 +2,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import pg from 'pg'
 import { eventually, within } from '../wait.ts'
-import { build, createTestDatabase, inspect, lockWaiters } from '../helper.ts'
+import { build, createTestDatabase, holdTable, inspect, lockWaiters } from '../helper.ts'
 import { startCluster } from '../pg-cluster.ts'
 
 // Faults on a real PostgreSQL: connections killed by the server while a statement runs on
@@ -29,15 +29,6 @@ async function holdRow (t: Tap, databaseUrl: string, userId: string) {
   t.teardown(() => holder.end())
   await holder.query('BEGIN')
   await holder.query('SELECT 1 FROM user_sync_data WHERE user_id = $1 FOR UPDATE', [userId])
-  return { release: () => holder.query('ROLLBACK') }
-}
-/** A connection of the test's that holds `table` exclusively (no reads either) until released. */
-async function holdTable (t: Tap, databaseUrl: string, table: string) {
-  const holder = new pg.Client({ connectionString: databaseUrl, application_name: 'lock holder' })
-  await holder.connect()
-  t.teardown(() => holder.end())
-  await holder.query('BEGIN')
-  await holder.query(`LOCK TABLE ${table} IN ACCESS EXCLUSIVE MODE`)
   return { release: () => holder.query('ROLLBACK') }
 }
 type Tap = Parameters<Parameters<typeof t.test>[0]>[0]

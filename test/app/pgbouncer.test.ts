@@ -2,7 +2,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { PG_MIGRATE_LOCK_ID } from 'node-pg-migrate'
 import pg from 'pg'
-import { build } from '../helper.ts'
+import { build, holdTable } from '../helper.ts'
 import { startCluster } from '../pg-cluster.ts'
 import { pgbouncerVersion, startPgBouncer } from '../pgbouncer.ts'
 import { until } from '../wait.ts'
@@ -88,13 +88,9 @@ t.test('the statement time-out is set in each statement\'s transaction: the serv
   const userId = randomUUID()
   t.equal((await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: payload(1) })).statusCode, 200)
 
-  const holder = new pg.Client({ connectionString: direct })
-  await holder.connect()
-  t.teardown(() => holder.end())
-  await holder.query('BEGIN')
-  await holder.query('LOCK TABLE user_sync_versions IN ACCESS EXCLUSIVE MODE')
+  const table = await holdTable(t, direct, 'user_sync_versions')
   const held = await app.inject({ method: 'GET', url: `/api/sync/${userId}` })
-  await holder.query('ROLLBACK')
+  await table.release()
   t.equal(held.statusCode, 503, 'a download held past the time-out is a 503')
   // PostgreSQL's own cancel (57014), not the client's later give-up (Query read timeout, at 1300 ms).
   const errors = logLines.map((line) => JSON.parse(line) as { err?: { code?: string, message?: string } }).filter((line) => line.err !== undefined)
