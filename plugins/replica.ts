@@ -84,14 +84,22 @@ export default fp(async function replica (app) {
     }
   }
 
-  const POSITION = 'pg_current_wal_lsn()::text AS position, (SELECT system_identifier FROM pg_control_system())::text AS system'
+  /** The replica is left (down, refused, or no standby of DATABASE_URL) until a probe vouches for it again. */
+  function leave (): void {
+    healthy = false
+    caughtUpTo = -Infinity
+  }
+
+  // Which cluster a server belongs to: a standby shares its primary's system identifier.
+  const SYSTEM = '(SELECT system_identifier FROM pg_control_system())::text AS system'
   let probing = false
   async function probe (): Promise<void> {
     if (probing) return
     probing = true
     try {
       const at = performance.now()
-      const { rows: [primary] } = await primaryProbe.query<{ position: string, system: string }>(`SELECT ${POSITION}`)
+      const { rows: [primary] } = await primaryProbe.query<{ position: string, system: string }>(
+        `SELECT pg_current_wal_lsn()::text AS position, ${SYSTEM}`)
       const position = lsn(primary!.position)
       // Backwards: another primary (a failover, a restore); what the old one said is void.
       if (samples.length > 0 && position < samples.at(-1)!.position) samples = []
@@ -100,8 +108,7 @@ export default fp(async function replica (app) {
       try {
         // Only a standby of this very primary vouches for anything: a promoted or foreign server does not.
         const { rows: [standby] } = await replicaProbe.query<{ standby: boolean, position: string | null, system: string }>(
-          'SELECT pg_is_in_recovery() AS standby, pg_last_wal_replay_lsn()::text AS position, ' +
-          '(SELECT system_identifier FROM pg_control_system())::text AS system')
+          `SELECT pg_is_in_recovery() AS standby, pg_last_wal_replay_lsn()::text AS position, ${SYSTEM}`)
         if (!standby!.standby || standby!.position === null || standby!.system !== primary!.system) throw new Error('not a standby of DATABASE_URL')
         const replayed = lsn(standby!.position)
         // From this probe alone: a standby restarted from an older point must not keep an earlier standing.
@@ -109,8 +116,7 @@ export default fp(async function replica (app) {
         for (const sample of samples) if (sample.position <= replayed && sample.at > caughtUpTo) caughtUpTo = sample.at
         healthy = true
       } catch {
-        healthy = false
-        caughtUpTo = -Infinity
+        leave()
       }
     } catch {
       // The primary does not answer: nothing new was acknowledged; the replica's standing holds.
@@ -137,8 +143,7 @@ export default fp(async function replica (app) {
   app.decorate('replica', {
     pool: () => (usable() ? readStatements : null),
     failed () {
-      healthy = false
-      caughtUpTo = -Infinity
+      leave()
       usable()
     },
     counted (target) { metrics.reads.inc({ target }) }
