@@ -116,6 +116,17 @@ async function seed (): Promise<void> {
   }, benchUrl)
 }
 
+/** USERS['1KiB'] unclaimed users of 1 KiB each (ids with `prefix`) stored on the database at `url`: their ids. */
+async function seedUsers (prefix: number, url: string): Promise<string[]> {
+  const users = Array.from({ length: USERS['1KiB'] }, (_, n) => uuid(n, prefix))
+  await admin(async (c) => {
+    await c.query(insertRecords(`SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1::bigint, repeat('a', 64), 1024, now(), NULL::bytea
+      FROM unnest($2::uuid[]) AS u`), [randomBytes(1024).toString('base64'), users])
+    await c.query('VACUUM ANALYZE user_sync_data, user_sync_versions')
+  }, url)
+  return users
+}
+
 async function refreshEtags (): Promise<void> {
   await admin(async (c) => {
     const { rows } = await c.query('SELECT user_id, etag FROM user_sync_data WHERE user_id = ANY($1)', [[...ids['1KiB'], ...ids['1MB']]])
@@ -162,8 +173,13 @@ async function stopServer (server: Server): Promise<void> {
 
 /** CPU seconds (user + system) the process has used so far, from /proc (clock ticks of 10 ms). */
 function cpuSeconds (pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ')
+  const fields = procStat(pid)
   return (Number(fields[11]) + Number(fields[12])) / 100
+}
+
+/** /proc/<pid>/stat's fields after the command name (state, parent pid, ...; utime and stime at 11 and 12). */
+function procStat (pid: number | string): string[] {
+  return readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ')
 }
 
 function rssMb (pid: number): number {
@@ -482,12 +498,7 @@ async function tokenExperiment (service: Server): Promise<string> {
  */
 async function redisExperiment (): Promise<string> {
   const ROUNDS = 3
-  const users = Array.from({ length: USERS['1KiB'] }, (_, n) => uuid(n, 0x60))
-  await admin(async (c) => {
-    await c.query(insertRecords(`SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1::bigint, repeat('a', 64), 1024, now(), NULL::bytea
-      FROM unnest($2::uuid[]) AS u`), [randomBytes(1024).toString('base64'), users])
-    await c.query('VACUUM ANALYZE user_sync_data, user_sync_versions')
-  }, benchUrl)
+  const users = await seedUsers(0x60, benchUrl)
   // A redis-server of the bench's own, as operations.md advises: no persistence.
   const REDIS_PORT = 6391
   const redis = spawn('redis-server', ['--port', String(REDIS_PORT), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' })
@@ -537,8 +548,7 @@ function clusterCpuSeconds (cluster: Cluster): number {
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue
     try {
-      const fields = readFileSync(`/proc/${entry}/stat`, 'utf8').split(') ')[1]!.split(' ')
-      if (Number(fields[1]) === postmaster) total += (Number(fields[11]) + Number(fields[12])) / 100
+      if (Number(procStat(entry)[1]) === postmaster) total += cpuSeconds(Number(entry))
     } catch {} // gone meanwhile
   }
   return total
@@ -568,12 +578,7 @@ async function replicaExperiment (): Promise<string> {
     const metrics = { METRICS_TOKEN: 'bench-metrics-token' }
     // The schema, made by the service, then the users; the standby is cloned after, so it starts with all of it.
     await stopServer(await startServer('service', 3108, metrics, url(primary)))
-    const users = Array.from({ length: USERS['1KiB'] }, (_, n) => uuid(n, 0x70))
-    await admin(async (c) => {
-      await c.query(insertRecords(`SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1::bigint, repeat('a', 64), 1024, now(), NULL::bytea
-        FROM unnest($2::uuid[]) AS u`), [randomBytes(1024).toString('base64'), users])
-      await c.query('VACUUM ANALYZE user_sync_data, user_sync_versions')
-    }, primary.url)
+    const users = await seedUsers(0x70, primary.url)
     standby = await startCluster({ replicaOf: primary })
     servers.primary = await startServer('service', 3108, metrics, url(primary))
     servers.replica = await startServer('service', 3109, { ...metrics, DATABASE_READ_URL: url(standby) }, url(primary))
