@@ -121,14 +121,17 @@ export default fp(async function cleanup (app) {
       const result = await cleanupInactive(app.pg.pool, app.storage, log, { inactiveDays, lock: app.databaseKind !== 'embedded' })
       app.metrics.cleanupRuns.inc({ result: result.ran ? 'deleted' : 'skipped' })
       if (result.ran) app.metrics.cleanupDeleted.inc(result.deleted)
+      app.metrics.cleanupLastSuccess.setToCurrentTime()
       return result
     } catch (err) {
       app.metrics.cleanupRuns.inc({ result: 'failed' })
+      app.metrics.cleanupLastFailure.setToCurrentTime()
       log.error({ err }, 'cleanup: failed; it runs again at the next interval')
       return null
     }
   }
   app.decorate('cleanup', { run })
+  app.metrics.cleanupInterval.set(intervalMs / 1000)
 
   // It runs with CLEANUP_INACTIVE_DAYS=0 too: kept versions past the history limits are dropped by
   // the uploads, and by the cleanup for records not written since.

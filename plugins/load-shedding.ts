@@ -60,6 +60,7 @@ export default fp(async function loadShedding (app) {
     pressureHandler: async (request, _reply, _type, value) => {
       if (!armed || request.routeOptions.url === '/health/live') return
       request.shed = true
+      request.server.metrics?.shedRequests.inc()
       // Under attack every request is shed: one warning now and then, never a stack per request.
       shedSinceLog++
       const now = Date.now()

@@ -74,6 +74,26 @@ export function createMetrics () {
       name: 'cleanup_deleted_accounts_total',
       help: 'Accounts deleted by the inactive-account cleanup',
       registers: [registry]
+    }),
+    cleanupLastSuccess: new Gauge({
+      name: 'cleanup_last_success_timestamp_seconds',
+      help: 'When this instance last ran the cleanup to the end (or found another instance running it), Unix time; 0 before its first run',
+      registers: [registry]
+    }),
+    cleanupLastFailure: new Gauge({
+      name: 'cleanup_last_failure_timestamp_seconds',
+      help: 'When a cleanup run of this instance last failed, Unix time; 0 if none has',
+      registers: [registry]
+    }),
+    cleanupInterval: new Gauge({
+      name: 'cleanup_interval_seconds',
+      help: 'CLEANUP_INTERVAL: how often the cleanup runs; 0 when it is disabled',
+      registers: [registry]
+    }),
+    shedRequests: new Counter({
+      name: 'load_shed_requests_total',
+      help: 'Requests refused with 503 because the event loop fell behind (MAX_EVENT_LOOP_DELAY_MS)',
+      registers: [registry]
     })
   }
 }
@@ -99,14 +119,15 @@ export default fp(async function metrics (app) {
   for (const [name, help, read] of [
     ['db_pool_connections_total', 'Connections the pool holds', () => pool.totalCount],
     ['db_pool_connections_idle', 'Pooled connections not in use', () => pool.idleCount],
-    ['db_pool_requests_waiting', 'Queries waiting for a pooled connection', () => pool.waitingCount]
+    ['db_pool_requests_waiting', 'Queries waiting for a pooled connection', () => pool.waitingCount],
+    ['db_pool_connections_max', 'Connections the pool may hold (DATABASE_POOL_MAX)', () => app.config.DATABASE_POOL_MAX]
   ] as const) {
     metrics.registry.registerMetric(new Gauge({ name, help, registers: [], collect () { this.set(read()) } }))
   }
 
   // Counted by one query at most once a minute, never per scrape: scrapes must not become load
   // on the database. (app.storage is registered after this plugin; it is only used at scrape time.)
-  let stored = { users: 0, bytes: 0, historyVersions: 0, historyBytes: 0, at: 0 }
+  let stored = { users: 0, bytes: 0, historyVersions: 0, historyBytes: 0, databaseBytes: 0, at: 0 }
   let refreshing: Promise<void> | undefined
   async function refreshStored (): Promise<void> {
     if (Date.now() - stored.at < STORED_REFRESH_MS) return
@@ -120,7 +141,8 @@ export default fp(async function metrics (app) {
     ['stored_users', 'Users with data stored', () => stored.users],
     ['stored_bytes', 'Decoded bytes of all stored blobs', () => stored.bytes],
     ['history_versions', 'Previous versions kept for undo, all users', () => stored.historyVersions],
-    ['history_bytes', 'Decoded bytes of the previous versions kept for undo', () => stored.historyBytes]
+    ['history_bytes', 'Decoded bytes of the previous versions kept for undo', () => stored.historyBytes],
+    ['database_size_bytes', 'Disk used by the whole database (pg_database_size: tables, indexes, TOAST, dead rows; not WAL)', () => stored.databaseBytes]
   ] as const) {
     metrics.registry.registerMetric(new Gauge({
       name,

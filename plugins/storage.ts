@@ -241,7 +241,8 @@ const TOTALS = {
   text: `SELECT (SELECT count(*) FROM user_sync_data)::int AS users,
            (SELECT coalesce(sum(v.blob_size), 0) FROM user_sync_data JOIN user_sync_versions v USING (user_id, version))::float8 AS bytes,
            (SELECT count(*) FROM user_sync_versions)::int AS versions,
-           (SELECT coalesce(sum(blob_size), 0) FROM user_sync_versions)::float8 AS all_bytes`
+           (SELECT coalesce(sum(blob_size), 0) FROM user_sync_versions)::float8 AS all_bytes,
+           pg_database_size(current_database())::float8 AS database_bytes`
 }
 // The cleanup drops the kept versions past the limits that no write has dropped: those of records
 // not written since (HISTORY_DAYS: every version older than one stored before the cutoff, found
@@ -723,12 +724,18 @@ export function createStorage (
       return pruned
     },
 
-    /** Stored users, the decoded bytes of their blobs, and the same of the kept versions (full scans: call it rarely). */
-    async totals (): Promise<{ users: number, bytes: number, historyVersions: number, historyBytes: number }> {
-      type Row = { users: number, bytes: number, versions: number, all_bytes: number }
+    /** Stored users, the decoded bytes of their blobs, the same of the kept versions, and the database's size on disk (full scans: call it rarely). */
+    async totals (): Promise<{ users: number, bytes: number, historyVersions: number, historyBytes: number, databaseBytes: number }> {
+      type Row = { users: number, bytes: number, versions: number, all_bytes: number, database_bytes: number }
       const { rows: [row] } = await run<Row>(TOTALS, [])
       const [users, bytes] = [row?.users ?? 0, row?.bytes ?? 0]
-      return { users, bytes, historyVersions: (row?.versions ?? 0) - users, historyBytes: (row?.all_bytes ?? 0) - bytes }
+      return {
+        users,
+        bytes,
+        historyVersions: (row?.versions ?? 0) - users,
+        historyBytes: (row?.all_bytes ?? 0) - bytes,
+        databaseBytes: row?.database_bytes ?? 0
+      }
     }
   }
 }

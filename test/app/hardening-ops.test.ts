@@ -65,6 +65,8 @@ t.test('shed requests are logged at warn, without a stack, one line for many', a
   const metrics = await loaded.metrics.registry.metrics()
   t.match(metrics, /http_request_duration_seconds_count\{route="\/api\/sync\/:userId",method="GET",status="503"\} 20/,
     'but every one is counted')
+  t.match(metrics, /load_shed_requests_total 20/, 'as shed, apart from the database\'s 503s')
+  t.notMatch(metrics, /database_connection_errors_total\{kind="unavailable"\} [1-9]/, 'none of them counted against the database')
 })
 
 t.test('a shed request spends the client\'s per-IP budget', async (t) => {

@@ -30,6 +30,7 @@ t.test('a run deletes exactly the accounts idle longer than the retention, logs 
   await db.query('DELETE FROM user_sync_data')
   const idle = await seed([731, 800, 2000])
   const active = await seed([0, 100, 729])
+  const before = Date.now() / 1000
   const result = await app.cleanup.run()
   t.match(result, { ran: true, deleted: 3, dryRun: false })
   t.equal(await remaining(idle), 0)
@@ -39,6 +40,10 @@ t.test('a run deletes exactly the accounts idle longer than the retention, logs 
   const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
   t.match(metrics, /cleanup_runs_total\{result="deleted"\} 1/)
   t.match(metrics, /cleanup_deleted_accounts_total 3/)
+  const gauge = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(metrics)?.[1])
+  t.ok(gauge('cleanup_last_success_timestamp_seconds') >= Math.floor(before), 'the run is stamped as the last success')
+  t.equal(gauge('cleanup_last_failure_timestamp_seconds'), 0, 'and no failure')
+  t.equal(gauge('cleanup_interval_seconds'), app.config.CLEANUP_INTERVAL / 1000, 'beside the interval the alert compares it with')
 })
 
 t.test('many rows go in batches, and all of them go', async (t) => {
