@@ -112,6 +112,10 @@ declare module 'fastify' {
 export default fp(async function metrics (app) {
   const metrics = createMetrics()
   metrics.rateLimitStoreUp.set(1)
+  // Counters an alert takes the increase of start at 0: Prometheus counts no increase in a
+  // series' first sample, so an outage's first 503s would otherwise go unseen.
+  for (const kind of ['unavailable', 'connection_lost']) metrics.databaseErrors.inc({ kind }, 0)
+  for (const result of ['deleted', 'skipped', 'failed']) metrics.cleanupRuns.inc({ result }, 0)
   app.decorate('metrics', metrics)
 
   const { pool } = app.pg

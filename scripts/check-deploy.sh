@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checks what can be checked of the deployment without a container runtime: the compose files
 # resolve, production publishes no database port and demands a password, the Dockerfile passes
-# a linter, and the shell scripts pass shellcheck. CI runs it; it needs npx and the Debian
-# packages docker-compose, python3-yaml and shellcheck.
+# a linter, the monitoring profile's rules and Prometheus configuration pass promtool, and the
+# shell scripts pass shellcheck. CI runs it; it needs npx and the Debian packages
+# docker-compose, python3-yaml, shellcheck and prometheus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,13 +72,35 @@ print("\n".join(problems))
 ' "$scale_config" "$base_config")
 [ -z "$problems" ] || fail "docker-compose.scale.yml: $problems"
 
+# The monitoring profile (docs/operations.md, "Monitoring"): resolves in development and
+# production; Grafana is published on loopback only and Prometheus not at all; the alert rules
+# and the Prometheus configuration prometheus-config.sh writes, for each way the service serves
+# its metrics, pass promtool (Debian's prometheus package). test/app/monitoring.test.ts runs
+# them against a real Prometheus.
+docker-compose --profile monitoring config -q
+monitoring_config=$(POSTGRES_PASSWORD=x docker-compose -f docker-compose.yml -f docker-compose.prod.yml --profile monitoring config)
+grafana_ports=$(ports_of grafana <<<"$monitoring_config")
+[[ "$grafana_ports" =~ ^127\.0\.0\.1:[0-9]+:3000/tcp$ ]] || fail "Grafana should be published on 127.0.0.1 only, got: $grafana_ports"
+[ -z "$(ports_of prometheus <<<"$monitoring_config")" ] || fail "Prometheus must publish no port"
+promtool check rules deploy/monitoring/alerts.yml >/dev/null
+monitoring_tmp=$(mktemp -d)
+for settings in "NODE_ENV=production" "NODE_ENV=production METRICS_TOKEN=check-only-token" "NODE_ENV=development"; do
+  # shellcheck disable=SC2086 # one word per setting
+  env $settings RULES_FILE="$PWD/deploy/monitoring/alerts.yml" TOKEN_FILE="$monitoring_tmp/token" \
+    sh deploy/monitoring/prometheus-config.sh > "$monitoring_tmp/prometheus.yml"
+  promtool check config "$monitoring_tmp/prometheus.yml" >/dev/null || fail "prometheus-config.sh with $settings: promtool refuses it"
+done
+grep -q '"sync:9464"' <(NODE_ENV=production sh deploy/monitoring/prometheus-config.sh) \
+  || fail "in production without METRICS_TOKEN Prometheus must scrape the metrics listener, sync:9464"
+rm -rf "$monitoring_tmp"
+
 # The Dockerfile linter (its findings go to stdout; it exits 0 either way). It would download
 # its own copy of shellcheck; -s none and no install scripts skip that (Debian's runs below).
 lint=$(npm_config_ignore_scripts=true npx --yes -p dockerlinter@1.2.2 dockerlinter -f Dockerfile -s none)
 [ -z "$lint" ] || fail "Dockerfile lint findings:
 $lint"
 
-shellcheck scripts/*.sh deploy/scale/*.sh .ci/run
+shellcheck scripts/*.sh deploy/scale/*.sh deploy/monitoring/*.sh .ci/run
 
 # The runtime image's contents without an engine: the production install the Dockerfile makes
 # (no dev, no optional dependencies: no PGlite), the compiled service and sql/, started as the
