@@ -16,6 +16,7 @@ import securityHeadersPlugin from './plugins/security-headers.ts'
 import loadSheddingPlugin from './plugins/load-shedding.ts'
 import bodyPolicyPlugin from './plugins/body-policy.ts'
 import pipeliningPlugin from './plugins/pipelining.ts'
+import tracingPlugin from './plugins/tracing.ts'
 import healthRoutes from './routes/health.ts'
 import infoRoutes from './routes/info.ts'
 import metricsRoutes from './routes/metrics.ts'
@@ -121,6 +122,8 @@ export default fp(async function app (app: FastifyInstance, opts: { config: Conf
 
   await app.register(pipeliningPlugin)
   await app.register(configPlugin, { config: opts.config })
+  // First of the request's hooks (with OTEL_EXPORTER_OTLP_ENDPOINT): a refused request is traced too.
+  await app.register(tracingPlugin)
   // A connection past MAX_CONNECTIONS is closed at once, before it can send anything.
   app.server.maxConnections = opts.config.MAX_CONNECTIONS
   // onRequest hooks run in this order: security headers and CORS (so that browsers can read

@@ -10,10 +10,14 @@
 // --redis (1 KiB GET and PUT with both rate limits on, counted in process against counted in a
 // private redis-server: the server CPU the shared counters cost), --replica (1 KiB GET with
 // reads on a streaming replica against reads on the primary, on a throwaway primary and a
-// pg_basebackup standby: the primary's CPU per read each way).
+// pg_basebackup standby: the primary's CPU per read each way), --tracing (1 KiB GET and PUT with
+// tracing off, and on with every request sampled and sent to an OTLP sink in this process; with
+// BENCH_PREVIOUS=<a checkout with dist/ built>, also that build: what "off" costs against it).
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
 import { readFileSync, readdirSync, writeFileSync, existsSync } from 'node:fs'
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { cpus, totalmem } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
@@ -32,7 +36,8 @@ const { values: args } = parseArgs({
     tokens: { type: 'boolean', default: false },
     history: { type: 'boolean', default: false },
     redis: { type: 'boolean', default: false },
-    replica: { type: 'boolean', default: false }
+    replica: { type: 'boolean', default: false },
+    tracing: { type: 'boolean', default: false }
   }
 })
 const DURATION = Number(args.duration)
@@ -136,10 +141,10 @@ async function refreshEtags (): Promise<void> {
 
 interface Server { name: string, port: number, child: ChildProcess }
 
-async function startServer (name: 'service' | 'baseline', port: number, env: Record<string, string> = {}, databaseUrl = benchUrl): Promise<Server> {
+async function startServer (name: 'service' | 'baseline', port: number, env: Record<string, string> = {}, databaseUrl = benchUrl, root = ROOT): Promise<Server> {
   const args = name === 'service' ? ['dist/server.js'] : ['--import', 'tsx', 'bench/baseline.ts']
   const child = spawn(process.execPath, args, {
-    cwd: ROOT,
+    cwd: root,
     // The service runs as in production: info-level logs (to /dev/null here), default pool.
     // Rate limits off: the bench sends thousands of requests per user.
     env: {
@@ -541,6 +546,60 @@ async function redisExperiment (): Promise<string> {
   return lines.join('\n')
 }
 
+/**
+ * 1 KiB GET and PUT with tracing off (the default) and on (OTEL_EXPORTER_OTLP_ENDPOINT, every
+ * request sampled, spans to an OTLP/HTTP sink in this process that reads and drops them), and,
+ * given BENCH_PREVIOUS, the build there (one without tracing): three rounds, medians.
+ */
+async function tracingExperiment (): Promise<string> {
+  const ROUNDS = 3
+  const users = await seedUsers(0x70, benchUrl)
+  const sink = createServer((request, response) => {
+    request.resume()
+    request.on('end', () => response.writeHead(200, { 'content-type': 'application/json' }).end('{}'))
+  })
+  await new Promise<void>((resolve) => sink.listen(0, '127.0.0.1', resolve))
+  const endpoint = `http://127.0.0.1:${(sink.address() as AddressInfo).port}`
+  const previous = process.env.BENCH_PREVIOUS
+  const servers: Partial<Record<'previous' | 'off' | 'on', Server>> = {
+    off: await startServer('service', 3108),
+    on: await startServer('service', 3109, { OTEL_EXPORTER_OTLP_ENDPOINT: endpoint })
+  }
+  if (previous !== undefined) servers.previous = await startServer('service', 3110, {}, benchUrl, previous.endsWith('/') ? previous : `${previous}/`)
+  const kinds = Object.keys(servers) as Array<'previous' | 'off' | 'on'>
+  const lines = ['## Tracing (--tracing)', '',
+    `The service with tracing off (no OTEL_EXPORTER_OTLP_ENDPOINT) and on (every request sampled; spans batched to an OTLP/HTTP sink in the bench's process)` +
+    (previous === undefined ? '' : `, and the build in BENCH_PREVIOUS (${previous}), from before tracing existed`) +
+    `; 16 connections; ${ROUNDS} rounds of (${[...kinds, ...[...kinds].reverse()].join(', ')}), ${DURATION} s each after a 1 s warm-up; ` +
+    `medians of the ${2 * ROUNDS} runs of each. CPU is the service process's only.`, '',
+    `| scenario | req/s ${kinds.join(' / ')} | CPU µs/req ${kinds.join(' / ')} | **CPU on / off** |${previous === undefined ? '' : ' **CPU off / previous** |'} errors |`,
+    `| --- | ---: | ---: | ---: |${previous === undefined ? '' : ' ---: |'} ---: |`]
+  try {
+    const put = body('1KiB')
+    for (const method of ['GET', 'PUT'] as const) {
+      const scenario = (kind: string): Scenario => ({
+        name: `${method} 1KiB c16 [tracing ${kind}]`,
+        connections: 16,
+        method,
+        path: () => `/api/sync/${pick(users)}`,
+        ...(method === 'PUT' ? { body: put, headers: () => ({ 'content-type': 'application/json' }) } : {}),
+        expect: [200]
+      })
+      const runs = await alternate(ROUNDS, [...kinds, ...[...kinds].reverse()], (kind) => [servers[kind]!, scenario(kind)])
+      const m = (kind: 'previous' | 'off' | 'on', field: (r: Result) => number) => median(runs[kind].map(field))
+      const errors = kinds.flatMap((kind) => runs[kind]).reduce((sum, r) => sum + r.errors + r.unexpected, 0)
+      lines.push(`| ${method} 1 KiB | ${kinds.map((kind) => fmt(m(kind, (r) => r.rps), 0)).join(' / ')} | ` +
+        `${kinds.map((kind) => fmt(m(kind, (r) => r.cpuUs), 0)).join(' / ')} | ` +
+        `**${fmt(m('on', (r) => r.cpuUs) / m('off', (r) => r.cpuUs), 3)}x** |` +
+        (previous === undefined ? '' : ` **${fmt(m('off', (r) => r.cpuUs) / m('previous', (r) => r.cpuUs), 3)}x** |`) + ` ${errors} |`)
+    }
+  } finally {
+    for (const server of Object.values(servers)) await stopServer(server)
+    sink.close()
+  }
+  return lines.join('\n')
+}
+
 /** CPU seconds a PostgreSQL cluster's processes (the postmaster's children: backends, walsender, startup) have used so far. */
 function clusterCpuSeconds (cluster: Cluster): number {
   const postmaster = Number(readFileSync(`${cluster.dataDir}/postmaster.pid`, 'utf8').split('\n')[0])
@@ -772,6 +831,7 @@ async function main (): Promise<void> {
     if (args.history) extra.push(await historyExperiment())
     if (args.redis) extra.push(await redisExperiment())
     if (args.replica) extra.push(await replicaExperiment())
+    if (args.tracing) extra.push(await tracingExperiment())
     if (args.scale) extra.push(await scaleExperiment(service, compare, results))
   } finally {
     await stopServer(service)

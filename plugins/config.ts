@@ -130,6 +130,23 @@ export const ConfigSchema = Type.Object({
     description: 'port of the separate metrics listener used in production when METRICS_TOKEN is empty'
   }),
   METRICS_HOST: Type.String({ minLength: 1, default: '127.0.0.1', description: 'address of the separate metrics listener' }),
+  OTEL_EXPORTER_OTLP_ENDPOINT: Type.String({
+    default: '',
+    pattern: '^(https?://[^\\s]+)?$',
+    description: 'OTLP/HTTP collector (http://collector:4318): when set, a span per request and per storage statement is sent to <endpoint>/v1/traces; empty: no tracing'
+  }),
+  OTEL_EXPORTER_OTLP_HEADERS: Type.String({
+    default: '',
+    pattern: '^([^=,]+=[^,]*(,[^=,]+=[^,]*)*)?$',
+    description: 'headers sent to the collector, name=value,name=value (values percent-encoded), e.g. its credentials'
+  }),
+  OTEL_SERVICE_NAME: Type.String({ minLength: 1, default: 'logikids-sync', description: 'service.name of the spans' }),
+  OTEL_TRACES_SAMPLER_ARG: Type.Number({
+    minimum: 0,
+    maximum: 1,
+    default: 1,
+    description: 'share of requests traced (0 to 1), unless the caller\'s traceparent says whether it is sampled'
+  }),
   DOCS: Type.Optional(Type.Boolean({ description: 'serve the OpenAPI document and Swagger UI (default: on, off in production)' })),
   CORS_ORIGINS: Type.String({
     default: '',

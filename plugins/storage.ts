@@ -6,6 +6,7 @@ import type { Logger } from 'pino'
 import { atMostEvery, pseudonym } from '../logging.ts'
 import { POOL_SATURATED, isConnectionLost, isTransactionAborted, preparedStatements, statementRunner } from './db.ts'
 import type { ReplicaReads } from './replica.ts'
+import type { StatementTracer } from './tracing.ts'
 
 /** What the storage needs of a pool: one query at a time (pg's Pool, or a test's Client). */
 export interface Queryable {
@@ -364,7 +365,7 @@ export type ObserveStatement = (statement: string, outcome: 'ok' | 'error', seco
 /** The key-value operations of the sync store, one SQL round trip each. */
 export function createStorage (
   primary: Queryable, log: FastifyBaseLogger, observe: ObserveStatement = () => {},
-  options: { prepared?: boolean, admit?: () => boolean, history?: HistoryLimits, replica?: ReplicaReads | null } = {}
+  options: { prepared?: boolean, admit?: () => boolean, history?: HistoryLimits, replica?: ReplicaReads | null, trace?: StatementTracer | null } = {}
 ) {
   const admit = options.admit ?? (() => true)
   const history = options.history ?? DEFAULT_HISTORY
@@ -373,6 +374,7 @@ export function createStorage (
   // (the embedded database, a transaction-mode pooler) the names would collide: send them unnamed.
   const prepared = options.prepared ?? true
   const replica = options.replica ?? null
+  const trace = options.trace ?? null
   const replicaWarnGate = atMostEvery(60_000)
   /**
    * A read that may be served by the replica (DATABASE_READ_URL) while it is close enough behind
@@ -410,6 +412,7 @@ export function createStorage (
     const query = prepared ? { name: statement.name, text: statement.text, values } : { text: statement.text, values }
     const started = process.hrtime.bigint()
     const seconds = () => Number(process.hrtime.bigint() - started) / 1e9
+    const span = trace?.(statement.name, db === primary ? 'primary' : 'replica')
     try {
       const result = await db.query<R>(query).catch(async (err: unknown) => {
         if (isTransactionAborted(err)) {
@@ -422,9 +425,11 @@ export function createStorage (
         return await db.query<R>(query)
       })
       observe(statement.name, 'ok', seconds())
+      span?.end()
       return result
     } catch (err) {
       observe(statement.name, 'error', seconds())
+      span?.end(err)
       throw err
     }
   }
@@ -790,8 +795,9 @@ export default fp(async function storage (app) {
     prepared,
     admit: () => pool.waitingCount < maxWaiting,
     history: { versions: config.HISTORY_VERSIONS, days: config.HISTORY_DAYS },
-    replica: app.replica
+    replica: app.replica,
+    trace: app.traceStatement
   }))
   // The access times being written finish before the pool closes.
   app.addHook('onClose', async () => { await app.storage.touched() })
-}, { name: 'storage', dependencies: ['db', 'metrics', 'replica'] })
+}, { name: 'storage', dependencies: ['db', 'metrics', 'replica', 'tracing'] })

@@ -1,0 +1,129 @@
+import t from 'tap'
+import { createHash, randomBytes, randomUUID } from 'node:crypto'
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { build, databaseUrlOf, holdTable, type TestContext } from '../helper.ts'
+
+// Tracing (OTEL_EXPORTER_OTLP_ENDPOINT) against an OTLP/HTTP collector in this process: what a
+// collector receives from the service, in its default configuration otherwise (both rate
+// limits on, access tokens optional).
+
+interface OtlpSpan {
+  traceId: string
+  spanId: string
+  parentSpanId?: string
+  name: string
+  attributes: Array<{ key: string, value: Record<string, unknown> }>
+}
+type Received = { bodies: string[], spans: OtlpSpan[], headers: Array<Record<string, string | string[] | undefined>> }
+
+async function collector (t: TestContext): Promise<Received & { endpoint: string }> {
+  const received: Received = { bodies: [], spans: [], headers: [] }
+  const server = createServer((request, response) => {
+    let body = ''
+    request.on('data', (chunk) => { body += String(chunk) })
+    request.on('end', () => {
+      if (request.url === '/v1/traces' && request.method === 'POST') {
+        received.bodies.push(body)
+        received.headers.push(request.headers)
+        const message = JSON.parse(body) as { resourceSpans: Array<{ scopeSpans: Array<{ spans: OtlpSpan[] }> }> }
+        for (const resource of message.resourceSpans) for (const scope of resource.scopeSpans) received.spans.push(...scope.spans)
+      }
+      response.writeHead(200, { 'content-type': 'application/json' }).end('{}')
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise((resolve) => server.close(resolve)))
+  return { ...received, endpoint: `http://127.0.0.1:${(server.address() as AddressInfo).port}` }
+}
+
+const attribute = (span: OtlpSpan, key: string): unknown => {
+  const value = span.attributes.find((entry) => entry.key === key)?.value
+  return value === undefined ? undefined : Object.values(value)[0]
+}
+const pseudonymOf = (userId: string) => createHash('sha256').update(userId.toLowerCase()).digest('hex').slice(0, 12)
+
+t.test('a request\'s span has its storage statements as children, and no secret leaves with them', async (t) => {
+  const received = await collector(t)
+  const app = await build(t, {
+    env: { OTEL_EXPORTER_OTLP_ENDPOINT: received.endpoint, OTEL_EXPORTER_OTLP_HEADERS: 'authorization=Bearer%20collector-secret,x-tenant=kids' },
+    // As a careless plugin (or a future @fastify/otel) might: a header, the id and the URL on the span.
+    afterApp: (service) => service.addHook('preHandler', async (request) => {
+      const { span } = request.opentelemetry()
+      span?.setAttribute('http.request.header.authorization', String(request.headers.authorization))
+      span?.setAttribute('logikids.user', String((request.params as { userId?: string }).userId))
+      span?.addEvent('handler', { url: request.url })
+      span?.setStatus({ code: 0, message: request.url })
+    })
+  })
+  const userId = randomUUID()
+  const token = randomBytes(32).toString('base64url')
+  const payload = { encryptedBlob: randomBytes(300).toString('base64'), iv: randomBytes(12).toString('base64'), timestamp: 1, checksum: randomBytes(32).toString('hex') }
+  const url = `/api/sync/${userId}`
+  const put = await app.inject({ method: 'PUT', url: `${url}?note=${userId}`, payload, headers: { authorization: `Bearer ${token}` } })
+  t.equal(put.statusCode, 200)
+  t.equal((await app.inject({ method: 'GET', url, headers: { authorization: `Bearer ${token}` } })).statusCode, 200)
+  t.equal((await app.inject({ method: 'GET', url, headers: { authorization: `Bearer ${randomBytes(32).toString('base64url')}` } })).statusCode, 401)
+  t.equal((await app.inject({ method: 'PUT', url, payload: { ...payload, iv: 'short' } })).statusCode, 400)
+  // A caller's trace (a proxy's, a client's) is continued, not restarted.
+  const callerTrace = randomBytes(16).toString('hex')
+  const callerSpan = randomBytes(8).toString('hex')
+  t.equal((await app.inject({ method: 'GET', url: `/api/sync/${randomUUID()}`, headers: { traceparent: `00-${callerTrace}-${callerSpan}-01` } })).statusCode, 404)
+  // Closing flushes the batch.
+  await app.close()
+
+  t.ok(received.headers.length > 0 && received.headers.every((headers) => headers.authorization === 'Bearer collector-secret' && headers['x-tenant'] === 'kids'),
+    'OTEL_EXPORTER_OTLP_HEADERS go to the collector')
+  const byId = new Map(received.spans.map((span) => [span.spanId, span]))
+  const requests = received.spans.filter((span) => span.name === 'request')
+  t.equal(requests.length, 5, 'one request span per request')
+  const upload = requests.find((span) => attribute(span, 'http.request.method') === 'PUT' && attribute(span, 'http.response.status_code') === 200)!
+  t.ok(upload, 'the upload\'s request span')
+  t.equal(attribute(upload, 'http.route'), '/api/sync/:userId')
+  t.equal(attribute(upload, 'enduser.pseudo.id'), pseudonymOf(userId), 'the user by pseudonym')
+  t.equal(attribute(upload, 'url.path'), `/api/sync/~${pseudonymOf(userId)}?[redacted]`, 'the path with the id pseudonymised, without its query')
+  const ancestors = (span: OtlpSpan): OtlpSpan[] => {
+    const parent = span.parentSpanId === undefined || span.parentSpanId === '' ? undefined : byId.get(span.parentSpanId)
+    return parent === undefined ? [] : [parent, ...ancestors(parent)]
+  }
+  const statements = received.spans.filter((span) => span.name.startsWith('storage ') && ancestors(span).includes(upload))
+  t.ok(statements.length >= 1, `the upload's storage statements are spans under it (${statements.map((span) => span.name).join(', ')})`)
+  t.match(statements[0], { traceId: upload.traceId })
+  t.equal(attribute(statements[0]!, 'db.system.name'), 'postgresql')
+  t.match(attribute(statements[0]!, 'db.operation.name'), /^sync-/)
+  t.equal(attribute(statements[0]!, 'logikids.database'), 'primary')
+
+  const continued = requests.find((span) => attribute(span, 'http.response.status_code') === 404)!
+  t.equal(continued.traceId, callerTrace, 'the caller\'s trace id')
+  t.equal(continued.parentSpanId, callerSpan, 'under the caller\'s span')
+
+  const everything = received.bodies.join('\n').toLowerCase()
+  for (const [what, secret] of [['user id', userId], ['user id without dashes', userId.replaceAll('-', '')], ['blob', payload.encryptedBlob.slice(0, 40)],
+    ['iv', payload.iv], ['checksum', payload.checksum], ['token', token]] as const) {
+    t.notOk(everything.includes(secret.toLowerCase()), `no ${what} in anything the collector received`)
+  }
+  t.notOk(everything.includes('exception'), 'no exception event (their messages can quote values)')
+})
+
+t.test('a statement that fails is a span with the error\'s code, not its message', async (t) => {
+  const received = await collector(t)
+  const app = await build(t, { env: { OTEL_EXPORTER_OTLP_ENDPOINT: received.endpoint, DATABASE_STATEMENT_TIMEOUT_MS: '300' } })
+  // The table held: the download's statement runs out of time (57014), and the answer is 503.
+  const held = await holdTable(t, databaseUrlOf(app), 'user_sync_data')
+  t.equal((await app.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).statusCode, 503)
+  await held.release()
+  await app.close()
+  const failed = received.spans.find((span) => span.name.startsWith('storage ') && attribute(span, 'error.type') !== undefined)
+  t.ok(failed, 'the statement\'s span')
+  t.equal(attribute(failed!, 'error.type'), '57014', 'named by its SQLSTATE')
+  t.equal(attribute(failed!, 'db.response.status_code'), '57014')
+  t.match(failed, { status: { code: 2 } }, 'with the error status')
+  t.notOk(JSON.stringify(failed).includes('message'), 'and no message')
+})
+
+t.test('off by default: no span, no instrumentation', async (t) => {
+  const app = await build(t)
+  t.equal(app.config.OTEL_EXPORTER_OTLP_ENDPOINT, '')
+  t.equal(app.traceStatement, null, 'the storage traces nothing')
+  t.notOk(app.hasPlugin('@fastify/otel'), 'no request instrumentation')
+})
