@@ -568,7 +568,7 @@ async function tracingExperiment (): Promise<string> {
   if (previous !== undefined) servers.previous = await startServer('service', 3110, {}, benchUrl, previous.endsWith('/') ? previous : `${previous}/`)
   const kinds = Object.keys(servers) as Array<'previous' | 'off' | 'on'>
   const lines = ['## Tracing (--tracing)', '',
-    `The service with tracing off (no OTEL_EXPORTER_OTLP_ENDPOINT) and on (every request sampled; spans batched to an OTLP/HTTP sink in the bench's process)` +
+    'The service with tracing off (no OTEL_EXPORTER_OTLP_ENDPOINT) and on (every request sampled; spans batched to an OTLP/HTTP sink in the bench\'s process)' +
     (previous === undefined ? '' : `, and the build in BENCH_PREVIOUS (${previous}), from before tracing existed`) +
     `; 16 connections; ${ROUNDS} rounds of (${[...kinds, ...[...kinds].reverse()].join(', ')}), ${DURATION} s each after a 1 s warm-up; ` +
     `medians of the ${2 * ROUNDS} runs of each. CPU is the service process's only.`, '',

@@ -47,7 +47,7 @@ t.test('stored users and bytes are counted at most once a minute', async (t) => 
   t.equal(value(second, 'stored_users'), 1, 'a scrape within the minute does not query again')
   const totals = value(second, 'storage_operation_duration_seconds_count{operation="totals",outcome="ok"}')
   t.equal(totals, 1, 'one counting query for two scrapes')
-  const { rows: [{ size }] } = await app.pg.pool.query<{ size: string }>('SELECT pg_database_size(current_database()) AS size')
+  const size = (await app.pg.pool.query<{ size: string }>('SELECT pg_database_size(current_database()) AS size')).rows[0]!.size
   const reported = value(first, 'database_size_bytes')
   t.ok(reported > 0 && reported <= Number(size) * 1.5 && reported >= Number(size) / 1.5, `the database's size on disk (${reported} against ${size})`)
 })
