@@ -152,7 +152,9 @@ export default fp(async function metrics (app) {
       name,
       help: `${help} (refreshed at most once a minute)`,
       registers: [],
-      async collect () { await refreshStored(); this.set(read()) }
+      // NaN (no value) until a count succeeds: a first scrape during an outage must not report a
+      // database of 0 bytes that then "grows" to its real size (SyncDiskGrowth would fire).
+      async collect () { await refreshStored(); this.set(stored.at === 0 ? Number.NaN : read()) }
     }))
   }
 

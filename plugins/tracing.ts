@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import type { Attributes, Span, Tracer } from '@opentelemetry/api'
 import type { ReadableSpan, SpanExporter } from '@opentelemetry/sdk-trace-base'
 import type { ExportResult } from '@opentelemetry/core'
-import { pseudonym, redactUrl } from '../logging.ts'
+import { atMostEvery, pseudonym, redactUrl } from '../logging.ts'
 import { USER_ID_PATTERN } from '../schemas/sync.ts'
 
 /** What the storage tells a trace of each statement: started now, ended by `end`. */
@@ -19,6 +19,7 @@ const IS_USER_ID = new RegExp(USER_ID_PATTERN)
 const SPAN_STATUS_ERROR = 2
 const SPAN_KIND_CLIENT = 2
 const SHUTDOWN_WAIT_MS = 5_000
+const EXPORT_SUCCESS = 0
 
 // The only attributes a span may leave with: names of routes, hooks and statements, methods,
 // statuses, error codes, and the user's pseudonym. Anything else an instrumentation adds (a
@@ -58,12 +59,17 @@ function redacted (span: ReadableSpan): ReadableSpan {
 
 class RedactingExporter implements SpanExporter {
   private readonly exporter: SpanExporter
-  constructor (exporter: SpanExporter) {
+  private readonly failed: () => void
+  constructor (exporter: SpanExporter, failed: () => void) {
     this.exporter = exporter
+    this.failed = failed
   }
 
   export (spans: ReadableSpan[], done: (result: ExportResult) => void): void {
-    this.exporter.export(spans.map(redacted), done)
+    this.exporter.export(spans.map(redacted), (result) => {
+      if (result.code !== EXPORT_SUCCESS) this.failed()
+      done(result)
+    })
   }
 
   async shutdown (): Promise<void> { await this.exporter.shutdown() }
@@ -111,11 +117,16 @@ export default fp(async function tracing (app) {
   context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable())
   propagation.setGlobalPropagator(new W3CTraceContextPropagator())
 
+  const collector = new URL(endpoint).origin
+  const failureGate = atMostEvery(60_000)
   const exporter = new OTLPTraceExporter({ url: `${endpoint.replace(/\/+$/, '')}/v1/traces`, headers: collectorHeaders(headerList), timeoutMillis: SHUTDOWN_WAIT_MS })
   const provider = new sdk.NodeTracerProvider({
     resource: resourceFromAttributes({ 'service.name': serviceName }),
     sampler: new sdk.ParentBasedSampler({ root: new sdk.TraceIdRatioBasedSampler(ratio) }),
-    spanProcessors: [new sdk.BatchSpanProcessor(new RedactingExporter(exporter), { exportTimeoutMillis: SHUTDOWN_WAIT_MS })]
+    spanProcessors: [new sdk.BatchSpanProcessor(new RedactingExporter(exporter, () => {
+      // The collector's own error can hold its URL's credentials: the origin is enough to act on.
+      if (failureGate()) app.log.warn({ collector }, 'tracing: the collector did not take a batch of spans; they are dropped (at most one such line a minute)')
+    }), { exportTimeoutMillis: SHUTDOWN_WAIT_MS })]
   })
   const tracer: Tracer = provider.getTracer('logikids-sync')
 
@@ -148,7 +159,7 @@ export default fp(async function tracing (app) {
     }
   })
 
-  app.log.info({ collector: new URL(endpoint).origin, sampled: ratio }, 'tracing: spans are exported over OTLP/HTTP')
+  app.log.info({ collector, sampled: ratio }, 'tracing: spans are exported over OTLP/HTTP')
   // Spans still in the batch go out on close, unless the collector keeps them waiting.
   app.addHook('onClose', async () => {
     await Promise.race([provider.shutdown().catch(() => {}), new Promise((resolve) => setTimeout(resolve, SHUTDOWN_WAIT_MS).unref())])

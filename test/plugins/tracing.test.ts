@@ -121,6 +121,18 @@ t.test('a statement that fails is a span with the error\'s code, not its message
   t.notOk(JSON.stringify(failed).includes('message'), 'and no message')
 })
 
+t.test('a collector that does not answer costs a warning a minute, never a request', async (t) => {
+  const logLines: string[] = []
+  // Port 9 (discard): nothing listens there.
+  const app = await build(t, { env: { OTEL_EXPORTER_OTLP_ENDPOINT: 'http://user:collector-password@127.0.0.1:9', LOG_LEVEL: 'info' }, logLines })
+  t.equal((await app.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).statusCode, 404)
+  await app.close()
+  const warnings = logLines.filter((line) => line.includes('tracing: the collector did not take a batch'))
+  t.equal(warnings.length, 1, 'one warning')
+  t.match(JSON.parse(warnings[0] ?? '{}'), { level: 40, collector: 'http://127.0.0.1:9' }, 'naming the collector by its origin')
+  t.notOk(logLines.some((line) => line.includes('collector-password')), 'never its credentials')
+})
+
 t.test('off by default: no span, no instrumentation', async (t) => {
   const app = await build(t)
   t.equal(app.config.OTEL_EXPORTER_OTLP_ENDPOINT, '')
