@@ -561,11 +561,13 @@ async function tracingExperiment (): Promise<string> {
   await new Promise<void>((resolve) => sink.listen(0, '127.0.0.1', resolve))
   const endpoint = `http://127.0.0.1:${(sink.address() as AddressInfo).port}`
   const previous = process.env.BENCH_PREVIOUS
+  // Metrics on the service port (with a token): the main service already holds the metrics listener's.
+  const metrics = { METRICS_TOKEN: 'bench-metrics-token' }
   const servers: Partial<Record<'previous' | 'off' | 'on', Server>> = {
-    off: await startServer('service', 3108),
-    on: await startServer('service', 3109, { OTEL_EXPORTER_OTLP_ENDPOINT: endpoint })
+    off: await startServer('service', 3108, metrics),
+    on: await startServer('service', 3109, { ...metrics, OTEL_EXPORTER_OTLP_ENDPOINT: endpoint })
   }
-  if (previous !== undefined) servers.previous = await startServer('service', 3110, {}, benchUrl, previous.endsWith('/') ? previous : `${previous}/`)
+  if (previous !== undefined) servers.previous = await startServer('service', 3110, metrics, benchUrl, previous.endsWith('/') ? previous : `${previous}/`)
   const kinds = Object.keys(servers) as Array<'previous' | 'off' | 'on'>
   const lines = ['## Tracing (--tracing)', '',
     'The service with tracing off (no OTEL_EXPORTER_OTLP_ENDPOINT) and on (every request sampled; spans batched to an OTLP/HTTP sink in the bench\'s process)' +

@@ -133,6 +133,7 @@ export default fp(async function tracing (app) {
   const instrumentation = new FastifyOtelInstrumentation({
     // Exceptions are recorded as events, which are not exported (their messages can quote values).
     recordExceptions: false,
+    instrumentHooks: false,
     requestHook (span: Span, request) {
       // Set over @fastify/otel's url.path, which is the raw URL: the user id and the query.
       span.setAttribute('url.path', redactUrl(request.url))

@@ -93,6 +93,8 @@ t.test('a request\'s span has its storage statements as children, and no secret 
   t.match(attribute(statements[0]!, 'db.operation.name'), /^sync-/)
   t.equal(attribute(statements[0]!, 'logikids.database'), 'primary')
 
+  const orphans = received.spans.filter((span) => span.name.startsWith('storage ') && !ancestors(span).some((a) => a.name === 'request'))
+  t.strictSame(orphans.map((span) => span.name), [], 'every statement span is under a request span (none starts a trace of its own)')
   const continued = requests.find((span) => attribute(span, 'http.response.status_code') === 404)!
   t.equal(continued.traceId, callerTrace, 'the caller\'s trace id')
   t.equal(continued.parentSpanId, callerSpan, 'under the caller\'s span')
