@@ -93,6 +93,10 @@ t.test('a request\'s span has its storage statements as children, and no secret 
   t.match(attribute(statements[0]!, 'db.operation.name'), /^sync-/)
   t.equal(attribute(statements[0]!, 'logikids.database'), 'primary')
 
+  t.ok(received.spans.some((span) => attribute(span, 'fastify.type') === 'request-handler' && span.parentSpanId === upload.spanId),
+    'the handler is a span under the request')
+  t.notOk(received.spans.some((span) => ['hook', 'route-hook'].includes(String(attribute(span, 'fastify.type')))),
+    'hooks are not spans of their own (they doubled the cost of tracing; bench/notes.md)')
   const orphans = received.spans.filter((span) => span.name.startsWith('storage ') && !ancestors(span).some((a) => a.name === 'request'))
   t.strictSame(orphans.map((span) => span.name), [], 'every statement span is under a request span (none starts a trace of its own)')
   const continued = requests.find((span) => attribute(span, 'http.response.status_code') === 404)!
