@@ -21,7 +21,10 @@ const MONITORING = join(import.meta.dirname, '..', '..', 'deploy', 'monitoring')
 // Alerts an outage of the database (and a cleanup run during it) must raise; no other may.
 const OUTAGE_ALERTS = ['SyncCleanupFailing', 'SyncDatabaseUnavailable']
 
-interface Panel { title: string, type: string, targets?: Array<{ expr: string }>, panels?: Panel[] }
+interface Panel {
+  id: number, title: string, type: string, gridPos: { x: number, y: number, w: number, h: number }
+  datasource?: { uid: string }, targets?: Array<{ expr: string, datasource?: { uid: string } }>, panels?: Panel[]
+}
 const dashboard = JSON.parse(readFileSync(join(MONITORING, 'grafana', 'dashboards', 'logikids-sync.json'), 'utf8')) as {
   panels: Panel[], templating: { list: Array<{ name: string, query: { query: string } }> }
 }
@@ -73,6 +76,24 @@ async function malformed (base: string): Promise<void> {
 async function firing (): Promise<Map<string, string>> {
   return new Map((await prometheus.alertRules()).map((rule) => [rule.name, rule.state]))
 }
+
+t.test('the dashboard is one Grafana can provision: its data source, unique ids, no panels on top of each other', async (t) => {
+  const provisioned = readFileSync(join(MONITORING, 'grafana', 'provisioning', 'datasources', 'prometheus.yml'), 'utf8')
+  const uid = /^\s*uid:\s*(\S+)\s*$/m.exec(provisioned)?.[1]
+  t.equal(uid, 'prometheus', 'the provisioned data source\'s uid')
+  for (const panel of panels) {
+    t.equal(panel.datasource?.uid, uid, `"${panel.title}" uses it`)
+    t.ok((panel.targets ?? []).length > 0 && (panel.targets ?? []).every((target) => target.datasource?.uid === uid), `"${panel.title}": every query too`)
+  }
+  const ids = dashboard.panels.flatMap((panel) => [panel, ...(panel.panels ?? [])]).map((panel) => panel.id)
+  t.equal(new Set(ids).size, ids.length, 'panel ids are unique')
+  const all = dashboard.panels
+  const overlaps = all.flatMap((a, i) => all.slice(i + 1).filter((b) =>
+    a.gridPos.x < b.gridPos.x + b.gridPos.w && b.gridPos.x < a.gridPos.x + a.gridPos.w &&
+    a.gridPos.y < b.gridPos.y + b.gridPos.h && b.gridPos.y < a.gridPos.y + a.gridPos.h).map((b) => `${a.title} / ${b.title}`))
+  t.strictSame(overlaps, [], 'no two panels overlap')
+  t.ok(all.every((panel) => panel.gridPos.x + panel.gridPos.w <= 24), 'every panel within the 24 columns')
+})
 
 t.test('every dashboard query returns data and exactly the outage\'s alerts fire', async (t) => {
   const rules = await prometheus.alertRules()
