@@ -22,8 +22,13 @@ const MONITORING = join(import.meta.dirname, '..', '..', 'deploy', 'monitoring')
 const OUTAGE_ALERTS = ['SyncCleanupFailing', 'SyncDatabaseUnavailable']
 
 interface Panel {
-  id: number, title: string, type: string, gridPos: { x: number, y: number, w: number, h: number }
-  datasource?: { uid: string }, targets?: Array<{ expr: string, datasource?: { uid: string } }>, panels?: Panel[]
+  id: number
+  title: string
+  type: string
+  gridPos: { x: number, y: number, w: number, h: number }
+  datasource?: { uid: string }
+  targets?: Array<{ expr: string, datasource?: { uid: string } }>
+  panels?: Panel[]
 }
 const dashboard = JSON.parse(readFileSync(join(MONITORING, 'grafana', 'dashboards', 'logikids-sync.json'), 'utf8')) as {
   panels: Panel[], templating: { list: Array<{ name: string, query: { query: string } }> }
