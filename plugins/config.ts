@@ -132,7 +132,6 @@ export const ConfigSchema = Type.Object({
   METRICS_HOST: Type.String({ minLength: 1, default: '127.0.0.1', description: 'address of the separate metrics listener' }),
   OTEL_EXPORTER_OTLP_ENDPOINT: Type.String({
     default: '',
-    pattern: '^(https?://[^\\s]+)?$',
     description: 'OTLP/HTTP collector (http://collector:4318): when set, a span per request and per storage statement is sent to <endpoint>/v1/traces; empty: no tracing'
   }),
   OTEL_EXPORTER_OTLP_HEADERS: Type.String({
@@ -227,6 +226,7 @@ export function loadConfig (env: Record<string, string | undefined> = process.en
   }
   checkTrustProxy(config.TRUST_PROXY)
   checkCorsOrigins(config.CORS_ORIGINS)
+  checkTracing(config)
   const database = config.DATABASE_URL === undefined ? undefined : parseDatabaseUrl(config.DATABASE_URL)
   if (config.DATABASE_READ_URL !== undefined) {
     if (database === undefined) throw new ConfigError('DATABASE_READ_URL needs DATABASE_URL: a replica of the embedded database cannot exist')
@@ -280,6 +280,42 @@ function checkTrustProxy (setting: string): void {
     throw new ConfigError('TRUST_PROXY must be a comma-separated list of proxy addresses or CIDRs (10.0.0.0/8, ::1) ' +
       'or the names loopback, linklocal, uniquelocal')
   }
+}
+
+// Headers the exporter's HTTP request sets itself: one from the environment would break or redirect it.
+const RESERVED_HEADERS = new Set(['host', 'content-length', 'content-type', 'content-encoding', 'transfer-encoding', 'connection'])
+
+/** The tracing settings, beyond their types; never echoing a value (the endpoint and headers can hold credentials). */
+function checkTracing (config: Pick<Config, 'OTEL_EXPORTER_OTLP_ENDPOINT' | 'OTEL_EXPORTER_OTLP_HEADERS' | 'OTEL_TRACES_SAMPLER_ARG'>): void {
+  const endpoint = config.OTEL_EXPORTER_OTLP_ENDPOINT
+  if (endpoint !== '') {
+    let url: URL | undefined
+    try {
+      url = new URL(endpoint)
+    } catch {}
+    if (url === undefined || !['http:', 'https:'].includes(url.protocol) || url.hostname === '' || url.search !== '' || url.hash !== '' || /\s/.test(endpoint)) {
+      throw new ConfigError('OTEL_EXPORTER_OTLP_ENDPOINT must be an http:// or https:// URL of an OTLP/HTTP collector without a query or fragment, ' +
+        'such as http://otel-collector:4318 (spans go to its /v1/traces)')
+    }
+  }
+  const headers = config.OTEL_EXPORTER_OTLP_HEADERS
+  if (headers !== '') {
+    headers.split(',').forEach((entry, i) => {
+      const at = entry.indexOf('=')
+      let [name, value, decoded] = ['', '', false]
+      try {
+        name = decodeURIComponent(entry.slice(0, at).trim())
+        value = decodeURIComponent(entry.slice(at + 1).trim())
+        decoded = true
+      } catch {}
+      // eslint-disable-next-line no-control-regex
+      if (!decoded || at <= 0 || !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name) || /[\u0000-\u001f\u007f]/.test(value) || RESERVED_HEADERS.has(name.toLowerCase())) {
+        throw new ConfigError('OTEL_EXPORTER_OTLP_HEADERS must be name=value pairs separated by commas, values percent-encoded, ' +
+          `and no header the request sets itself (${[...RESERVED_HEADERS].join(', ')}): entry ${i + 1} is not`)
+      }
+    })
+  }
+  if (!Number.isFinite(config.OTEL_TRACES_SAMPLER_ARG)) throw new ConfigError('OTEL_TRACES_SAMPLER_ARG must be a number from 0 to 1')
 }
 
 function checkCorsOrigins (setting: string): void {

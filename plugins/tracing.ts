@@ -1,4 +1,5 @@
 import fp from 'fastify-plugin'
+import proxyAddr from '@fastify/proxy-addr'
 import type { Attributes, Span, Tracer } from '@opentelemetry/api'
 import type { ReadableSpan, SpanExporter } from '@opentelemetry/sdk-trace-base'
 import type { ExportResult } from '@opentelemetry/core'
@@ -16,10 +17,22 @@ declare module 'fastify' {
 }
 
 const IS_USER_ID = new RegExp(USER_ID_PATTERN)
+// The api's SpanStatusCode.UNSET and .ERROR, SpanKind.CLIENT and core's ExportResultCode.SUCCESS,
+// spelled out: while tracing is off nothing of OpenTelemetry is loaded, these included.
+const SPAN_STATUS_UNSET = 0
 const SPAN_STATUS_ERROR = 2
 const SPAN_KIND_CLIENT = 2
-const SHUTDOWN_WAIT_MS = 5_000
 const EXPORT_SUCCESS = 0
+// How long one batch may take to reach the collector, and how long closing waits for the last.
+const EXPORT_TIMEOUT_MS = 5_000
+const CLOSE_WAIT_MS = 2_000
+// Probes and scrapes are not traced: they would outnumber the requests worth a look.
+const UNTRACED_ROUTES = new Set(['/health', '/health/live', '/metrics'])
+// A caller's trace context, believed only from a trusted proxy (TRUST_PROXY): from anyone else it
+// would let a client force every request of its own into the traces (or out of them), or carry
+// text of its choosing (tracestate, baggage) into the collector.
+const TRACE_CONTEXT_HEADERS = ['traceparent', 'tracestate', 'baggage'] as const
+let contextManagerSet = false
 
 // The only attributes a span may leave with: names of routes, hooks and statements, methods,
 // statuses, error codes, and the user's pseudonym. Anything else an instrumentation adds (a
@@ -32,20 +45,26 @@ const EXPORTED_ATTRIBUTES = new Set([
   'db.system.name', 'db.operation.name', 'db.response.status_code', 'error.type', 'logikids.database'
 ])
 
-/** The span as it may be exported: no attribute outside the list, no events, no status message. */
+/**
+ * The span as it may be exported: no attribute outside the list, no events, no status message, no
+ * trace state; and a request answered below 500 is not an error (a 404 is an answer, not a fault).
+ */
 function redacted (span: ReadableSpan): ReadableSpan {
   const attributes: Attributes = {}
   for (const [key, value] of Object.entries(span.attributes)) if (EXPORTED_ATTRIBUTES.has(key)) attributes[key] = value
+  const status = attributes['http.response.status_code']
+  const { traceState: _state, ...context } = span.spanContext()
+  const parent = span.parentSpanContext === undefined ? undefined : { ...span.parentSpanContext, traceState: undefined }
   return {
     name: span.name,
     kind: span.kind,
-    spanContext: () => span.spanContext(),
-    parentSpanContext: span.parentSpanContext,
+    spanContext: () => context,
+    parentSpanContext: parent,
     startTime: span.startTime,
     endTime: span.endTime,
     duration: span.duration,
     ended: span.ended,
-    status: { code: span.status.code },
+    status: { code: typeof status === 'number' && status < 500 ? SPAN_STATUS_UNSET : span.status.code },
     attributes,
     links: [],
     events: [],
@@ -95,42 +114,54 @@ function errorAttributes (err: unknown): Attributes {
 
 /**
  * Request tracing with OpenTelemetry, off unless OTEL_EXPORTER_OTLP_ENDPOINT names an OTLP/HTTP
- * collector: then @fastify/otel makes a span per request (and its hooks and handler), the
+ * collector: then @fastify/otel makes a span per request (and one for its handler), the
  * storage a child span per SQL statement, and spans go out in batches. Off, nothing of
  * OpenTelemetry is even loaded. A span names a user by pseudonym only, and carries no blob, iv,
  * checksum, token or raw path (see EXPORTED_ATTRIBUTES).
  */
 export default fp(async function tracing (app) {
-  const { OTEL_EXPORTER_OTLP_ENDPOINT: endpoint, OTEL_EXPORTER_OTLP_HEADERS: headerList, OTEL_SERVICE_NAME: serviceName, OTEL_TRACES_SAMPLER_ARG: ratio } = app.config
+  const { config } = app
+  const { OTEL_EXPORTER_OTLP_ENDPOINT: endpoint, OTEL_EXPORTER_OTLP_HEADERS: headerList, OTEL_SERVICE_NAME: serviceName, OTEL_TRACES_SAMPLER_ARG: ratio } = config
   if (endpoint === '') {
     app.decorate('traceStatement', null)
     return
   }
-  const [{ context, propagation }, { AsyncLocalStorageContextManager }, { W3CTraceContextPropagator }, sdk, { OTLPTraceExporter },
+  const [{ context, propagation, trace }, { AsyncLocalStorageContextManager }, { W3CTraceContextPropagator }, sdk, { OTLPTraceExporter },
     { resourceFromAttributes }, { FastifyOtelInstrumentation }] = await Promise.all([
     import('@opentelemetry/api'), import('@opentelemetry/context-async-hooks'), import('@opentelemetry/core'),
     import('@opentelemetry/sdk-trace-node'), import('@opentelemetry/exporter-trace-otlp-http'), import('@opentelemetry/resources'),
     import('@fastify/otel')
   ])
-  // Process-wide, once: how a span follows a request across awaits, and how a caller's
-  // traceparent header is read. (A second app in the same process, as in tests, keeps them.)
-  context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable())
-  propagation.setGlobalPropagator(new W3CTraceContextPropagator())
+  // Process-wide, once: how a span follows a request across awaits, and how a trusted caller's
+  // traceparent header is read. (A second app in the same process, as in tests, shares them.)
+  if (!contextManagerSet) {
+    contextManagerSet = context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable())
+    propagation.setGlobalPropagator(new W3CTraceContextPropagator())
+  }
 
   const collector = new URL(endpoint).origin
   const failureGate = atMostEvery(60_000)
-  const exporter = new OTLPTraceExporter({ url: `${endpoint.replace(/\/+$/, '')}/v1/traces`, headers: collectorHeaders(headerList), timeoutMillis: SHUTDOWN_WAIT_MS })
+  const exporter = new OTLPTraceExporter({ url: `${endpoint.replace(/\/+$/, '')}/v1/traces`, headers: collectorHeaders(headerList), timeoutMillis: EXPORT_TIMEOUT_MS })
   const provider = new sdk.NodeTracerProvider({
     resource: resourceFromAttributes({ 'service.name': serviceName }),
     sampler: new sdk.ParentBasedSampler({ root: new sdk.TraceIdRatioBasedSampler(ratio) }),
     spanProcessors: [new sdk.BatchSpanProcessor(new RedactingExporter(exporter, () => {
       // The collector's own error can hold its URL's credentials: the origin is enough to act on.
       if (failureGate()) app.log.warn({ collector }, 'tracing: the collector did not take a batch of spans; they are dropped (at most one such line a minute)')
-    }), { exportTimeoutMillis: SHUTDOWN_WAIT_MS })]
+    }), { exportTimeoutMillis: EXPORT_TIMEOUT_MS })]
   })
   const tracer: Tracer = provider.getTracer('logikids-sync')
 
+  const trusted = config.TRUST_PROXY === '' ? () => false : proxyAddr.compile(config.TRUST_PROXY.split(',').map((entry) => entry.trim()))
+  app.addHook('onRequest', async (request) => {
+    const { headers } = request.raw
+    if (TRACE_CONTEXT_HEADERS.some((name) => headers[name] !== undefined) && !trusted(request.raw.socket.remoteAddress ?? '', 0)) {
+      for (const name of TRACE_CONTEXT_HEADERS) delete headers[name]
+    }
+  })
+
   const instrumentation = new FastifyOtelInstrumentation({
+    ignorePaths: (route: { url?: string }) => UNTRACED_ROUTES.has(route.url ?? ''),
     // Exceptions are recorded as events, which are not exported (their messages can quote values).
     recordExceptions: false,
     // A span per hook (about 15 a request) doubled what a traced request costs (bench/notes.md):
@@ -146,11 +177,16 @@ export default fp(async function tracing (app) {
   instrumentation.setTracerProvider(provider)
   await app.register(instrumentation.plugin())
 
+  const untraced = { end () {} }
   app.decorate('traceStatement', (statement: string, on: 'primary' | 'replica') => {
+    // Only as part of a traced request: the scrape's count and the cleanup's batches would each
+    // start a trace of their own.
+    const parent = context.active()
+    if (trace.getSpan(parent) === undefined) return untraced
     const span = tracer.startSpan(`storage ${statement}`, {
       kind: SPAN_KIND_CLIENT,
       attributes: { 'db.system.name': 'postgresql', 'db.operation.name': statement, 'logikids.database': on }
-    }, context.active())
+    }, parent)
     return {
       end (err?: unknown) {
         if (err !== undefined) {
@@ -163,8 +199,8 @@ export default fp(async function tracing (app) {
   })
 
   app.log.info({ collector, sampled: ratio }, 'tracing: spans are exported over OTLP/HTTP')
-  // Spans still in the batch go out on close, unless the collector keeps them waiting.
+  // Spans still in the batch go out on close, unless the collector keeps them waiting longer.
   app.addHook('onClose', async () => {
-    await Promise.race([provider.shutdown().catch(() => {}), new Promise((resolve) => setTimeout(resolve, SHUTDOWN_WAIT_MS).unref())])
+    await Promise.race([provider.shutdown().catch(() => {}), new Promise((resolve) => setTimeout(resolve, CLOSE_WAIT_MS).unref())])
   })
 }, { name: 'tracing', dependencies: ['config'] })

@@ -96,3 +96,26 @@ t.test('durations, proxies and switches', async (t) => {
   t.match(loadConfig({ DATABASE_URL }), { CLEANUP_INTERVAL: 86_400_000, RATE_LIMIT_WINDOW: 3_600_000, CLEANUP_INACTIVE_DAYS: 730, RATE_LIMIT_MAX: 100 })
   t.equal(loadConfig({ DATABASE_URL, CLEANUP_INTERVAL: '0' }).CLEANUP_INTERVAL, 0)
 })
+
+t.test('tracing settings: a collector URL, headers and a ratio, refused with a line that repeats no secret', async (t) => {
+  const accepted = loadConfig({ DATABASE_URL, OTEL_EXPORTER_OTLP_ENDPOINT: 'HTTPS://user:pw@collector.example:4318/base', OTEL_EXPORTER_OTLP_HEADERS: 'authorization=Bearer%20abc,x-tenant=kids', OTEL_TRACES_SAMPLER_ARG: '0.25' })
+  t.equal(accepted.OTEL_TRACES_SAMPLER_ARG, 0.25)
+  for (const endpoint of ['ftp://x', 'http://', 'http:///', 'localhost:4318', 'http://x:99999', 'http://[::1', 'http://%zz', 'http://h:1?a=secret-query', 'http://h:1/#frag', 'http://h :1']) {
+    t.throws(() => loadConfig({ DATABASE_URL, OTEL_EXPORTER_OTLP_ENDPOINT: endpoint }), { message: /^OTEL_EXPORTER_OTLP_ENDPOINT must be an http:\/\/ or https:\/\/ URL/ }, endpoint)
+  }
+  for (const headers of ['authorization=Bearer%ZZsecret-value', 'my header=secret-value', 'x=secret-value%0A', 'content-length=5', 'Host=evil.example', 'novalue', '=secret-value']) {
+    const error = (() => {
+      try {
+        loadConfig({ DATABASE_URL, OTEL_EXPORTER_OTLP_HEADERS: headers })
+      } catch (err) {
+        return err as Error
+      }
+      return null
+    })()
+    t.match(error?.message, /^OTEL_EXPORTER_OTLP_HEADERS (must|has the wrong form)/, headers)
+    t.notMatch(error?.message, /secret-value|evil/, 'without repeating the value')
+  }
+  for (const ratio of ['2', '-0.1', 'abc', 'Infinity', '1e999']) {
+    t.throws(() => loadConfig({ DATABASE_URL, OTEL_TRACES_SAMPLER_ARG: ratio }), { message: /OTEL_TRACES_SAMPLER_ARG must/ }, ratio)
+  }
+})

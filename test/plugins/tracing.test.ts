@@ -1,8 +1,12 @@
 import t from 'tap'
 import { createHash, randomBytes, randomUUID } from 'node:crypto'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:http'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import type { AddressInfo } from 'node:net'
 import { build, databaseUrlOf, holdTable, type TestContext } from '../helper.ts'
+import { startServer } from '../server-process.ts'
 
 // Tracing (OTEL_EXPORTER_OTLP_ENDPOINT) against an OTLP/HTTP collector in this process: what a
 // collector receives from the service, in its default configuration otherwise (both rate
@@ -17,7 +21,8 @@ interface OtlpSpan {
 }
 type Received = { bodies: string[], spans: OtlpSpan[], headers: Array<Record<string, string | string[] | undefined>> }
 
-async function collector (t: TestContext): Promise<Received & { endpoint: string }> {
+/** An OTLP/HTTP collector that keeps what it receives and answers `status` (200: taken). */
+async function collector (t: TestContext, status = 200): Promise<Received & { endpoint: string }> {
   const received: Received = { bodies: [], spans: [], headers: [] }
   const server = createServer((request, response) => {
     let body = ''
@@ -29,7 +34,7 @@ async function collector (t: TestContext): Promise<Received & { endpoint: string
         const message = JSON.parse(body) as { resourceSpans: Array<{ scopeSpans: Array<{ spans: OtlpSpan[] }> }> }
         for (const resource of message.resourceSpans) for (const scope of resource.scopeSpans) received.spans.push(...scope.spans)
       }
-      response.writeHead(200, { 'content-type': 'application/json' }).end('{}')
+      response.writeHead(status, { 'content-type': 'application/json' }).end('{}')
     })
   })
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
@@ -53,7 +58,7 @@ t.test('a request\'s span has its storage statements as children, and no secret 
       span?.setAttribute('http.request.header.authorization', String(request.headers.authorization))
       span?.setAttribute('logikids.user', String((request.params as { userId?: string }).userId))
       span?.addEvent('handler', { url: request.url })
-      span?.setStatus({ code: 0, message: request.url })
+      span?.setStatus({ code: 2, message: request.url })
     })
   })
   const userId = randomUUID()
@@ -65,10 +70,19 @@ t.test('a request\'s span has its storage statements as children, and no secret 
   t.equal((await app.inject({ method: 'GET', url, headers: { authorization: `Bearer ${token}` } })).statusCode, 200)
   t.equal((await app.inject({ method: 'GET', url, headers: { authorization: `Bearer ${randomBytes(32).toString('base64url')}` } })).statusCode, 401)
   t.equal((await app.inject({ method: 'PUT', url, payload: { ...payload, iv: 'short' } })).statusCode, 400)
-  // A caller's trace (a proxy's, a client's) is continued, not restarted.
+  // A client's trace context is not believed (TRUST_PROXY is empty): not its trace id, not its
+  // choice to be sampled, not its tracestate.
   const callerTrace = randomBytes(16).toString('hex')
   const callerSpan = randomBytes(8).toString('hex')
-  t.equal((await app.inject({ method: 'GET', url: `/api/sync/${randomUUID()}`, headers: { traceparent: `00-${callerTrace}-${callerSpan}-01` } })).statusCode, 404)
+  t.equal((await app.inject({
+    method: 'GET',
+    url: `/api/sync/${randomUUID()}`,
+    headers: { traceparent: `00-${callerTrace}-${callerSpan}-01`, tracestate: `vendor=${userId}`, baggage: `user=${userId}` }
+  })).statusCode, 404)
+  // Probes and scrapes are not traced; neither is the cleanup's work outside any request.
+  t.equal((await app.inject({ method: 'GET', url: '/health' })).statusCode, 200)
+  t.equal((await app.inject({ method: 'GET', url: '/metrics' })).statusCode, 200)
+  t.match(await app.cleanup.run(), { ran: true })
   // Closing flushes the batch.
   await app.close()
 
@@ -99,9 +113,12 @@ t.test('a request\'s span has its storage statements as children, and no secret 
     'hooks are not spans of their own (they doubled the cost of tracing; bench/notes.md)')
   const orphans = received.spans.filter((span) => span.name.startsWith('storage ') && !ancestors(span).some((a) => a.name === 'request'))
   t.strictSame(orphans.map((span) => span.name), [], 'every statement span is under a request span (none starts a trace of its own)')
-  const continued = requests.find((span) => attribute(span, 'http.response.status_code') === 404)!
-  t.equal(continued.traceId, callerTrace, 'the caller\'s trace id')
-  t.equal(continued.parentSpanId, callerSpan, 'under the caller\'s span')
+  const notFound = requests.find((span) => attribute(span, 'http.response.status_code') === 404)!
+  t.not(notFound.traceId, callerTrace, 'a client\'s trace id is not taken')
+  t.notOk(notFound.parentSpanId, 'nor its span as a parent')
+  t.notMatch(notFound, { status: { code: 2 } }, 'a 404 is an answer, not an error')
+  t.notOk(received.spans.some((span) => span.name.startsWith('storage sync-delete-inactive') || span.name.startsWith('storage sync-totals')),
+    'no statement span outside a request')
 
   const everything = received.bodies.join('\n').toLowerCase()
   for (const [what, secret] of [['user id', userId], ['user id without dashes', userId.replaceAll('-', '')], ['blob', payload.encryptedBlob.slice(0, 40)],
@@ -109,6 +126,20 @@ t.test('a request\'s span has its storage statements as children, and no secret 
     t.notOk(everything.includes(secret.toLowerCase()), `no ${what} in anything the collector received`)
   }
   t.notOk(everything.includes('exception'), 'no exception event (their messages can quote values)')
+  t.notOk(everything.includes('"message"'), 'no status message (an error\'s message, or a plugin\'s, can quote values)')
+  t.notOk(everything.includes('vendor='), 'no trace state')
+})
+
+t.test('a trusted proxy\'s trace is continued', async (t) => {
+  const received = await collector(t)
+  const app = await build(t, { env: { OTEL_EXPORTER_OTLP_ENDPOINT: received.endpoint, TRUST_PROXY: '127.0.0.1' } })
+  const callerTrace = randomBytes(16).toString('hex')
+  const callerSpan = randomBytes(8).toString('hex')
+  t.equal((await app.inject({ method: 'GET', url: `/api/sync/${randomUUID()}`, headers: { traceparent: `00-${callerTrace}-${callerSpan}-01` } })).statusCode, 404)
+  await app.close()
+  const request = received.spans.find((span) => span.name === 'request')!
+  t.equal(request.traceId, callerTrace, 'the proxy\'s trace id')
+  t.equal(request.parentSpanId, callerSpan, 'under the proxy\'s span')
 })
 
 t.test('a statement that fails is a span with the error\'s code, not its message', async (t) => {
@@ -125,23 +156,56 @@ t.test('a statement that fails is a span with the error\'s code, not its message
   t.equal(attribute(failed!, 'db.response.status_code'), '57014')
   t.match(failed, { status: { code: 2 } }, 'with the error status')
   t.notOk(JSON.stringify(failed).includes('message'), 'and no message')
+  t.match(received.spans.find((span) => span.name === 'request'), { status: { code: 2 } }, 'the 503 is an error of the request too')
 })
 
-t.test('a collector that does not answer costs a warning a minute, never a request', async (t) => {
+t.test('a collector that refuses spans costs a warning a minute, never a request', async (t) => {
   const logLines: string[] = []
-  // Port 9 (discard): nothing listens there.
-  const app = await build(t, { env: { OTEL_EXPORTER_OTLP_ENDPOINT: 'http://user:collector-password@127.0.0.1:9', LOG_LEVEL: 'info' }, logLines })
+  const refusing = await collector(t, 400)
+  const endpoint = refusing.endpoint.replace('http://', 'http://user:collector-password@')
+  const app = await build(t, { env: { OTEL_EXPORTER_OTLP_ENDPOINT: endpoint, LOG_LEVEL: 'info' }, logLines })
   t.equal((await app.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).statusCode, 404)
   await app.close()
+  t.ok(refusing.bodies.length > 0, 'the batch was offered')
   const warnings = logLines.filter((line) => line.includes('tracing: the collector did not take a batch'))
   t.equal(warnings.length, 1, 'one warning')
-  t.match(JSON.parse(warnings[0] ?? '{}'), { level: 40, collector: 'http://127.0.0.1:9' }, 'naming the collector by its origin')
+  t.match(JSON.parse(warnings[0] ?? '{}'), { level: 40, collector: new URL(refusing.endpoint).origin }, 'naming the collector by its origin')
   t.notOk(logLines.some((line) => line.includes('collector-password')), 'never its credentials')
 })
 
-t.test('off by default: no span, no instrumentation', async (t) => {
+t.test('a collector that is not there does not keep the service from closing', async (t) => {
+  // Port 9 (discard): nothing listens there; the exporter retries until its time-out.
+  const app = await build(t, { env: { OTEL_EXPORTER_OTLP_ENDPOINT: 'http://127.0.0.1:9' } })
+  t.equal((await app.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` })).statusCode, 404)
+  await app.close()
+  t.pass('closed')
+})
+
+t.test('off by default: no span, no instrumentation, and nothing of OpenTelemetry loaded', async (t) => {
   const app = await build(t)
   t.equal(app.config.OTEL_EXPORTER_OTLP_ENDPOINT, '')
   t.equal(app.traceStatement, null, 'the storage traces nothing')
   t.notOk(app.hasPlugin('@fastify/otel'), 'no request instrumentation')
+
+  // The real server, watched by an import hook, off and then on (which shows the hook sees them).
+  const loaded = async (env: Record<string, string>): Promise<string[]> => {
+    const log = join(mkdtempSync(join(tmpdir(), 'lk-modules-')), 'loaded.txt')
+    writeFileSync(log, '')
+    const server = await startServer(t, {
+      env: {
+        DATABASE_URL: databaseUrlOf(app),
+        NODE_OPTIONS: `--import=${join(import.meta.dirname, '..', 'loaded-modules.mjs')}`,
+        LOADED_MODULES_LOG: log,
+        LOADED_MODULES_MATCH: '/node_modules/@',
+        ...env
+      }
+    })
+    t.equal((await fetch(`${server.url}/api/sync/${randomUUID()}`)).status, 404)
+    await server.stop()
+    return readFileSync(log, 'utf8').split('\n').filter((url) => /@opentelemetry|@fastify\/otel/.test(url))
+  }
+  t.strictSame(await loaded({}), [], 'off: no OpenTelemetry module is imported')
+  const received = await collector(t)
+  t.ok((await loaded({ OTEL_EXPORTER_OTLP_ENDPOINT: received.endpoint })).some((url) => url.includes('@fastify/otel')),
+    'on: they are (so the hook would have seen them)')
 })
