@@ -121,7 +121,9 @@ export default fp(async function cleanup (app) {
       const result = await cleanupInactive(app.pg.pool, app.storage, log, { inactiveDays, lock: app.databaseKind !== 'embedded' })
       app.metrics.cleanupRuns.inc({ result: result.ran ? 'deleted' : 'skipped' })
       if (result.ran) app.metrics.cleanupDeleted.inc(result.deleted)
-      app.metrics.cleanupLastSuccess.setToCurrentTime()
+      // Only a run that did the work: a skip says another instance holds the lock, which a hung
+      // run does too, and SyncCleanupNotRun must see that no run ends.
+      if (result.ran) app.metrics.cleanupLastSuccess.setToCurrentTime()
       return result
     } catch (err) {
       app.metrics.cleanupRuns.inc({ result: 'failed' })

@@ -144,7 +144,7 @@ export const ConfigSchema = Type.Object({
     minimum: 0,
     maximum: 1,
     default: 1,
-    description: 'share of requests traced (0 to 1), unless the caller\'s traceparent says whether it is sampled'
+    description: 'share of requests traced (0 to 1), unless a trusted proxy\'s traceparent says whether it is sampled'
   }),
   DOCS: Type.Optional(Type.Boolean({ description: 'serve the OpenAPI document and Swagger UI (default: on, off in production)' })),
   CORS_ORIGINS: Type.String({

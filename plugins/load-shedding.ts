@@ -28,7 +28,8 @@ export class OverloadedError extends Error {
 /**
  * Sheds load when the event loop falls behind (MAX_EVENT_LOOP_DELAY_MS): requests get a fast
  * 503 with Retry-After instead of queueing behind work the process cannot finish in time.
- * /health/live still answers, so an overloaded instance is not restarted for being busy.
+ * /health/live still answers, so an overloaded instance is not restarted for being busy, and so
+ * does /metrics, so the overload is seen (load_shed_requests_total) rather than a failed scrape.
  *
  * The delay is sampled every 250 ms, and the first samples after start-up still hold its
  * delay (compiling, loading the embedded database's WebAssembly): shedding starts three
@@ -58,7 +59,9 @@ export default fp(async function loadShedding (app) {
     sampleInterval: SAMPLE_INTERVAL_MS,
     retryAfter: 5,
     pressureHandler: async (request, _reply, _type, value) => {
-      if (!armed || request.routeOptions.url === '/health/live') return
+      // Liveness and the metrics are answered under overload too: a restart or a failed scrape
+      // (SyncServiceDown) is not what an overloaded instance needs, and the figures are what shows it.
+      if (!armed || request.routeOptions.url === '/health/live' || request.routeOptions.url === '/metrics') return
       request.shed = true
       request.server.metrics?.shedRequests.inc()
       // Under attack every request is shed: one warning now and then, never a stack per request.

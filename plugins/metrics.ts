@@ -77,7 +77,7 @@ export function createMetrics () {
     }),
     cleanupLastSuccess: new Gauge({
       name: 'cleanup_last_success_timestamp_seconds',
-      help: 'When this instance last ran the cleanup to the end (or found another instance running it), Unix time; 0 before its first run',
+      help: 'When this instance last ran the cleanup to the end, Unix time; 0 before its first run (a run skipped because another instance held the lock does not count)',
       registers: [registry]
     }),
     cleanupLastFailure: new Gauge({
@@ -112,8 +112,8 @@ declare module 'fastify' {
 export default fp(async function metrics (app) {
   const metrics = createMetrics()
   metrics.rateLimitStoreUp.set(1)
-  // Counters an alert takes the increase of start at 0: Prometheus counts no increase in a
-  // series' first sample, so an outage's first 503s would otherwise go unseen.
+  // Counters alerts and panels take the increase of start at 0: Prometheus counts no increase in
+  // a series' first sample, so an outage's first 503s would otherwise go unseen.
   for (const kind of ['unavailable', 'connection_lost']) metrics.databaseErrors.inc({ kind }, 0)
   for (const result of ['deleted', 'skipped', 'failed']) metrics.cleanupRuns.inc({ result }, 0)
   app.decorate('metrics', metrics)
@@ -152,11 +152,21 @@ export default fp(async function metrics (app) {
       name,
       help: `${help} (refreshed at most once a minute)`,
       registers: [],
-      // NaN (no value) until a count succeeds: a first scrape during an outage must not report a
-      // database of 0 bytes that then "grows" to its real size (SyncDiskGrowth would fire).
+      // NaN until a count succeeds, not 0: a first scrape during an outage must not report a
+      // database of 0 bytes that then "grows" to its real size (SyncDiskGrowth would fire; a NaN
+      // in its window leaves it silent instead, until the window has passed).
       async collect () { await refreshStored(); this.set(stored.at === 0 ? Number.NaN : read()) }
     }))
   }
+
+  // Whether the database answers, asked at each scrape as /health asks it (SELECT 1 on the health
+  // check's own connection): an outage with no requests to fail is seen too.
+  metrics.registry.registerMetric(new Gauge({
+    name: 'database_up',
+    help: '1 when the database answered SELECT 1 within HEALTH_TIMEOUT_MS at this scrape, else 0',
+    registers: [],
+    async collect () { this.set(await app.checkDatabase().then(() => 1, () => 0)) }
+  }))
 
   app.addHook('onResponse', async (request, reply) => {
     const route = request.routeOptions.url ?? 'unmatched'

@@ -128,6 +128,12 @@ export default fp(async function replica (app) {
 
   const metrics = app.metrics
   metrics.registry.registerMetric(new Gauge({
+    name: 'replica_up',
+    help: '1 while the last probe found DATABASE_READ_URL a standby of DATABASE_URL (lagging or not), 0 while it is down, refused or another server',
+    registers: [],
+    collect () { this.set(healthy ? 1 : 0) }
+  }))
+  metrics.registry.registerMetric(new Gauge({
     name: 'replica_lag_seconds',
     help: 'How long ago the newest write the replica is known to hold was acknowledged (DATABASE_READ_URL); reads leave it past REPLICA_MAX_LAG_MS',
     registers: [],

@@ -90,8 +90,23 @@ for settings in "NODE_ENV=production" "NODE_ENV=production METRICS_TOKEN=check-o
     sh deploy/monitoring/prometheus-config.sh > "$monitoring_tmp/prometheus.yml"
   promtool check config "$monitoring_tmp/prometheus.yml" >/dev/null || fail "prometheus-config.sh with $settings: promtool refuses it"
 done
-grep -q '"sync:9464"' <(NODE_ENV=production sh deploy/monitoring/prometheus-config.sh) \
-  || fail "in production without METRICS_TOKEN Prometheus must scrape the metrics listener, sync:9464"
+# With the environment each combination really gives the prometheus container: production
+# without METRICS_TOKEN scrapes the metrics listener, development the service port.
+environment_of () { python3 -c '
+import sys, yaml
+env = yaml.safe_load(sys.stdin)["services"][sys.argv[1]].get("environment", {})
+for name, value in (env.items() if isinstance(env, dict) else (entry.split("=", 1) for entry in env)):
+    print("%s=%s" % (name, "" if value is None else value))
+' "$1"; }
+target_with () {
+  local settings
+  mapfile -t settings
+  env -i PATH="$PATH" "${settings[@]}" sh deploy/monitoring/prometheus-config.sh | grep -o '"sync:[0-9]*"'
+}
+prod_target=$(environment_of prometheus <<<"$monitoring_config" | target_with)
+[ "$prod_target" = '"sync:9464"' ] || fail "production's Prometheus must scrape the metrics listener, sync:9464, got: $prod_target"
+dev_target=$(docker-compose --profile monitoring config | environment_of prometheus | target_with)
+[ "$dev_target" = '"sync:3000"' ] || fail "development's Prometheus must scrape the service port, sync:3000, got: $dev_target"
 rm -rf "$monitoring_tmp"
 
 # The Dockerfile linter (its findings go to stdout; it exits 0 either way). It would download

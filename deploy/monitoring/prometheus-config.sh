@@ -24,7 +24,9 @@ else
   targets="sync:3000"
 fi
 
-quoted_targets=$(printf '%s' "$targets" | sed 's/[^,][^,]*/"&"/g; s/,/, /g')
+# host:port,host:port: blanks dropped, empty entries skipped, each quoted for YAML.
+quoted_targets=$(printf '%s' "$targets" | tr -d ' \t\r\n"' | tr ',' '\n' | sed '/^$/d; s/.*/"&"/' | paste -sd, - | sed 's/,/, /g')
+[ -n "$quoted_targets" ] || { echo "prometheus-config.sh: no scrape target" >&2; exit 1; }
 
 cat <<CONFIG
 global:

@@ -62,6 +62,8 @@ t.test('shed requests are logged at warn, without a stack, one line for many', a
   t.notOk(logLines.some((line) => line.includes('"stack"')), 'no stack anywhere')
   t.notOk(entries.some((entry) => entry.level >= 50), 'nothing at error level')
   t.notOk(entries.some((entry) => entry.msg === 'request completed'), 'no access line per shed request')
+  const scrape = await whileOverloaded(loaded, async () => (await loaded.inject({ method: 'GET', url: '/metrics' })).statusCode)
+  t.equal(scrape, 200, 'the metrics are served while requests are shed (they show the overload)')
   const metrics = await loaded.metrics.registry.metrics()
   t.match(metrics, /http_request_duration_seconds_count\{route="\/api\/sync\/:userId",method="GET",status="503"\} 20/,
     'but every one is counted')

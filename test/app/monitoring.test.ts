@@ -148,12 +148,22 @@ t.test('every dashboard query returns data and exactly the outage\'s alerts fire
   })
   for (const rule of await prometheus.alertRules()) {
     const results = await prometheus.query(rule.query)
+    // Raised: pending, then firing once its `for` has passed (alert-rules.test.ts shows when).
     if (OUTAGE_ALERTS.includes(rule.name)) {
       t.not(rule.state, 'inactive', `${rule.name} is raised (${rule.state}) by the outage`)
       t.ok(results.length > 0, `${rule.name}: its expression holds`)
     } else {
       t.equal(rule.state, 'inactive', `${rule.name} is not raised`)
       t.strictSame(results, [], `${rule.name}: its expression is empty`)
+    }
+  }
+
+  // Each series an alert asks for is one the service exports (a misspelt name would leave an
+  // alert silent for ever, and its expression empty like that of any alert not firing).
+  for (const rule of await prometheus.alertRules()) {
+    const names = new Set([...rule.query.matchAll(/([a-zA-Z_:][a-zA-Z0-9_:]*)\{/g)].map((match) => match[1]!))
+    for (const name of names) {
+      t.ok((await prometheus.query(`count(${name}{job="logikids-sync"})`)).length > 0, `${rule.name}: ${name} is scraped`)
     }
   }
 
