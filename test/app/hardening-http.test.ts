@@ -316,11 +316,13 @@ t.test('4. while the service sheds load', async (t) => {
     t.equal(res.headers['cache-control'], 'no-store')
   })
 
-  await t.test('every route but /health/live answers 503 in the error shape, no-store', async (t) => {
+  // /health/live and /metrics are answered under overload (operations.md, "Load shedding").
+  const NOT_SHED = new Set(['/health/live', '/health/live/', '/metrics', '/metrics/'])
+  await t.test('every route but /health/live and /metrics answers 503 in the error shape, no-store', async (t) => {
     const userId = randomUUID()
     const requests = new Map<string, { method: string, url: string }>()
     for (const route of routes) {
-      if (route.url === '/health/live' || route.url === '/health/live/') continue
+      if (NOT_SHED.has(route.url)) continue
       const path = route.url.replace(/:userId/g, userId).replace(/\*$/, 'x')
       const url = path.startsWith('/') ? path : `/${path}`
       requests.set(`${route.method} ${url}`, { method: route.method, url })
@@ -339,6 +341,13 @@ t.test('4. while the service sheds load', async (t) => {
         }
       })
     }
+  })
+
+  await t.test('/health/live and /metrics answer while requests are shed', async (t) => {
+    const [live, metrics] = await whileOverloaded(loaded, () => Promise.all([
+      loaded.inject({ method: 'GET', url: '/health/live' }), loaded.inject({ method: 'GET', url: '/metrics' })]))
+    t.equal(live.statusCode, 200)
+    t.equal(metrics.statusCode, 200)
   })
 })
 
