@@ -634,11 +634,14 @@ t.test('conditional writes and a rotation racing on one record queue on the row:
 
   const any = await queued(userId, [put({ ...bearer(first), 'if-match': '*' }), put({ ...bearer(first), 'if-match': '*' }), put({ ...bearer(first), 'if-match': '*' })])
   t.strictSame(any.map((res) => res.statusCode), [200, 200, 200], 'If-Match: * three times: all stored')
+  // Three waiters on one row: PostgreSQL keeps its waiters in order on one row version only; the
+  // second and third follow the update chain to the version the first wrote and race for it
+  // (one CI run on a loaded machine stored them 1, 3, 2). Two waiters, as below, keep their order.
   const stored = any.map((res) => Number(String(res.headers.etag).slice(1).split('-')[0]))
-  t.ok(stored[0]! < stored[1]! && stored[1]! < stored[2]!, 'one version each, in order')
-  t.equal(Number((await row(userId, pool))?.version), stored[2], 'the last one current')
+  t.equal(new Set(stored).size, 3, 'one version each')
+  t.equal(Number((await row(userId, pool))?.version), Math.max(...stored), 'the newest current')
 
-  const current = any[2]!.headers.etag as string
+  const current = any[stored.indexOf(Math.max(...stored))]!.headers.etag as string
   const same = await queued(userId, [put({ ...bearer(first), 'if-match': current }), put({ ...bearer(first), 'if-match': current })])
   t.strictSame(same.map((res) => res.statusCode), [200, 412], 'the same If-Match twice: the first stored, the second 412')
   t.equal(same[1]!.headers.etag, same[0]!.headers.etag, 'and told the winner\'s ETag')
