@@ -3,7 +3,7 @@ import type { Socket } from 'node:net'
 import type { FastifyError, FastifyHttpOptions, FastifyInstance, FastifyReply, FastifyServerOptions } from 'fastify'
 import fp from 'fastify-plugin'
 import sensible from '@fastify/sensible'
-import configPlugin, { type Config } from './plugins/config.ts'
+import configPlugin, { trustedProxies, type Config } from './plugins/config.ts'
 import dbPlugin, { isDatabaseUnavailable, isInvalidData } from './plugins/db.ts'
 import replicaPlugin from './plugins/replica.ts'
 import storagePlugin from './plugins/storage.ts'
@@ -30,7 +30,7 @@ export function serverOptions (config: Config): FastifyHttpOptions<Server> {
   return {
     // Behind a reverse proxy, request.ip (rate limits, logs) comes from X-Forwarded-For, but only
     // when the connection comes from one of these addresses.
-    trustProxy: config.TRUST_PROXY === '' ? false : config.TRUST_PROXY.split(',').map((entry) => entry.trim()),
+    trustProxy: config.TRUST_PROXY === '' ? false : trustedProxies(config.TRUST_PROXY),
     logger: loggerOptions(config),
     logController: new OneLinePerRequest(),
     bodyLimit: BODY_LIMIT,

@@ -136,7 +136,6 @@ export const ConfigSchema = Type.Object({
   }),
   OTEL_EXPORTER_OTLP_HEADERS: Type.String({
     default: '',
-    pattern: '^([^=,]+=[^,]*(,[^=,]+=[^,]*)*)?$',
     description: 'headers sent to the collector, name=value,name=value (values percent-encoded), e.g. its credentials'
   }),
   OTEL_SERVICE_NAME: Type.String({ minLength: 1, default: 'logikids-sync', description: 'service.name of the spans' }),
@@ -266,7 +265,7 @@ function parseDatabaseUrl (url: string, name = 'DATABASE_URL'): { password: stri
 
 function checkTrustProxy (setting: string): void {
   if (setting === '') return
-  const entries = setting.split(',').map((entry) => entry.trim())
+  const entries = trustedProxies(setting)
   // A bare hop count, or "true", would let any client choose its own address by sending X-Forwarded-For.
   const valid = entries.every((entry) => entry !== '' && !/^(true|false|[0-9]+)$/i.test(entry)) && (() => {
     try {
@@ -282,8 +281,42 @@ function checkTrustProxy (setting: string): void {
   }
 }
 
+/** TRUST_PROXY as a list of addresses, CIDRs and names (empty: no proxy is trusted). */
+export function trustedProxies (setting: string): string[] {
+  return setting === '' ? [] : setting.split(',').map((entry) => entry.trim())
+}
+
 // Headers the exporter's HTTP request sets itself: one from the environment would break or redirect it.
 const RESERVED_HEADERS = new Set(['host', 'content-length', 'content-type', 'content-encoding', 'transfer-encoding', 'connection'])
+const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/
+// A value Node sends as it is: visible Latin-1 characters, spaces and tabs.
+const HEADER_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/
+
+/**
+ * OTEL_EXPORTER_OTLP_HEADERS as the OpenTelemetry specification writes them (name=value pairs,
+ * comma-separated, percent-encoded), refused with a line that repeats none of them: they are
+ * often a collector's credentials.
+ */
+export function collectorHeaders (list: string): Record<string, string> {
+  const headers: Record<string, string> = {}
+  if (list === '') return headers
+  list.split(',').forEach((entry, i) => {
+    const at = entry.indexOf('=')
+    const decoded = ((): [string, string] | null => {
+      try {
+        return [decodeURIComponent(entry.slice(0, at).trim()), decodeURIComponent(entry.slice(at + 1).trim())]
+      } catch {
+        return null
+      }
+    })()
+    if (at <= 0 || decoded === null || !HEADER_NAME.test(decoded[0]) || !HEADER_VALUE.test(decoded[1]) || RESERVED_HEADERS.has(decoded[0].toLowerCase())) {
+      throw new ConfigError('OTEL_EXPORTER_OTLP_HEADERS must be name=value pairs separated by commas, values percent-encoded, ' +
+        `and no header the request sets itself (${[...RESERVED_HEADERS].join(', ')}): entry ${i + 1} is not`)
+    }
+    headers[decoded[0]] = decoded[1]
+  })
+  return headers
+}
 
 /** The tracing settings, beyond their types; never echoing a value (the endpoint and headers can hold credentials). */
 function checkTracing (config: Pick<Config, 'OTEL_EXPORTER_OTLP_ENDPOINT' | 'OTEL_EXPORTER_OTLP_HEADERS' | 'OTEL_TRACES_SAMPLER_ARG'>): void {
@@ -293,28 +326,12 @@ function checkTracing (config: Pick<Config, 'OTEL_EXPORTER_OTLP_ENDPOINT' | 'OTE
     try {
       url = new URL(endpoint)
     } catch {}
-    if (url === undefined || !['http:', 'https:'].includes(url.protocol) || url.hostname === '' || url.search !== '' || url.hash !== '' || /\s/.test(endpoint)) {
+    if (url === undefined || !['http:', 'https:'].includes(url.protocol) || url.hostname === '' || /[\s?#]/.test(endpoint)) {
       throw new ConfigError('OTEL_EXPORTER_OTLP_ENDPOINT must be an http:// or https:// URL of an OTLP/HTTP collector without a query or fragment, ' +
         'such as http://otel-collector:4318 (spans go to its /v1/traces)')
     }
   }
-  const headers = config.OTEL_EXPORTER_OTLP_HEADERS
-  if (headers !== '') {
-    headers.split(',').forEach((entry, i) => {
-      const at = entry.indexOf('=')
-      let [name, value, decoded] = ['', '', false]
-      try {
-        name = decodeURIComponent(entry.slice(0, at).trim())
-        value = decodeURIComponent(entry.slice(at + 1).trim())
-        decoded = true
-      } catch {}
-      // eslint-disable-next-line no-control-regex
-      if (!decoded || at <= 0 || !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name) || /[\u0000-\u001f\u007f]/.test(value) || RESERVED_HEADERS.has(name.toLowerCase())) {
-        throw new ConfigError('OTEL_EXPORTER_OTLP_HEADERS must be name=value pairs separated by commas, values percent-encoded, ' +
-          `and no header the request sets itself (${[...RESERVED_HEADERS].join(', ')}): entry ${i + 1} is not`)
-      }
-    })
-  }
+  collectorHeaders(config.OTEL_EXPORTER_OTLP_HEADERS)
   if (!Number.isFinite(config.OTEL_TRACES_SAMPLER_ARG)) throw new ConfigError('OTEL_TRACES_SAMPLER_ARG must be a number from 0 to 1')
 }
 

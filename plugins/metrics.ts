@@ -3,6 +3,17 @@ import fp from 'fastify-plugin'
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
 
 const STORED_REFRESH_MS = 60_000
+// How long a scrape waits for the database (the count, the SELECT 1) before it answers with the
+// last figures: a database that hangs must not make the scrape time out, which Prometheus would
+// read as the service being down (SyncServiceDown) and drop every other figure with it.
+const SCRAPE_WAIT_MS = 500
+
+/** Waits for `work` at most SCRAPE_WAIT_MS; the work goes on either way. */
+async function atMostScrapeWait (work: Promise<unknown>): Promise<void> {
+  let timer: NodeJS.Timeout | undefined
+  await Promise.race([work, new Promise((resolve) => { timer = setTimeout(resolve, SCRAPE_WAIT_MS) })])
+  clearTimeout(timer)
+}
 
 /** The service's Prometheus metrics, one registry per app (so tests can build several apps). */
 export function createMetrics () {
@@ -139,7 +150,7 @@ export default fp(async function metrics (app) {
       .then((totals) => { stored = { ...totals, at: Date.now() } })
       .catch((err: unknown) => { app.log.warn({ err }, 'metrics: could not count stored users') })
       .finally(() => { refreshing = undefined })
-    await refreshing
+    await atMostScrapeWait(refreshing)
   }
   for (const [name, help, read] of [
     ['stored_users', 'Users with data stored', () => stored.users],
@@ -160,12 +171,19 @@ export default fp(async function metrics (app) {
   }
 
   // Whether the database answers, asked at each scrape as /health asks it (SELECT 1 on the health
-  // check's own connection): an outage with no requests to fail is seen too.
+  // check's own connection): an outage with no requests to fail is seen too. A check that takes
+  // longer than the scrape waits reports at the next scrape (a hang: HEALTH_TIMEOUT_MS later).
+  let databaseUp = Number.NaN
+  let checking: Promise<void> | undefined
   metrics.registry.registerMetric(new Gauge({
     name: 'database_up',
-    help: '1 when the database answered SELECT 1 within HEALTH_TIMEOUT_MS at this scrape, else 0',
+    help: '1 when the database answered the last SELECT 1 (asked at each scrape, as /health asks) within HEALTH_TIMEOUT_MS, 0 when it did not',
     registers: [],
-    async collect () { this.set(await app.checkDatabase().then(() => 1, () => 0)) }
+    async collect () {
+      checking ??= app.checkDatabase().then(() => { databaseUp = 1 }, () => { databaseUp = 0 }).finally(() => { checking = undefined })
+      await atMostScrapeWait(checking)
+      this.set(databaseUp)
+    }
   }))
 
   app.addHook('onResponse', async (request, reply) => {

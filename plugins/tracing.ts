@@ -5,6 +5,7 @@ import type { ReadableSpan, SpanExporter } from '@opentelemetry/sdk-trace-base'
 import type { ExportResult } from '@opentelemetry/core'
 import { atMostEvery, pseudonym, redactUrl } from '../logging.ts'
 import { USER_ID_PATTERN } from '../schemas/sync.ts'
+import { collectorHeaders, trustedProxies } from './config.ts'
 
 /** What the storage tells a trace of each statement: started now, ended by `end`. */
 export type StatementTracer = (statement: string, on: 'primary' | 'replica') => { end (err?: unknown): void }
@@ -18,7 +19,7 @@ declare module 'fastify' {
 
 const IS_USER_ID = new RegExp(USER_ID_PATTERN)
 // The api's SpanStatusCode.UNSET and .ERROR, SpanKind.CLIENT and core's ExportResultCode.SUCCESS,
-// spelled out: while tracing is off nothing of OpenTelemetry is loaded, these included.
+// spelled out: while tracing is off the SDK's modules are not loaded, nor is the api by this plugin.
 const SPAN_STATUS_UNSET = 0
 const SPAN_STATUS_ERROR = 2
 const SPAN_KIND_CLIENT = 2
@@ -46,25 +47,35 @@ const EXPORTED_ATTRIBUTES = new Set([
 ])
 
 /**
+ * An error is a request answered 500 or above, or a statement that failed: a 401 or 404 is an
+ * answer, so neither its request span nor its handler's (which @fastify/otel marks when a
+ * handler throws one) is an error.
+ */
+function statusOf (span: ReadableSpan, attributes: Attributes): number {
+  const status = attributes['http.response.status_code']
+  if (typeof status === 'number') return status >= 500 ? SPAN_STATUS_ERROR : SPAN_STATUS_UNSET
+  return span.name.startsWith('storage ') ? span.status.code : SPAN_STATUS_UNSET
+}
+
+/**
  * The span as it may be exported: no attribute outside the list, no events, no status message, no
  * trace state; and a request answered below 500 is not an error (a 404 is an answer, not a fault).
  */
 function redacted (span: ReadableSpan): ReadableSpan {
   const attributes: Attributes = {}
   for (const [key, value] of Object.entries(span.attributes)) if (EXPORTED_ATTRIBUTES.has(key)) attributes[key] = value
-  const status = attributes['http.response.status_code']
-  const { traceState: _state, ...context } = span.spanContext()
+  const { traceState: _state, ...ids } = span.spanContext()
   const parent = span.parentSpanContext === undefined ? undefined : { ...span.parentSpanContext, traceState: undefined }
   return {
     name: span.name,
     kind: span.kind,
-    spanContext: () => context,
+    spanContext: () => ids,
     parentSpanContext: parent,
     startTime: span.startTime,
     endTime: span.endTime,
     duration: span.duration,
     ended: span.ended,
-    status: { code: typeof status === 'number' && status < 500 ? SPAN_STATUS_UNSET : span.status.code },
+    status: { code: statusOf(span, attributes) },
     attributes,
     links: [],
     events: [],
@@ -95,16 +106,6 @@ class RedactingExporter implements SpanExporter {
   async forceFlush (): Promise<void> { await this.exporter.forceFlush?.() }
 }
 
-/** OTEL_EXPORTER_OTLP_HEADERS as the OpenTelemetry specification writes them: name=value,... percent-encoded. */
-export function collectorHeaders (list: string): Record<string, string> {
-  const headers: Record<string, string> = {}
-  for (const entry of list.split(',')) {
-    const at = entry.indexOf('=')
-    if (at > 0) headers[decodeURIComponent(entry.slice(0, at).trim())] = decodeURIComponent(entry.slice(at + 1).trim())
-  }
-  return headers
-}
-
 /** What names an error in a span: PostgreSQL's SQLSTATE or Node's code, never a message. */
 function errorAttributes (err: unknown): Attributes {
   const code = (err as { code?: unknown } | null)?.code
@@ -115,8 +116,8 @@ function errorAttributes (err: unknown): Attributes {
 /**
  * Request tracing with OpenTelemetry, off unless OTEL_EXPORTER_OTLP_ENDPOINT names an OTLP/HTTP
  * collector: then @fastify/otel makes a span per request (and one for its handler), the
- * storage a child span per SQL statement, and spans go out in batches. Off, nothing of
- * OpenTelemetry is even loaded. A span names a user by pseudonym only, and carries no blob, iv,
+ * storage a child span per SQL statement, and spans go out in batches. Off, none of the SDK,
+ * the exporter or the instrumentation is even loaded. A span names a user by pseudonym only, and carries no blob, iv,
  * checksum, token or raw path (see EXPORTED_ATTRIBUTES).
  */
 export default fp(async function tracing (app) {
@@ -152,7 +153,7 @@ export default fp(async function tracing (app) {
   })
   const tracer: Tracer = provider.getTracer('logikids-sync')
 
-  const trusted = config.TRUST_PROXY === '' ? () => false : proxyAddr.compile(config.TRUST_PROXY.split(',').map((entry) => entry.trim()))
+  const trusted = config.TRUST_PROXY === '' ? () => false : proxyAddr.compile(trustedProxies(config.TRUST_PROXY))
   app.addHook('onRequest', async (request) => {
     const { headers } = request.raw
     if (TRACE_CONTEXT_HEADERS.some((name) => headers[name] !== undefined) && !trusted(request.raw.socket.remoteAddress ?? '', 0)) {
@@ -161,7 +162,9 @@ export default fp(async function tracing (app) {
   })
 
   const instrumentation = new FastifyOtelInstrumentation({
-    ignorePaths: (route: { url?: string }) => UNTRACED_ROUTES.has(route.url ?? ''),
+    // Asked with the route's pattern when routes are added, and with the raw URL (a query string
+    // included) for each request.
+    ignorePaths: (route: { url?: string }) => UNTRACED_ROUTES.has((route.url ?? '').split('?')[0]!),
     // Exceptions are recorded as events, which are not exported (their messages can quote values).
     recordExceptions: false,
     // A span per hook (about 15 a request) doubled what a traced request costs (bench/notes.md):

@@ -62,9 +62,13 @@ t.test('with the lock held elsewhere (another instance), a run skips and deletes
   // whichever server connection a transaction-mode pooler lent for the statement).
   await other.query('BEGIN')
   await other.query('SELECT pg_advisory_xact_lock($1)', [CLEANUP_LOCK])
+  const lastSuccess = async () => Number(/^cleanup_last_success_timestamp_seconds (\S+)$/m.exec(await app.metrics.registry.metrics())?.[1])
+  const before = await lastSuccess()
   try {
     t.strictSame(await app.cleanup.run(), { ran: false, reason: 'another instance is running it' })
     t.equal(await remaining(idle), 1)
+    // A hung run holds the lock too: SyncCleanupNotRun must see that no run ends.
+    t.equal(await lastSuccess(), before, 'a skipped run is not stamped as a success')
   } finally {
     await other.query('COMMIT')
     other.release()
