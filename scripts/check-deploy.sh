@@ -90,23 +90,33 @@ for settings in "NODE_ENV=production" "NODE_ENV=production METRICS_TOKEN=check-o
     sh deploy/monitoring/prometheus-config.sh > "$monitoring_tmp/prometheus.yml"
   promtool check config "$monitoring_tmp/prometheus.yml" >/dev/null || fail "prometheus-config.sh with $settings: promtool refuses it"
 done
-# With the environment each combination really gives the prometheus container: production
-# without METRICS_TOKEN scrapes the metrics listener, development the service port.
+# With the environment each combination really gives the two containers (.env included):
+# Prometheus scrapes where the service serves its metrics, the listener in production without
+# METRICS_TOKEN, else the service port.
 environment_of () { python3 -c '
 import sys, yaml
 env = yaml.safe_load(sys.stdin)["services"][sys.argv[1]].get("environment", {})
 for name, value in (env.items() if isinstance(env, dict) else (entry.split("=", 1) for entry in env)):
     print("%s=%s" % (name, "" if value is None else value))
 ' "$1"; }
-target_with () {
+setting () { grep -m1 "^$1=" | cut -d= -f2-; }
+check_scrape_target () {
+  local config=$1 combination=$2 sync_env prometheus_env expected actual
+  sync_env=$(environment_of sync <<<"$config")
+  prometheus_env=$(environment_of prometheus <<<"$config")
+  if [ "$(setting NODE_ENV <<<"$sync_env")" = production ] && [ -z "$(setting METRICS_TOKEN <<<"$sync_env")" ]; then
+    expected="\"sync:$(setting METRICS_PORT <<<"$sync_env")\""
+  else
+    expected='"sync:3000"'
+  fi
   local settings
-  mapfile -t settings
-  env -i PATH="$PATH" "${settings[@]}" sh deploy/monitoring/prometheus-config.sh | grep -o '"sync:[0-9]*"'
+  mapfile -t settings <<<"$prometheus_env"
+  # The token file goes to this check's own folder, never to the container's path on this host.
+  actual=$(env -i PATH="$PATH" "${settings[@]}" TOKEN_FILE="$monitoring_tmp/token" sh deploy/monitoring/prometheus-config.sh | grep -o '"sync:[0-9]*"')
+  [ "$actual" = "$expected" ] || fail "$combination: Prometheus would scrape $actual, the service serves its metrics at $expected"
 }
-prod_target=$(environment_of prometheus <<<"$monitoring_config" | target_with)
-[ "$prod_target" = '"sync:9464"' ] || fail "production's Prometheus must scrape the metrics listener, sync:9464, got: $prod_target"
-dev_target=$(docker-compose --profile monitoring config | environment_of prometheus | target_with)
-[ "$dev_target" = '"sync:3000"' ] || fail "development's Prometheus must scrape the service port, sync:3000, got: $dev_target"
+check_scrape_target "$monitoring_config" production
+check_scrape_target "$(docker-compose --profile monitoring config)" development
 rm -rf "$monitoring_tmp"
 
 # The Dockerfile linter (its findings go to stdout; it exits 0 either way). It would download

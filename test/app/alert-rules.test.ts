@@ -42,20 +42,24 @@ const cases: Case[] = [
     series: { [series('database_up')]: '1x8' },
     expect: [{ at: '5m', alert: 'SyncServiceDown', firing: [job] }]
   },
+  // Scraped every 15 s, as the compose profile does.
   {
-    name: 'requests answered 503 for the database, minute after minute',
-    series: { [series('database_connection_errors_total', { kind: 'unavailable' })]: '0+5x10', [series('database_up')]: '1x10' },
+    name: 'requests answered 503 for the database, one every 15 s',
+    interval: '15s',
+    series: { [series('database_connection_errors_total', { kind: 'unavailable' })]: '0+1x40', [series('database_up')]: '1x40' },
     expect: [{ at: '1m', alert: 'SyncDatabaseUnavailable', firing: [] }, { at: '5m', alert: 'SyncDatabaseUnavailable', firing: [job] }]
   },
   {
-    name: 'a blip of 503s (a planned restart) does not wake anyone',
-    series: { [series('database_connection_errors_total', { kind: 'unavailable' })]: '0 0 8 8 8 8 8 8 8 8', [series('database_up')]: '1x10' },
-    expect: [2, 3, 4, 5, 6].map((minute) => ({ at: `${minute}m`, alert: 'SyncDatabaseUnavailable', firing: [] }))
+    name: 'a 45 s outage (a planned restart) does not wake anyone',
+    interval: '15s',
+    series: { [series('database_connection_errors_total', { kind: 'unavailable' })]: '0x8 3 6 9 9x30', [series('database_up')]: '1x8 0x3 1x30' },
+    expect: [2, 3, 4, 5, 6, 8].map((minute) => ({ at: `${minute}m`, alert: 'SyncDatabaseUnavailable', firing: [] }))
   },
   {
     name: 'the database down while nobody makes requests',
-    series: { [series('database_connection_errors_total', { kind: 'unavailable' })]: '0x10', [series('database_up')]: '1 1 0x8' },
-    expect: [{ at: '6m', alert: 'SyncDatabaseUnavailable', firing: [job] }]
+    interval: '15s',
+    series: { [series('database_connection_errors_total', { kind: 'unavailable' })]: '0x40', [series('database_up')]: '1x4 0x36' },
+    expect: [{ at: '4m', alert: 'SyncDatabaseUnavailable', firing: [job] }]
   },
   {
     name: 'server errors over 1% of requests; 501 and 503 are not counted as such',
@@ -149,6 +153,12 @@ const cases: Case[] = [
     interval: '5m',
     series: { [series('database_size_bytes')]: `${10 * GiB}+${GiB / 12}x200` },
     expect: [{ at: '4h', alert: 'SyncDiskGrowth', firing: [] }, { at: '10h', alert: 'SyncDiskGrowth', firing: [job] }]
+  },
+  {
+    name: 'growth after an instance started while the database was down (NaN at first)',
+    interval: '5m',
+    series: { [series('database_size_bytes')]: `NaN NaN ${10 * GiB}+${GiB / 12}x200` },
+    expect: [{ at: '12h', alert: 'SyncDiskGrowth', firing: [job] }]
   },
   {
     name: 'one step of 300 MB (a restore, an index build) is not a trend',

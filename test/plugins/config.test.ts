@@ -100,10 +100,10 @@ t.test('durations, proxies and switches', async (t) => {
 t.test('tracing settings: a collector URL, headers and a ratio, refused with a line that repeats no secret', async (t) => {
   const accepted = loadConfig({ DATABASE_URL, OTEL_EXPORTER_OTLP_ENDPOINT: 'HTTPS://user:pw@collector.example:4318/base', OTEL_EXPORTER_OTLP_HEADERS: 'authorization=Bearer%20abc,x-tenant=kids', OTEL_TRACES_SAMPLER_ARG: '0.25' })
   t.equal(accepted.OTEL_TRACES_SAMPLER_ARG, 0.25)
-  for (const endpoint of ['ftp://x', 'http://', 'http:///', 'localhost:4318', 'http://x:99999', 'http://[::1', 'http://%zz', 'http://h:1?a=secret-query', 'http://h:1/#frag', 'http://h :1']) {
+  for (const endpoint of ['ftp://x', 'http://', 'http:///', 'localhost:4318', 'http://x:99999', 'http://[::1', 'http://%zz', 'http://h:1?a=secret-query', 'http://h:1/#frag', 'http://h:1/path?', 'http://h:1/#', 'http://h :1']) {
     t.throws(() => loadConfig({ DATABASE_URL, OTEL_EXPORTER_OTLP_ENDPOINT: endpoint }), { message: /^OTEL_EXPORTER_OTLP_ENDPOINT must be an http:\/\/ or https:\/\/ URL/ }, endpoint)
   }
-  for (const headers of ['authorization=Bearer%ZZsecret-value', 'my header=secret-value', 'x=secret-value%0A', 'content-length=5', 'Host=evil.example', 'novalue', '=secret-value']) {
+  for (const headers of ['authorization=Bearer%ZZsecret-value', 'my header=secret-value', 'x=secret-value%0A', 'content-length=5', 'Host=evil.example', 'novalue', '=secret-value', 'x=secret-value%E2%82%AC']) {
     const error = (() => {
       try {
         loadConfig({ DATABASE_URL, OTEL_EXPORTER_OTLP_HEADERS: headers })
@@ -112,7 +112,7 @@ t.test('tracing settings: a collector URL, headers and a ratio, refused with a l
       }
       return null
     })()
-    t.match(error?.message, /^OTEL_EXPORTER_OTLP_HEADERS (must|has the wrong form)/, headers)
+    t.match(error?.message, /^OTEL_EXPORTER_OTLP_HEADERS must be name=value pairs/, headers)
     t.notMatch(error?.message, /secret-value|evil/, 'without repeating the value')
   }
   for (const ratio of ['2', '-0.1', 'abc', 'Infinity', '1e999']) {
