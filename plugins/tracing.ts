@@ -117,8 +117,8 @@ function errorAttributes (err: unknown): Attributes {
  * Request tracing with OpenTelemetry, off unless OTEL_EXPORTER_OTLP_ENDPOINT names an OTLP/HTTP
  * collector: then @fastify/otel makes a span per request (and one for its handler), the
  * storage a child span per SQL statement, and spans go out in batches. Off, none of the SDK,
- * the exporter or the instrumentation is even loaded. A span names a user by pseudonym only, and carries no blob, iv,
- * checksum, token or raw path (see EXPORTED_ATTRIBUTES).
+ * the exporter or the instrumentation is even loaded. A span names a user by pseudonym only,
+ * and carries no blob, iv, checksum, token or raw path (see EXPORTED_ATTRIBUTES).
  */
 export default fp(async function tracing (app) {
   const { config } = app
