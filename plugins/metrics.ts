@@ -164,8 +164,8 @@ export default fp(async function metrics (app) {
       help: `${help} (refreshed at most once a minute)`,
       registers: [],
       // NaN until a count succeeds, not 0: a first scrape during an outage must not report a
-      // database of 0 bytes that then "grows" to its real size (SyncDiskGrowth would fire; a NaN
-      // in its window leaves it silent instead, until the window has passed).
+      // database of 0 bytes that then "grows" to its real size (SyncDiskGrowth, which skips NaN
+      // samples, would fire).
       async collect () { await refreshStored(); this.set(stored.at === 0 ? Number.NaN : read()) }
     }))
   }
