@@ -220,6 +220,8 @@ export function loadConfig (env: Record<string, string | undefined> = process.en
     }
   }
   if (config.RATE_LIMIT_WINDOW === 0) throw new ConfigError('RATE_LIMIT_WINDOW must be longer than 0 (set RATE_LIMIT_MAX=0 to disable)')
+  // HTTP drops blanks around a header's value, so such a token could never be presented.
+  if (config.METRICS_TOKEN !== config.METRICS_TOKEN.trim()) throw new ConfigError('METRICS_TOKEN must not begin or end with a space or tab')
   if (config.METRICS_LISTENER === 'separate' && config.METRICS_PORT !== 0 && config.METRICS_PORT === config.PORT) {
     throw new ConfigError(`METRICS_PORT must differ from PORT (both ${config.PORT}): in production without METRICS_TOKEN, metrics have a listener of their own`)
   }
@@ -287,7 +289,7 @@ export function trustedProxies (setting: string): string[] {
 }
 
 // Headers the exporter's HTTP request sets itself: one from the environment would break or redirect it.
-const RESERVED_HEADERS = new Set(['host', 'content-length', 'content-type', 'content-encoding', 'transfer-encoding', 'connection'])
+const RESERVED_HEADERS = new Set(['host', 'content-length', 'content-type', 'content-encoding', 'transfer-encoding', 'connection', 'expect'])
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/
 // A value Node sends as it is: visible Latin-1 characters, spaces and tabs.
 const HEADER_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/
@@ -309,9 +311,10 @@ export function collectorHeaders (list: string): Record<string, string> {
         return null
       }
     })()
-    if (at <= 0 || decoded === null || !HEADER_NAME.test(decoded[0]) || !HEADER_VALUE.test(decoded[1]) || RESERVED_HEADERS.has(decoded[0].toLowerCase())) {
+    if (at <= 0 || decoded === null || !HEADER_NAME.test(decoded[0]) || !HEADER_VALUE.test(decoded[1]) ||
+      RESERVED_HEADERS.has(decoded[0].toLowerCase()) || Object.keys(headers).some((name) => name.toLowerCase() === decoded[0].toLowerCase())) {
       throw new ConfigError('OTEL_EXPORTER_OTLP_HEADERS must be name=value pairs separated by commas, values percent-encoded, ' +
-        `and no header the request sets itself (${[...RESERVED_HEADERS].join(', ')}): entry ${i + 1} is not`)
+        `each name once, and no header the request sets itself (${[...RESERVED_HEADERS].join(', ')}): entry ${i + 1} is not`)
     }
     headers[decoded[0]] = decoded[1]
   })
@@ -326,9 +329,10 @@ function checkTracing (config: Pick<Config, 'OTEL_EXPORTER_OTLP_ENDPOINT' | 'OTE
     try {
       url = new URL(endpoint)
     } catch {}
-    if (url === undefined || !['http:', 'https:'].includes(url.protocol) || url.hostname === '' || /[\s?#]/.test(endpoint)) {
+    if (url === undefined || !['http:', 'https:'].includes(url.protocol) || url.hostname === '' || /[\s?#]/.test(endpoint) ||
+      /\/v1\/traces\/*$/.test(url.pathname)) {
       throw new ConfigError('OTEL_EXPORTER_OTLP_ENDPOINT must be an http:// or https:// URL of an OTLP/HTTP collector without a query or fragment, ' +
-        'such as http://otel-collector:4318 (spans go to its /v1/traces)')
+        'such as http://otel-collector:4318 (spans go to its /v1/traces, which the setting leaves out)')
     }
   }
   collectorHeaders(config.OTEL_EXPORTER_OTLP_HEADERS)

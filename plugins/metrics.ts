@@ -144,13 +144,19 @@ export default fp(async function metrics (app) {
   // on the database. (app.storage is registered after this plugin; it is only used at scrape time.)
   let stored = { users: 0, bytes: 0, historyVersions: 0, historyBytes: 0, databaseBytes: 0, at: 0 }
   let refreshing: Promise<void> | undefined
+  let triedAt = 0
   async function refreshStored (): Promise<void> {
-    if (Date.now() - stored.at < STORED_REFRESH_MS) return
-    refreshing ??= app.storage.totals()
-      .then((totals) => { stored = { ...totals, at: Date.now() } })
-      .catch((err: unknown) => { app.log.warn({ err }, 'metrics: could not count stored users') })
-      .finally(() => { refreshing = undefined })
-    await atMostScrapeWait(refreshing)
+    // At most once a minute, whether the last count succeeded or not: a failing count (a slow
+    // database's statement time-out) is not run again at every scrape. The gauges of one scrape
+    // share the count in flight.
+    if (refreshing === undefined && Date.now() - triedAt >= STORED_REFRESH_MS) {
+      triedAt = Date.now()
+      refreshing = app.storage.totals()
+        .then((totals) => { stored = { ...totals, at: Date.now() } })
+        .catch((err: unknown) => { app.log.warn({ err }, 'metrics: could not count stored users') })
+        .finally(() => { refreshing = undefined })
+    }
+    if (refreshing !== undefined) await atMostScrapeWait(refreshing)
   }
   for (const [name, help, read] of [
     ['stored_users', 'Users with data stored', () => stored.users],

@@ -106,6 +106,16 @@ class RedactingExporter implements SpanExporter {
   async forceFlush (): Promise<void> { await this.exporter.forceFlush?.() }
 }
 
+/** A URL's path as the router matches it: without the query, percent-escapes decoded (/%6Detrics is /metrics). */
+function decodedPath (url: string): string {
+  const path = url.split('?')[0]!
+  try {
+    return decodeURIComponent(path)
+  } catch {
+    return path
+  }
+}
+
 /** What names an error in a span: PostgreSQL's SQLSTATE or Node's code, never a message. */
 function errorAttributes (err: unknown): Attributes {
   const code = (err as { code?: unknown } | null)?.code
@@ -164,7 +174,7 @@ export default fp(async function tracing (app) {
   const instrumentation = new FastifyOtelInstrumentation({
     // Asked with the route's pattern when routes are added, and with the raw URL (a query string
     // included) for each request.
-    ignorePaths: (route: { url?: string }) => UNTRACED_ROUTES.has((route.url ?? '').split('?')[0]!),
+    ignorePaths: (route: { url?: string }) => UNTRACED_ROUTES.has(decodedPath(route.url ?? '')),
     // Exceptions are recorded as events, which are not exported (their messages can quote values).
     recordExceptions: false,
     // A span per hook (about 15 a request) doubled what a traced request costs (bench/notes.md):

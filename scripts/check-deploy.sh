@@ -84,6 +84,7 @@ grafana_ports=$(ports_of grafana <<<"$monitoring_config")
 [ -z "$(ports_of prometheus <<<"$monitoring_config")" ] || fail "Prometheus must publish no port"
 promtool check rules deploy/monitoring/alerts.yml >/dev/null
 monitoring_tmp=$(mktemp -d)
+trap 'rm -rf "$monitoring_tmp"' EXIT
 for settings in "NODE_ENV=production" "NODE_ENV=production METRICS_TOKEN=check-only-token" "NODE_ENV=development"; do
   # shellcheck disable=SC2086 # one word per setting
   env $settings RULES_FILE="$PWD/deploy/monitoring/alerts.yml" TOKEN_FILE="$monitoring_tmp/token" \
@@ -105,19 +106,30 @@ check_scrape_target () {
   sync_env=$(environment_of sync <<<"$config")
   prometheus_env=$(environment_of prometheus <<<"$config")
   if [ "$(setting NODE_ENV <<<"$sync_env")" = production ] && [ -z "$(setting METRICS_TOKEN <<<"$sync_env")" ]; then
-    expected="\"sync:$(setting METRICS_PORT <<<"$sync_env")\""
+    local port host
+    port=$(setting METRICS_PORT <<<"$sync_env")
+    host=$(setting METRICS_HOST <<<"$sync_env")
+    # The listener must be reachable from the Prometheus container, on a port it can name.
+    if ! [[ "$port" =~ ^[1-9][0-9]{0,4}$ ]] || [ "$port" -gt 65535 ]; then
+      fail "$combination: METRICS_PORT must be a port number from 1 to 65535, got: $port"
+    fi
+    if [[ "$host" =~ ^(127\.|::1$|localhost$) ]]; then
+      fail "$combination: METRICS_HOST $host is the container's own loopback: Prometheus cannot reach the metrics there"
+    fi
+    expected="\"sync:$port\""
   else
     expected='"sync:3000"'
   fi
   local settings
   mapfile -t settings <<<"$prometheus_env"
   # The token file goes to this check's own folder, never to the container's path on this host.
-  actual=$(env -i PATH="$PATH" "${settings[@]}" TOKEN_FILE="$monitoring_tmp/token" sh deploy/monitoring/prometheus-config.sh | grep -o '"sync:[0-9]*"')
+  actual=$(env -i PATH="$PATH" "${settings[@]}" TOKEN_FILE="$monitoring_tmp/token" sh deploy/monitoring/prometheus-config.sh | grep -o '"sync:[^"]*"' || true)
   [ "$actual" = "$expected" ] || fail "$combination: Prometheus would scrape $actual, the service serves its metrics at $expected"
 }
 check_scrape_target "$monitoring_config" production
 check_scrape_target "$(docker-compose --profile monitoring config)" development
 rm -rf "$monitoring_tmp"
+trap - EXIT
 
 # The Dockerfile linter (its findings go to stdout; it exits 0 either way). It would download
 # its own copy of shellcheck; -s none and no install scripts skip that (Debian's runs below).

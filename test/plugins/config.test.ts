@@ -97,13 +97,20 @@ t.test('durations, proxies and switches', async (t) => {
   t.equal(loadConfig({ DATABASE_URL, CLEANUP_INTERVAL: '0' }).CLEANUP_INTERVAL, 0)
 })
 
+t.test('METRICS_TOKEN with a blank at either end is refused: HTTP drops it, so no scrape could match', async (t) => {
+  for (const token of [' s3cret-token', 's3cret-token ', 's3cret-token\t']) {
+    t.throws(() => loadConfig({ DATABASE_URL, METRICS_TOKEN: token }), { message: /^METRICS_TOKEN must not begin or end with a space or tab$/ }, JSON.stringify(token))
+  }
+  t.equal(loadConfig({ DATABASE_URL, METRICS_TOKEN: 'with inner space' }).METRICS_TOKEN, 'with inner space')
+})
+
 t.test('tracing settings: a collector URL, headers and a ratio, refused with a line that repeats no secret', async (t) => {
   const accepted = loadConfig({ DATABASE_URL, OTEL_EXPORTER_OTLP_ENDPOINT: 'HTTPS://user:pw@collector.example:4318/base', OTEL_EXPORTER_OTLP_HEADERS: 'authorization=Bearer%20abc,x-tenant=kids', OTEL_TRACES_SAMPLER_ARG: '0.25' })
   t.equal(accepted.OTEL_TRACES_SAMPLER_ARG, 0.25)
-  for (const endpoint of ['ftp://x', 'http://', 'http:///', 'localhost:4318', 'http://x:99999', 'http://[::1', 'http://%zz', 'http://h:1?a=secret-query', 'http://h:1/#frag', 'http://h:1/path?', 'http://h:1/#', 'http://h :1']) {
+  for (const endpoint of ['ftp://x', 'http://', 'http:///', 'localhost:4318', 'http://x:99999', 'http://[::1', 'http://%zz', 'http://h:1?a=secret-query', 'http://h:1/#frag', 'http://h:1/path?', 'http://h:1/#', 'http://h :1', 'http://h:4318/v1/traces']) {
     t.throws(() => loadConfig({ DATABASE_URL, OTEL_EXPORTER_OTLP_ENDPOINT: endpoint }), { message: /^OTEL_EXPORTER_OTLP_ENDPOINT must be an http:\/\/ or https:\/\/ URL/ }, endpoint)
   }
-  for (const headers of ['authorization=Bearer%ZZsecret-value', 'my header=secret-value', 'x=secret-value%0A', 'content-length=5', 'Host=evil.example', 'novalue', '=secret-value', 'x=secret-value%E2%82%AC']) {
+  for (const headers of ['authorization=Bearer%ZZsecret-value', 'my header=secret-value', 'x=secret-value%0A', 'content-length=5', 'Host=evil.example', 'novalue', '=secret-value', 'x=secret-value%E2%82%AC', 'expect=100-continue', 'x-a=1,X-A=secret-value']) {
     const error = (() => {
       try {
         loadConfig({ DATABASE_URL, OTEL_EXPORTER_OTLP_HEADERS: headers })

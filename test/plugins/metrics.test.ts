@@ -71,6 +71,10 @@ t.test('database outages are counted', async (t) => {
   // Not yet counted: no figure rather than a false 0 (a database "growing" from 0 to its size).
   t.match(text, /^stored_users nan$/mi, 'stored users unknown, not 0')
   t.match(text, /^database_size_bytes nan$/mi, 'the database size unknown, not 0')
+  // A failed count is not tried again at the next scrape: a struggling database is not asked again.
+  const failedCounts = async () => value((await app.inject({ method: 'GET', url: '/metrics' })).body, 'storage_operation_duration_seconds_count{operation="totals",outcome="error"}')
+  await until(async () => await failedCounts() === 1, 'the count has failed')
+  t.equal(await failedCounts(), 1, 'the next scrape does not count again')
 })
 
 t.test('a database that hangs does not hold up a scrape: the figures come, the database shows as down', async (t) => {

@@ -83,6 +83,7 @@ t.test('a request\'s span has its storage statements as children, and no secret 
   t.equal((await app.inject({ method: 'GET', url: '/health' })).statusCode, 200)
   t.equal((await app.inject({ method: 'GET', url: '/health/live?probe=1' })).statusCode, 200)
   t.equal((await app.inject({ method: 'GET', url: '/metrics?x=1' })).statusCode, 200)
+  t.equal((await app.inject({ method: 'GET', url: '/%6Detrics' })).statusCode, 200)
   t.match(await app.cleanup.run(), { ran: true })
   // Closing flushes the batch.
   await app.close()
