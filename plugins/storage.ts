@@ -83,9 +83,12 @@ const PRUNE = (written: string, versions: number, days: number) => `pruned AS (
                            WHERE user_id = $1 AND stored_at < now() - make_interval(days => nullif($${days}::int, 0)))))`
 /** Whether version `v` is shown: the current one (`current`), or a kept one within the limits. */
 // One pass over the newer versions gives both: how many there are, and when the next one replaced it.
+// A version with nothing newer in the statement's snapshot is kept: when the statement waited
+// for the record's lock, `current` is the row its replacement wrote, but the replacement's
+// version committed after the snapshot and is not seen (and min() over no rows is NULL, not true).
 const KEPT = (current: string, versions: number, days: number) => `(v.version = ${current} OR ($${versions}::int > 0
            AND (SELECT count(*) <= $${versions}::int
-                  AND ($${days}::int = 0 OR min(n.stored_at) >= now() - make_interval(days => $${days}::int))
+                  AND ($${days}::int = 0 OR coalesce(min(n.stored_at) >= now() - make_interval(days => $${days}::int), true))
                 FROM user_sync_versions n WHERE n.user_id = v.user_id AND n.version > v.version)))`
 
 // Every statement is named so that pg prepares it once per connection and then only binds.

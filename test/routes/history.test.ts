@@ -106,6 +106,37 @@ t.test('a reset device uploads empty data over the progress: the other device li
   t.equal(`"${after[1].etag}"`, `"${current}"`)
 })
 
+t.test('a restore queued behind an upload restores the version that upload replaced', async (t) => {
+  const userId = randomUUID()
+  const token = newToken()
+  const seed = upload(256, 1)
+  await put(userId, seed, bearer(token))
+  const seedVersion = (await versions(userId, bearer(token))).json().versions[0].version
+  const next = upload(300, 2)
+  const restore = () => app.inject({ method: 'POST', url: url(userId, `/versions/${seedVersion}/restore`), headers: bearer(token) })
+  let answers
+  if (embeddedTests()) {
+    answers = [await put(userId, next, bearer(token)), await restore()]
+  } else {
+    // The restore's statement starts (and takes its snapshot) before the upload it waits for
+    // commits: it sees no version newer than the one it restores, yet that one is no longer current.
+    const holder = new pg.Client({ connectionString: databaseUrlOf(app), application_name: 'lock holder' })
+    await holder.connect()
+    t.teardown(() => holder.end())
+    await holder.query('BEGIN')
+    await holder.query('SELECT 1 FROM user_sync_data WHERE user_id = $1 FOR UPDATE', [userId])
+    const uploading = put(userId, next, bearer(token))
+    await until(async () => (await lockWaiters(db)).length === 1, 'the upload waits for the record', 10_000)
+    const restoring = restore()
+    await until(async () => (await lockWaiters(db)).length === 2, 'the restore waits behind it', 10_000)
+    await holder.query('COMMIT')
+    answers = await Promise.all([uploading, restoring])
+  }
+  t.strictSame(answers.map((res) => res.statusCode === 200 ? 200 : `${res.statusCode} ${res.body}`), [200, 200], 'both acknowledged')
+  const current = await app.inject({ method: 'GET', url: url(userId), headers: bearer(token) })
+  t.match(current.json(), { encryptedBlob: seed.encryptedBlob, iv: seed.iv, checksum: seed.checksum }, 'the restored version is current')
+})
+
 t.test('uploads and restores queued on one user: every acknowledged version is kept, whole, until the limit drops the oldest', async (t) => {
   const userId = randomUUID()
   const token = newToken()
