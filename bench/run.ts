@@ -501,6 +501,19 @@ async function tokenExperiment (service: Server): Promise<string> {
  * versions per user: the steady state, where every upload also drops the oldest), interleaved
  * off, on, on, off; then the disk one user with 10 kept 1 MB versions takes.
  */
+/** 1 KiB GET or PUT over the users seedUsers() stored, 16 connections: one side of an experiment's comparison. */
+function seededScenario (method: 'GET' | 'PUT', users: string[], put: string, label: string): Scenario {
+  // put: the body of every PUT (unused for GET).
+  return {
+    name: `${method} 1KiB c16 [${label}]`,
+    connections: 16,
+    method,
+    path: () => `/api/sync/${pick(users)}`,
+    ...(method === 'PUT' ? { body: put, headers: () => ({ 'content-type': 'application/json' }) } : {}),
+    expect: [200]
+  }
+}
+
 async function redisExperiment (): Promise<string> {
   const ROUNDS = 3
   const users = await seedUsers(0x60, benchUrl)
@@ -523,15 +536,8 @@ async function redisExperiment (): Promise<string> {
   try {
     const put = body('1KiB')
     for (const method of ['GET', 'PUT'] as const) {
-      const scenario = (kind: 'local' | 'redis'): Scenario => ({
-        name: `${method} 1KiB c16 [limits ${kind}]`,
-        connections: 16,
-        method,
-        path: () => `/api/sync/${pick(users)}`,
-        ...(method === 'PUT' ? { body: put, headers: () => ({ 'content-type': 'application/json' }) } : {}),
-        expect: [200]
-      })
-      const runs = await alternate(ROUNDS, ['local', 'redis', 'redis', 'local'] as const, (kind) => [servers[kind], scenario(kind)])
+      const runs = await alternate(ROUNDS, ['local', 'redis', 'redis', 'local'] as const,
+        (kind) => [servers[kind], seededScenario(method, users, put, `limits ${kind}`)])
       const m = (kind: 'local' | 'redis', field: (r: Result) => number) => median(runs[kind].map(field))
       const errors = [...runs.local, ...runs.redis].reduce((sum, r) => sum + r.errors + r.unexpected, 0)
       lines.push(`| ${method} 1 KiB | ${fmt(m('local', (r) => r.rps), 0)} / ${fmt(m('redis', (r) => r.rps), 0)} | ` +
@@ -579,15 +585,8 @@ async function tracingExperiment (): Promise<string> {
   try {
     const put = body('1KiB')
     for (const method of ['GET', 'PUT'] as const) {
-      const scenario = (kind: string): Scenario => ({
-        name: `${method} 1KiB c16 [tracing ${kind}]`,
-        connections: 16,
-        method,
-        path: () => `/api/sync/${pick(users)}`,
-        ...(method === 'PUT' ? { body: put, headers: () => ({ 'content-type': 'application/json' }) } : {}),
-        expect: [200]
-      })
-      const runs = await alternate(ROUNDS, [...kinds, ...[...kinds].reverse()], (kind) => [servers[kind]!, scenario(kind)])
+      const runs = await alternate(ROUNDS, [...kinds, ...[...kinds].reverse()],
+        (kind) => [servers[kind]!, seededScenario(method, users, put, `tracing ${kind}`)])
       const m = (kind: 'previous' | 'off' | 'on', field: (r: Result) => number) => median(runs[kind].map(field))
       const errors = kinds.flatMap((kind) => runs[kind]).reduce((sum, r) => sum + r.errors + r.unexpected, 0)
       lines.push(`| ${method} 1 KiB | ${kinds.map((kind) => fmt(m(kind, (r) => r.rps), 0)).join(' / ')} | ` +
@@ -643,9 +642,7 @@ async function replicaExperiment (): Promise<string> {
     standby = await startCluster({ replicaOf: primary })
     servers.primary = await startServer('service', 3108, metrics, url(primary))
     servers.replica = await startServer('service', 3109, { ...metrics, DATABASE_READ_URL: url(standby) }, url(primary))
-    const scenario = (kind: 'primary' | 'replica'): Scenario => ({
-      name: `GET 1KiB c16 [reads ${kind}]`, connections: 16, method: 'GET', path: () => `/api/sync/${pick(users)}`, expect: [200]
-    })
+    const scenario = (kind: 'primary' | 'replica'): Scenario => seededScenario('GET', users, '', `reads ${kind}`)
     const primaryCpu: Record<'primary' | 'replica', number[]> = { primary: [], replica: [] }
     const runs = await alternate(ROUNDS, ['primary', 'replica', 'replica', 'primary'] as const, (kind) => {
       // The primary's own CPU over the measured run (alternate's warm-up is 1 s, then DURATION s).
