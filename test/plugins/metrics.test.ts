@@ -1,7 +1,7 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { build, createTestDatabase } from '../helper.ts'
-import { startProxy } from '../proxy.ts'
+import { build, createTestDatabase, type TestContext } from '../helper.ts'
+import { startProxy, targetOf, throughProxy } from '../proxy.ts'
 import { until } from '../wait.ts'
 
 const payload = { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64) }
@@ -77,14 +77,17 @@ t.test('database outages are counted', async (t) => {
   t.equal(await failedCounts(), 1, 'the next scrape does not count again')
 })
 
-t.test('a database that hangs does not hold up a scrape: the figures come, the database shows as down', async (t) => {
-  const direct = new URL(await createTestDatabase(t))
-  const proxy = await startProxy({ host: direct.hostname, port: Number(direct.port) })
+/** An app whose database is reached through a proxy the test can stall or cut. */
+async function buildThroughProxy (t: TestContext, env: Record<string, string> = {}) {
+  const databaseUrl = await createTestDatabase(t)
+  const proxy = await startProxy(targetOf(databaseUrl))
   t.teardown(() => proxy.close())
-  const through = new URL(direct)
-  through.port = String(proxy.port)
+  return { app: await build(t, { env: { DATABASE_URL: throughProxy(databaseUrl, proxy), ...env } }), proxy }
+}
+
+t.test('a database that hangs does not hold up a scrape: the figures come, the database shows as down', async (t) => {
   // Time-outs of ten minutes: a scrape that waited for the database would outlast tap's.
-  const app = await build(t, { env: { DATABASE_URL: through.toString(), HEALTH_TIMEOUT_MS: '600000', DATABASE_STATEMENT_TIMEOUT_MS: '600000', DATABASE_CONNECT_TIMEOUT_MS: '600000' } })
+  const { app, proxy } = await buildThroughProxy(t, { HEALTH_TIMEOUT_MS: '600000', DATABASE_STATEMENT_TIMEOUT_MS: '600000', DATABASE_CONNECT_TIMEOUT_MS: '600000' })
   await until(async () => value((await app.inject({ method: 'GET', url: '/metrics' })).body, 'database_up') === 1, 'the database is up')
   proxy.stall()
   const scrape = await app.inject({ method: 'GET', url: '/metrics' })
@@ -96,12 +99,7 @@ t.test('a database that hangs does not hold up a scrape: the figures come, the d
 })
 
 t.test('database_up: 0 when the database refuses, 1 when it is back', async (t) => {
-  const direct = new URL(await createTestDatabase(t))
-  const proxy = await startProxy({ host: direct.hostname, port: Number(direct.port) })
-  t.teardown(() => proxy.close())
-  const through = new URL(direct)
-  through.port = String(proxy.port)
-  const app = await build(t, { env: { DATABASE_URL: through.toString() } })
+  const { app, proxy } = await buildThroughProxy(t)
   const up = async () => value((await app.inject({ method: 'GET', url: '/metrics' })).body, 'database_up')
   await until(async () => await up() === 1, 'up')
   await proxy.cut()
