@@ -293,6 +293,11 @@ export function inspect (t: TestContext, connectionString: string): pg.Pool {
   return pool
 }
 
+/** One unlabelled series of an app's metrics, as a scrape would show it; NaN when it is not there. */
+export async function metricValue (app: FastifyInstance, name: string): Promise<number> {
+  return Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(await app.metrics.registry.metrics())?.[1])
+}
+
 /** A connection of the test's that holds `table` exclusively (no reads either) until released. */
 export async function holdTable (t: TestContext, databaseUrl: string, table: string): Promise<{ release (): Promise<unknown> }> {
   const holder = new pg.Client({ connectionString: databaseUrl, application_name: 'lock holder' })

@@ -4,7 +4,7 @@ import { randomUUID } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import pino from 'pino'
-import { build, databaseUrlOf, insertRecords, inspect } from '../helper.ts'
+import { build, databaseUrlOf, insertRecords, inspect, metricValue } from '../helper.ts'
 import { cleanupInactive, CLEANUP_LOCK } from '../../plugins/cleanup.ts'
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
@@ -40,10 +40,9 @@ t.test('a run deletes exactly the accounts idle longer than the retention, logs 
   const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
   t.match(metrics, /cleanup_runs_total\{result="deleted"\} 1/)
   t.match(metrics, /cleanup_deleted_accounts_total 3/)
-  const gauge = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(metrics)?.[1])
-  t.ok(gauge('cleanup_last_success_timestamp_seconds') >= Math.floor(before), 'the run is stamped as the last success')
-  t.equal(gauge('cleanup_last_failure_timestamp_seconds'), 0, 'and no failure')
-  t.equal(gauge('cleanup_interval_seconds'), app.config.CLEANUP_INTERVAL / 1000, 'beside the interval the alert compares it with')
+  t.ok(await metricValue(app, 'cleanup_last_success_timestamp_seconds') >= Math.floor(before), 'the run is stamped as the last success')
+  t.equal(await metricValue(app, 'cleanup_last_failure_timestamp_seconds'), 0, 'and no failure')
+  t.equal(await metricValue(app, 'cleanup_interval_seconds'), app.config.CLEANUP_INTERVAL / 1000, 'beside the interval the alert compares it with')
 })
 
 t.test('many rows go in batches, and all of them go', async (t) => {
@@ -62,13 +61,12 @@ t.test('with the lock held elsewhere (another instance), a run skips and deletes
   // whichever server connection a transaction-mode pooler lent for the statement).
   await other.query('BEGIN')
   await other.query('SELECT pg_advisory_xact_lock($1)', [CLEANUP_LOCK])
-  const lastSuccess = async () => Number(/^cleanup_last_success_timestamp_seconds (\S+)$/m.exec(await app.metrics.registry.metrics())?.[1])
-  const before = await lastSuccess()
+  const before = await metricValue(app, 'cleanup_last_success_timestamp_seconds')
   try {
     t.strictSame(await app.cleanup.run(), { ran: false, reason: 'another instance is running it' })
     t.equal(await remaining(idle), 1)
     // A hung run holds the lock too: SyncCleanupNotRun must see that no run ends.
-    t.equal(await lastSuccess(), before, 'a skipped run is not stamped as a success')
+    t.equal(await metricValue(app, 'cleanup_last_success_timestamp_seconds'), before, 'a skipped run is not stamped as a success')
   } finally {
     await other.query('COMMIT')
     other.release()
