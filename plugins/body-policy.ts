@@ -1,5 +1,6 @@
 import fp from 'fastify-plugin'
-import type { FastifyRequest } from 'fastify'
+import { errorCodes, type FastifyRequest } from 'fastify'
+import secureJson from 'secure-json-parse'
 
 /** A request body sent to a route that takes none: refused before a byte of it is read. */
 export class NoBodyAllowedError extends Error {
@@ -60,7 +61,22 @@ const CHARSET = /;\s*charset\s*=\s*"?([^";\s]+)"?/i
  *   default (Content-Type: application/json with nothing after it).
  */
 export default fp(async function bodyPolicy (app) {
-  const parseJson = app.getDefaultJsonParser('error', 'error')
+  // What Fastify's default parser does (secure-json-parse: 400 for a __proto__ or
+  // constructor.prototype key), in one pass over the text: secure-json-parse runs two regular
+  // expressions over the whole text before it looks at the parsed object (about 0.4 ms per 1 MB
+  // upload); this parses and then scans the object, which for an upload is four keys.
+  const poisoning = { protoAction: 'error', constructorAction: 'error' } as const
+  function parseJson (text: string, done: (err: Error | null, body?: unknown) => void): void {
+    let body: unknown
+    try {
+      body = JSON.parse(text)
+      if (body !== null && typeof body === 'object') secureJson.scan(body, poisoning)
+    } catch {
+      done(new errorCodes.FST_ERR_CTP_INVALID_JSON_BODY(), undefined)
+      return
+    }
+    done(null, body)
+  }
   app.removeContentTypeParser('application/json')
   app.addContentTypeParser('application/json', { parseAs: 'string' }, function (request, body, done) {
     const text = body as string
@@ -76,7 +92,7 @@ export default fp(async function bodyPolicy (app) {
       done(new UnreasonableJsonError(`Invalid request: the JSON body has more than ${MAX_KEYS} keys`), undefined)
       return
     }
-    parseJson(request, text, done)
+    parseJson(text, done)
   })
   // Uploads are JSON only: a text/plain body is refused with 415 rather than misread.
   app.removeContentTypeParser('text/plain')

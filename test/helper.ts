@@ -321,18 +321,23 @@ export async function lockWaiters (db: pg.Pool | pg.Client, applicationName = 'l
 /**
  * The current version of every record, as one row each: the account (user_sync_data) joined to
  * the version it names (user_sync_versions, sql/005_versions.sql). Add a WHERE on `user_id`.
+ * `encrypted_blob` is the ciphertext as base64, however it is stored; `ciphertext` its bytes
+ * (sql/006_ciphertext_bytes.sql) and `stored_text` the text of a version stored before them.
  */
 export const CURRENT_RECORD = `SELECT * FROM (SELECT d.user_id, d.version, d.etag, d.token_hash, d.created_at, d.last_accessed,
-    v.encrypted_blob, v.iv, v.timestamp, v.checksum, v.blob_size, v.stored_at
+    coalesce(translate(encode(v.ciphertext, 'base64'), E'\\n', ''), v.encrypted_blob) AS encrypted_blob,
+    v.ciphertext, v.encrypted_blob AS stored_text, v.iv, v.timestamp, v.checksum, v.blob_size, v.stored_at
   FROM user_sync_data d JOIN user_sync_versions v USING (user_id, version)) AS record`
 
 /**
  * SQL that stores records directly, as the service would (the account and its current version):
- * `rows` is a SELECT of user_id, encrypted_blob, iv, timestamp, checksum, blob_size and
- * last_accessed, in that order, which may use parameters.
+ * `rows` is a SELECT of user_id, encrypted_blob (base64), iv, timestamp, checksum, blob_size and
+ * last_accessed, in that order, which may use parameters. With `legacy`, the ciphertext is kept
+ * as its base64 text, as versions stored before sql/006_ciphertext_bytes.sql were.
  */
-export const insertRecords = (rows: string) => `WITH source (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed) AS (${rows}),
+export const insertRecords = (rows: string, legacy = false) => `WITH source (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed) AS (${rows}),
   accounts AS (INSERT INTO user_sync_data (user_id, timestamp, last_accessed) SELECT user_id, timestamp, last_accessed FROM source
     RETURNING user_id, version, etag)
-  INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size)
-  SELECT a.user_id, a.version, a.etag, s.encrypted_blob, s.iv, s.timestamp, s.checksum, s.blob_size FROM accounts a JOIN source s USING (user_id)`
+  INSERT INTO user_sync_versions (user_id, version, etag, ${legacy ? 'encrypted_blob' : 'ciphertext'}, iv, timestamp, checksum, blob_size)
+  SELECT a.user_id, a.version, a.etag, ${legacy ? 's.encrypted_blob' : "decode(s.encrypted_blob, 'base64')"}, s.iv, s.timestamp, s.checksum, s.blob_size
+  FROM accounts a JOIN source s USING (user_id)`

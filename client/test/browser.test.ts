@@ -123,9 +123,9 @@ t.test('device A creates an account and uploads; device B pairs with its code an
   await edit(a, 'math', 3)
   t.match(await act(a, 'sync'), /^ok: synced/)
   const userId = code.split('.')[0]
-  const stored = (await db.query('SELECT v.encrypted_blob, d.token_hash FROM user_sync_versions v JOIN user_sync_data d USING (user_id) WHERE user_id = $1', [userId])).rows
+  const stored = (await db.query('SELECT v.ciphertext, d.token_hash FROM user_sync_versions v JOIN user_sync_data d USING (user_id) WHERE user_id = $1', [userId])).rows
   t.equal(stored.length, 1)
-  t.notOk(stored[0].encrypted_blob.includes('math'), 'the service holds ciphertext only')
+  t.notOk(stored[0].ciphertext.includes('math'), 'the service holds ciphertext only')
   t.equal(stored[0].token_hash.length, 32, 'claimed with the token derived from the key')
 
   await b.$eval('#pair-code', (element, value) => { (element as HTMLInputElement).value = value }, code)

@@ -86,6 +86,8 @@ t.test('store then get returns exactly what was stored, timestamp as a number', 
   const stored = await row(userId)
   t.equal(stored.blob_size, 100)
   t.equal(stored.encrypted_blob, data.encryptedBlob)
+  t.strictSame(stored.ciphertext, Buffer.from(data.encryptedBlob, 'base64'), 'kept as its bytes (sql/006_ciphertext_bytes.sql)')
+  t.equal(stored.stored_text, null, 'not as base64 text')
 })
 
 t.test('get of an unknown user is null', async (t) => {
@@ -166,6 +168,11 @@ t.test('the table constraints refuse what the schemas refuse', async (t) => {
       [values.user_id, values.encrypted_blob, values.iv, values.timestamp, values.checksum, values.blob_size])
   }
   await t.resolves(insert({}), 'a valid row goes in')
+  const { rows: [stored] } = await pool.query('SELECT user_id FROM user_sync_versions WHERE ciphertext IS NOT NULL LIMIT 1')
+  await t.rejects(pool.query("UPDATE user_sync_versions SET encrypted_blob = 'AAAA' WHERE user_id = $1", [stored.user_id]),
+    { code: '23514', constraint: 'version_one_ciphertext' }, 'a version holds its ciphertext once: not as bytes and text')
+  await t.rejects(pool.query('UPDATE user_sync_versions SET ciphertext = NULL WHERE user_id = $1', [stored.user_id]),
+    { code: '23514', constraint: 'version_one_ciphertext' }, 'and never neither')
   await t.rejects(insert({ blob_size: MAX_BLOB_BYTES + 1 }), { code: '23514', constraint: 'version_blob_size_limit' })
   await t.rejects(insert({ iv: 'A'.repeat(15) + '-' }), { code: '23514', constraint: 'version_iv_format' })
   await t.rejects(insert({ checksum: 'A'.repeat(64) }), { code: '23514', constraint: 'version_checksum_format' })

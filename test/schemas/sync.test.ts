@@ -32,8 +32,18 @@ t.test('isStandardBase64 accepts what Buffer encodes, at every padding length', 
 })
 
 t.test('isStandardBase64 refuses everything else', async (t) => {
-  for (const bad of ['', 'abc', 'ab=c', 'a===', '====', 'ab-_', 'YWJj\n', 'YW Jj', 'YWJj=', 'Y\u00e9Jj', 'YWJ\u0000']) {
+  for (const bad of ['', 'abc', 'ab=c', 'a===', '====', 'ab-_', 'YWJj\n', 'YW Jj', 'YWJj=', 'Y\u00e9Jj', 'YWJ\u0000', 'YWJjZA', '=YWJ']) {
     t.equal(isStandardBase64(bad), false, JSON.stringify(bad))
+  }
+})
+
+t.test('isStandardBase64 refuses unused bits set in the last character, which stored bytes could not give back', async (t) => {
+  // 'QQ==' and 'QR==' both decode to 'A'; 'QUI=' and 'QUJ=' both to 'AB'.
+  const pairs: Array<[string, string]> = [['QQ==', 'QR=='], ['QQ==', 'Qf=='], ['QUI=', 'QUJ='], ['QUI=', 'QUL=']]
+  for (const [canonical, other] of pairs) {
+    t.ok(isStandardBase64(canonical), canonical)
+    t.equal(isStandardBase64(other), false, other)
+    t.equal(Buffer.from(other, 'base64').toString('base64'), canonical, `${other} is ${canonical} once decoded`)
   }
 })
 
@@ -53,6 +63,7 @@ t.test('the payload schema', async (t) => {
     ['empty blob', { encryptedBlob: '' }],
     ['url-safe blob', { encryptedBlob: 'ab-_' }],
     ['blob without its padding', { encryptedBlob: 'YWJjZA' }],
+    ['blob with unused bits set', { encryptedBlob: 'YWJjZB==' }],
     ['blob not a string', { encryptedBlob: 1234 }],
     ['iv too short', { iv: 'A'.repeat(15) }],
     ['iv too long', { iv: 'A'.repeat(17) }],
