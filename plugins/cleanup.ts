@@ -7,6 +7,9 @@ import type { Storage } from './storage.ts'
 // PostgreSQL advisory lock runs the cleanup; the others skip their turn.
 export const CLEANUP_LOCK = 0x6c6b5f636c6e // "lk_cln"
 
+/** What a batch of the cleanup deleted: inactive accounts, then kept versions past the history limits. */
+export type CleanupPhase = 'accounts' | 'versions'
+
 export type CleanupResult =
   | { ran: true, deleted: number, historyPruned: number, ms: number, dryRun: boolean }
   | { ran: false, reason: 'another instance is running it' }
@@ -24,7 +27,7 @@ export type CleanupResult =
  */
 export async function cleanupInactive (
   pool: Pool, storage: Storage, log: FastifyBaseLogger,
-  options: { inactiveDays: number, dryRun?: boolean, batchSize?: number, lock?: boolean }
+  options: { inactiveDays: number, dryRun?: boolean, batchSize?: number, lock?: boolean, onBatch?: (phase: CleanupPhase, rows: number) => void }
 ): Promise<CleanupResult> {
   const dryRun = options.dryRun === true
   const work = async (): Promise<CleanupResult> => {
@@ -32,10 +35,12 @@ export async function cleanupInactive (
     const { inactiveDays } = options
     let deleted = 0
     if (inactiveDays > 0) {
-      deleted = dryRun ? await storage.countInactive(inactiveDays) : await storage.deleteInactive(inactiveDays, options.batchSize)
+      deleted = dryRun
+        ? await storage.countInactive(inactiveDays)
+        : await storage.deleteInactive(inactiveDays, options.batchSize, (rows) => options.onBatch?.('accounts', rows))
     }
     // Versions past the history limits that no upload has dropped (records not written since).
-    const historyPruned = dryRun ? 0 : await storage.pruneHistory(options.batchSize)
+    const historyPruned = dryRun ? 0 : await storage.pruneHistory(options.batchSize, (rows) => options.onBatch?.('versions', rows))
     const ms = Date.now() - started
     log.info({ inactiveDays, deleted, historyPruned, ms, dryRun },
       dryRun ? 'cleanup: dry run, nothing deleted' : 'cleanup: inactive accounts deleted')

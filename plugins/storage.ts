@@ -276,6 +276,32 @@ const PRUNE_EXCESS_VERSIONS_BATCH = {
            LIMIT $2 FOR UPDATE SKIP LOCKED)`
 }
 
+// The conversion of versions stored as base64 text to bytes (sql/006_ciphertext_bytes.sql, `npm run
+// migrate-blobs`): a batch of the next text versions in primary-key order after $1/$2, $3 at most,
+// each its own short statement, so that uploads go on in between and a run that stops resumes
+// where it was. A version whose text would not come back the same from its bytes (unused bits set
+// in its last character, which the service accepted before it checked for them) is left as text:
+// its client may hold that exact text. It is read as before; `scanned` counts it, `converted` not.
+const CONVERT_TEXT_BLOBS_BATCH = {
+  name: 'sync-convert-text-blobs',
+  text: `WITH batch AS (
+           SELECT user_id, version FROM user_sync_versions
+           WHERE encrypted_blob IS NOT NULL AND (user_id, version) > ($1::uuid, $2::bigint)
+           ORDER BY user_id, version LIMIT $3::int),
+         converted AS (
+           UPDATE user_sync_versions v SET ciphertext = decode(v.encrypted_blob, 'base64'), encrypted_blob = NULL
+           FROM batch WHERE v.user_id = batch.user_id AND v.version = batch.version AND v.encrypted_blob IS NOT NULL
+             AND translate(encode(decode(v.encrypted_blob, 'base64'), 'base64'), E'\\n', '') = v.encrypted_blob
+           RETURNING 1),
+         last AS (SELECT user_id, version FROM batch ORDER BY user_id DESC, version DESC LIMIT 1)
+         SELECT (SELECT count(*) FROM batch)::int AS scanned, (SELECT count(*) FROM converted)::int AS converted,
+           (SELECT user_id FROM last) AS last_user, (SELECT version FROM last)::text AS last_version`
+}
+const COUNT_TEXT_BLOBS = {
+  name: 'sync-count-text-blobs',
+  text: 'SELECT count(*)::int AS n FROM user_sync_versions WHERE encrypted_blob IS NOT NULL'
+}
+
 interface StoredRow {
   etag: string
   authorized: boolean
@@ -445,7 +471,7 @@ export function createStorage (
   // already gets one info line (method, pseudonymised URL, status, time, bytes: see logging.ts),
   // so the database's share of it is a debug line; cleanup runs are rare and logged at info.
   function logged (op: string, userId: string | undefined, started: bigint, extra: Record<string, unknown> = {}) {
-    const level = op === 'cleanup' ? 'info' : 'debug'
+    const level = op === 'cleanup' || op === 'migrate-blobs' ? 'info' : 'debug'
     // Fastify's logger type leaves out pino's isLevelEnabled; the logger is pino's all the same.
     if (!(log as FastifyBaseLogger & Pick<Logger, 'isLevelEnabled'>).isLevelEnabled(level)) return
     const ms = Number(process.hrtime.bigint() - started) / 1e6
@@ -698,13 +724,14 @@ export function createStorage (
      * statement, and returns how many. Each batch is its own statement: uploads are never
      * blocked for longer than one batch takes.
      */
-    async deleteInactive (inactiveDays: number, batchSize = 1000): Promise<number> {
+    async deleteInactive (inactiveDays: number, batchSize = 1000, onBatch: (rows: number) => void = () => {}): Promise<number> {
       assertDays(inactiveDays)
       const started = process.hrtime.bigint()
       let deleted = 0
       for (;;) {
         const { rowCount } = await run(DELETE_INACTIVE_BATCH, [inactiveDays, batchSize])
         deleted += rowCount ?? 0
+        onBatch(rowCount ?? 0)
         if ((rowCount ?? 0) < batchSize) break
       }
       logged('cleanup', undefined, started, { inactiveDays, deleted })
@@ -722,7 +749,7 @@ export function createStorage (
      * Drops the kept versions past the history limits that no write has dropped yet, `batchSize`
      * per statement, and returns how many.
      */
-    async pruneHistory (batchSize = 1000): Promise<number> {
+    async pruneHistory (batchSize = 1000, onBatch: (rows: number) => void = () => {}): Promise<number> {
       const started = process.hrtime.bigint()
       let pruned = 0
       const batches: Array<[typeof PRUNE_OLD_VERSIONS_BATCH, number]> = [[PRUNE_EXCESS_VERSIONS_BATCH, history.versions]]
@@ -731,11 +758,40 @@ export function createStorage (
         for (;;) {
           const { rowCount } = await run(statement, [limit, batchSize])
           pruned += rowCount ?? 0
+          onBatch(rowCount ?? 0)
           if ((rowCount ?? 0) < batchSize) break
         }
       }
       logged('cleanup', undefined, started, { historyPruned: pruned })
       return pruned
+    },
+
+    /** How many versions are still kept as base64 text (sql/006_ciphertext_bytes.sql): a full scan, for the migration command. */
+    async countTextBlobs (): Promise<number> {
+      const { rows: [row] } = await run<{ n: number }>(COUNT_TEXT_BLOBS, [])
+      return row?.n ?? 0
+    },
+
+    /**
+     * Converts the versions kept as base64 text to bytes, `batchSize` per statement, and returns
+     * how many it converted and how many it left as text (see CONVERT_TEXT_BLOBS_BATCH).
+     */
+    async convertTextBlobs (batchSize = 100, onBatch: (rows: number) => void = () => {}): Promise<{ converted: number, keptAsText: number }> {
+      const started = process.hrtime.bigint()
+      let after: [string, string] = ['00000000-0000-0000-0000-000000000000', '0']
+      let converted = 0
+      let scanned = 0
+      for (;;) {
+        type Row = { scanned: number, converted: number, last_user: string | null, last_version: string | null }
+        const { rows: [row] } = await run<Row>(CONVERT_TEXT_BLOBS_BATCH, [...after, batchSize])
+        converted += row?.converted ?? 0
+        scanned += row?.scanned ?? 0
+        onBatch(row?.scanned ?? 0)
+        if (row?.last_user == null || row.last_version == null || row.scanned < batchSize) break
+        after = [row.last_user, row.last_version]
+      }
+      logged('migrate-blobs', undefined, started, { converted, keptAsText: scanned - converted })
+      return { converted, keptAsText: scanned - converted }
     },
 
     /** Stored users, the decoded bytes of their blobs, the same of the kept versions, and the database's size on disk (full scans: call it rarely). */
@@ -797,7 +853,9 @@ const OPERATION_OF: Record<string, string> = {
   'sync-all-user-ids': 'list',
   'sync-delete-inactive': 'cleanup',
   'sync-count-inactive': 'cleanup',
-  'sync-totals': 'totals'
+  'sync-totals': 'totals',
+  'sync-convert-text-blobs': 'migrate-blobs',
+  'sync-count-text-blobs': 'migrate-blobs'
 }
 
 export default fp(async function storage (app) {

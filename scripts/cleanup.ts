@@ -4,13 +4,9 @@
 // under the same lock, and prints how many. Reads DATABASE_URL and the history settings.
 // Exit status: 0 done, 1 failed, 64 bad arguments, 75 skipped (another run holds the lock), 78 bad environment.
 import { parseArgs } from 'node:util'
-import pg from 'pg'
-import pino from 'pino'
-import { loadConfig, type Config } from '../plugins/config.ts'
-import { createStorage } from '../plugins/storage.ts'
 import { cleanupInactive } from '../plugins/cleanup.ts'
-import { preparedStatements, statementLimits, statementRunner } from '../plugins/db.ts'
-import { loggerOptions } from '../logging.ts'
+import { startCommand } from './command.ts'
+import { progress } from './progress.ts'
 
 const usage = 'usage: npm run cleanup -- --days N [--dry-run]'
 let days: number
@@ -25,33 +21,23 @@ try {
   process.exit(64)
 }
 
-let config: Config
+const { log, pool, storage } = startCommand('cleanup')
 try {
-  config = loadConfig()
-} catch (err) {
-  // EX_CONFIG: the environment is wrong, and the message says which variable and how.
-  console.error(`cleanup: invalid configuration: ${(err as Error).message}`)
-  process.exit(78)
-}
-if (config.DATABASE_URL === undefined) {
-  console.error('cleanup: invalid configuration: set DATABASE_URL (the embedded development database is only open inside the running service)')
-  process.exit(78)
-}
-const log = pino({ ...(loggerOptions({ LOG_LEVEL: config.LOG_LEVEL === 'info' ? 'warn' : config.LOG_LEVEL }) as object) })
-// Bounded like the service's pool, so that a network that drops packets cannot hang the command:
-// each batch is one short statement (the lock connection copies these settings).
-const pool = new pg.Pool({
-  connectionString: config.DATABASE_URL,
-  max: 2,
-  ...statementLimits(config)
-})
-pool.on('error', (err) => log.warn({ err }, 'database connection lost'))
-try {
-  const storage = createStorage(statementRunner(pool, config), log, undefined, {
-    prepared: preparedStatements(config),
-    history: { versions: config.HISTORY_VERSIONS, days: config.HISTORY_DAYS }
+  // On a terminal, how far along it is: the accounts to delete are counted first (an index scan);
+  // how many kept versions are past the limits is not known until they are dropped.
+  const total = dryRun || process.stderr.isTTY !== true ? null : await storage.countInactive(days)
+  const shown = { accounts: progress('cleanup', 'accounts deleted', total), versions: progress('cleanup', 'kept versions dropped', null) }
+  let phase: keyof typeof shown = 'accounts'
+  const result = await cleanupInactive(pool, storage, log, {
+    inactiveDays: days,
+    dryRun,
+    onBatch (next, rows) {
+      if (next !== phase) shown[phase].end()
+      phase = next
+      shown[next].advance(rows)
+    }
   })
-  const result = await cleanupInactive(pool, storage, log, { inactiveDays: days, dryRun })
+  shown[phase].end()
   if (!result.ran) {
     console.log(`cleanup: skipped: ${result.reason}`)
     process.exitCode = 75

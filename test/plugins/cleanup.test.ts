@@ -50,8 +50,16 @@ t.test('many rows go in batches, and all of them go', async (t) => {
   await db.query(insertRecords(`SELECT gen_random_uuid(), 'AAAA', 'AAAAAAAAAAAAAAAA', 1::bigint, repeat('a', 64), 3, now() - interval '3 years'
     FROM generate_series(1, 2500)`))
   const keep = await seed([1])
-  t.equal(await app.storage.deleteInactive(730, 1000), 2500)
+  const batches: Array<[string, number]> = []
+  const result = await cleanupInactive(app.pg.pool, app.storage, app.log, {
+    inactiveDays: 730, batchSize: 1000, onBatch: (phase, rows) => batches.push([phase, rows])
+  })
+  t.match(result, { ran: true, deleted: 2500 })
   t.equal(await remaining(keep), 1)
+  t.strictSame(batches.filter(([phase]) => phase === 'accounts'), [['accounts', 1000], ['accounts', 1000], ['accounts', 500]],
+    'each batch is reported as it ends (what the command shows as progress)')
+  const dropped = batches.filter(([phase]) => phase === 'versions').reduce((sum, [, rows]) => sum + rows, 0)
+  t.equal(dropped, result.ran ? result.historyPruned : -1, 'then the kept versions dropped')
 })
 
 t.test('with the lock held elsewhere (another instance), a run skips and deletes nothing', async (t) => {
