@@ -149,6 +149,12 @@ export const ConfigSchema = Type.Object({
   CORS_ORIGINS: Type.String({
     default: '',
     description: 'comma-separated origins browsers may call from (https://app.example), * for any, empty for none'
+  }),
+  HSTS_MAX_AGE: Type.Integer({
+    minimum: 0,
+    maximum: 63_072_000,
+    default: 31_536_000,
+    description: 'Strict-Transport-Security max-age in seconds on every answer (browsers heed it over HTTPS only); 0 sends none'
   })
 }, { additionalProperties: false })
 

@@ -1,4 +1,5 @@
 import t from 'tap'
+import { randomUUID } from 'node:crypto'
 import { build } from '../helper.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
 import { BODY_LIMIT } from '../../schemas/sync.ts'
@@ -100,13 +101,42 @@ t.test('in AUTH_MODE=required the document and /info say the token is required',
   }
 })
 
-t.test('Swagger UI at /docs, security headers everywhere', async (t) => {
+// helmet's headers for pages: on Swagger UI, never on a JSON answer.
+const PAGE_HEADERS = ['content-security-policy', 'x-frame-options', 'cross-origin-opener-policy', 'cross-origin-resource-policy',
+  'origin-agent-cluster', 'referrer-policy', 'x-dns-prefetch-control', 'x-download-options', 'x-permitted-cross-domain-policies', 'x-xss-protection']
+
+t.test('Swagger UI at /docs gets the headers of a page; JSON answers only nosniff and HSTS', async (t) => {
   const ui = await app.inject({ method: 'GET', url: '/docs/' })
   t.equal(ui.statusCode, 200)
   t.match(ui.headers['content-type'], /text\/html/)
-  const res = await app.inject({ method: 'GET', url: '/health/live' })
-  t.equal(res.headers['x-content-type-options'], 'nosniff')
-  t.ok(res.headers['strict-transport-security'])
-  t.ok(res.headers['content-security-policy'])
-  t.equal(res.headers['cross-origin-resource-policy'], 'cross-origin')
+  for (const name of PAGE_HEADERS) t.ok(ui.headers[name], `/docs/: ${name}`)
+  t.equal(ui.headers['cross-origin-resource-policy'], 'cross-origin')
+  t.equal(ui.headers['x-content-type-options'], 'nosniff')
+  const userId = randomUUID()
+  const answers = [
+    await app.inject({ method: 'GET', url: '/health/live' }),
+    await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: { encryptedBlob: 'AAAA', iv: 'AAAAAAAAAAAAAAAA', timestamp: 1, checksum: 'a'.repeat(64) } }),
+    await app.inject({ method: 'GET', url: `/api/sync/${userId}` }),
+    await app.inject({ method: 'GET', url: `/api/sync/${randomUUID()}` }),
+    await app.inject({ method: 'GET', url: '/nowhere' })
+  ]
+  t.strictSame(answers.map((res) => res.statusCode), [200, 200, 200, 404, 404])
+  for (const res of answers) {
+    t.match(res.headers['content-type'], /application\/json/)
+    t.equal(res.headers['x-content-type-options'], 'nosniff')
+    t.equal(res.headers['strict-transport-security'], 'max-age=31536000; includeSubDomains')
+    t.strictSame(PAGE_HEADERS.filter((name) => name in res.headers), [], `${res.statusCode}: no page headers`)
+  }
+})
+
+t.test('HSTS_MAX_AGE sets the max-age of Strict-Transport-Security, and 0 sends none', async (t) => {
+  const shorter = await build(t, { env: { HSTS_MAX_AGE: '600' } })
+  t.equal((await shorter.inject({ method: 'GET', url: '/health/live' })).headers['strict-transport-security'], 'max-age=600; includeSubDomains')
+  t.equal((await shorter.inject({ method: 'GET', url: '/docs/' })).headers['strict-transport-security'], 'max-age=600; includeSubDomains')
+  const none = await build(t, { env: { HSTS_MAX_AGE: '0' } })
+  for (const url of ['/health/live', '/docs/']) {
+    const res = await none.inject({ method: 'GET', url })
+    t.notOk('strict-transport-security' in res.headers, url)
+    t.equal(res.headers['x-content-type-options'], 'nosniff', url)
+  }
 })
