@@ -142,10 +142,14 @@ const GET = {
            ON v.user_id = user_sync_data.user_id AND v.version = user_sync_data.version AND NOT ${NOT_MODIFIED} AND ${authorized(3)}
          WHERE user_sync_data.user_id = $1`
 }
+// The downloads of several users are recorded in one statement (see touchLater): $1 their ids.
 const TOUCH = {
   name: 'sync-touch',
-  text: "UPDATE user_sync_data SET last_accessed = now() WHERE user_id = $1 AND last_accessed < now() - interval '1 day'"
+  text: "UPDATE user_sync_data SET last_accessed = now() WHERE user_id = ANY($1::uuid[]) AND last_accessed < now() - interval '1 day'"
 }
+// Users whose access waits to be recorded, at most: past it, a download's access is left to its
+// user's next download (see touchLater).
+const MAX_PENDING_TOUCHES = 1000
 // The versions of a record, newest first: the current one, then the kept ones. Metadata only,
 // read through the primary key (never a blob). $1 user, $2 token, $3 and $4 the history limits.
 // Exported for the test that reads its plan.
@@ -478,22 +482,40 @@ export function createStorage (
     log[level]({ op, user: userId === undefined ? undefined : pseudonym(userId), ms: Math.round(ms * 100) / 100, ...extra }, 'storage')
   }
 
-  // Access times being written, by user: one at a time per user, none awaited by the download.
-  const touches = new Map<string, Promise<void>>()
+  // Access times waiting to be written, and the statement writing the ones before them.
+  const pendingTouches = new Set<string>()
+  let touching: Promise<void> | null = null
   const touchWarnGate = atMostEvery(60_000)
   /**
    * Records a download as the record's last access, after the download's answer: a touch lost
    * (a crash, a read-only database after a failover, a saturated pool) is harmless at a grain of
    * days, and is made by the next download. A failure is a warning, at most one a minute.
+   *
+   * One statement at a time writes them all: the accesses that come in while one is being written
+   * wait and go together in the next, so that a burst of first downloads of the day (every one of
+   * them, for a bench that picks among a million users) costs a few statements and WAL flushes
+   * rather than one each, and never fills the pool's queue ahead of uploads.
    */
   function touchLater (userId: string): void {
-    // A few at a time: a burst of first downloads of the day must not fill the pool's queue
-    // ahead of uploads. One not written now is written by the user's next download.
-    if (touches.has(userId) || touches.size >= 4) return
-    const touch = run(TOUCH, [userId]).then(() => {}, (err: unknown) => {
-      if (touchWarnGate()) log.warn({ err, statement: TOUCH.name }, 'a download\'s access time could not be recorded (the next download tries again)')
-    }).finally(() => touches.delete(userId))
-    touches.set(userId, touch)
+    if (pendingTouches.size >= MAX_PENDING_TOUCHES) return
+    pendingTouches.add(userId)
+    touching ??= writeTouches()
+  }
+
+  async function writeTouches (): Promise<void> {
+    try {
+      while (pendingTouches.size > 0) {
+        const users = [...pendingTouches]
+        pendingTouches.clear()
+        try {
+          await run(TOUCH, [users])
+        } catch (err) {
+          if (touchWarnGate()) log.warn({ err, statement: TOUCH.name }, 'a download\'s access time could not be recorded (the next download tries again)')
+        }
+      }
+    } finally {
+      touching = null
+    }
   }
 
   /** Refuses an operation on a record another token claimed, logged (at debug level) like every other. */
@@ -592,7 +614,7 @@ export function createStorage (
 
     /** Settles when the access times that downloads are recording have been written (or have failed). */
     async touched (): Promise<void> {
-      await Promise.all(touches.values())
+      await touching
     },
 
     /** Removes the user's record (true when there was one), unless an If-Match precondition fails or another token claimed it. */

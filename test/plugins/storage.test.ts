@@ -296,3 +296,24 @@ t.test('reads are reads: a get rewrites its row at most once a day', async (t) =
   const touched = await pool.query("SELECT now() - last_accessed < interval '1 minute' AS fresh FROM user_sync_data WHERE user_id = $1", [userId])
   t.equal(touched.rows[0].fresh, true, 'a day later the access is recorded')
 })
+
+t.test('the first downloads of the day of many users are recorded together, in a few statements', async (t) => {
+  // One connection: the downloads queue for it, and the first access time to write queues behind
+  // them; the accesses of all the others are waiting by the time it has been written.
+  const single = new pg.Pool({ connectionString: url, max: 1 })
+  single.on('error', () => {})
+  t.teardown(() => single.end())
+  const statements: string[] = []
+  const observed = createStorage(statementRunner(single, { DATABASE_POOLER: pooled ? 'transaction' : 'none', DATABASE_STATEMENT_TIMEOUT_MS: 5_000 }), log,
+    (statement) => statements.push(statement), { prepared: !embeddedTests() && !pooled })
+  const users = Array.from({ length: 20 }, () => randomUUID())
+  for (const userId of users) await storage.store(userId, payload())
+  await pool.query("UPDATE user_sync_data SET last_accessed = now() - interval '2 days' WHERE user_id = ANY($1)", [users])
+  const downloads = await Promise.all(users.map((userId) => observed.get(userId)))
+  t.ok(downloads.every((record) => record?.payload !== null), 'every download answered')
+  await observed.touched()
+  t.strictSame(statements.filter((name) => name === 'sync-touch'), ['sync-touch', 'sync-touch'],
+    'two statements: the first download\'s access, then the 19 that came in meanwhile')
+  const { rows } = await pool.query("SELECT count(*)::int AS n FROM user_sync_data WHERE user_id = ANY($1) AND now() - last_accessed < interval '1 minute'", [users])
+  t.equal(rows[0].n, users.length, 'every access is recorded')
+})
