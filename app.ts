@@ -114,10 +114,13 @@ export default fp(async function app (app: FastifyInstance, opts: { config: Conf
   // told to go elsewhere, and its connection is closed.
   let closing = false
   app.addHook('preClose', async () => { closing = true })
-  app.addHook('onRequest', async (_request, reply) => {
-    if (!closing) return
+  app.addHook('onRequest', (_request, reply, done) => {
+    if (!closing) {
+      done()
+      return
+    }
     reply.header('connection', 'close')
-    throw Object.assign(new Error('The service is shutting down; please retry shortly'), { statusCode: 503, code: 'SHUTTING_DOWN' })
+    done(Object.assign(new Error('The service is shutting down; please retry shortly'), { statusCode: 503, code: 'SHUTTING_DOWN' }))
   })
 
   await app.register(pipeliningPlugin)

@@ -1,7 +1,8 @@
 // The ceiling the service is measured against: a Fastify route that runs exactly one query per
 // request and nothing else (no validation, no logging, no preconditions, no prepared statements,
 // no history: an upload replaces the version it finds), on the service's own tables (the account
-// in user_sync_data naming its current version in user_sync_versions, sql/005_versions.sql).
+// in user_sync_data naming its current version in user_sync_versions, sql/005_versions.sql; the
+// ciphertext as bytes, sql/006_ciphertext_bytes.sql).
 // Started by bench/run.ts as its own process; never part of the service.
 import Fastify from 'fastify'
 import pg from 'pg'
@@ -11,27 +12,29 @@ pool.on('error', () => {})
 const app = Fastify({ logger: false, bodyLimit: 2 * 1024 * 1024 })
 
 app.get<{ Params: { id: string } }>('/api/sync/:id', async (request, reply) => {
+  // The ciphertext is bytes (sql/006_ciphertext_bytes.sql); base64 on the wire, as PostgreSQL
+  // encodes it, without its line breaks.
   const { rows } = await pool.query(
-    `SELECT v.encrypted_blob AS "encryptedBlob", v.iv, v.timestamp, v.checksum
+    `SELECT encode(v.ciphertext, 'base64') AS "encryptedBlob", v.iv, v.timestamp, v.checksum
      FROM user_sync_data a JOIN user_sync_versions v USING (user_id, version) WHERE a.user_id = $1`,
     [request.params.id])
   if (rows.length === 0) return reply.code(404).send({ error: 'User not found' })
-  return rows[0]
+  return { ...rows[0], encryptedBlob: rows[0].encryptedBlob.replaceAll('\n', '') }
 })
 
 app.put<{ Params: { id: string }, Body: { encryptedBlob: string, iv: string, timestamp: number, checksum: string } }>(
   '/api/sync/:id', async (request) => {
     const { encryptedBlob, iv, timestamp, checksum } = request.body
+    const bytes = Buffer.from(encryptedBlob, 'base64')
     await pool.query(
       `WITH account AS (
          INSERT INTO user_sync_data (user_id, timestamp) VALUES ($1, $4)
          ON CONFLICT (user_id) DO UPDATE SET version = user_sync_data.version + 1, timestamp = EXCLUDED.timestamp
          RETURNING version, etag),
        replaced AS (DELETE FROM user_sync_versions WHERE user_id = $1 AND version < (SELECT version FROM account))
-       INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size)
+       INSERT INTO user_sync_versions (user_id, version, etag, ciphertext, iv, timestamp, checksum, blob_size)
        SELECT $1, version, etag, $2, $3, $4, $5, $6 FROM account`,
-      [request.params.id, encryptedBlob, iv, timestamp, checksum,
-        encryptedBlob.length / 4 * 3 - (encryptedBlob.endsWith('==') ? 2 : encryptedBlob.endsWith('=') ? 1 : 0)])
+      [request.params.id, bytes, iv, timestamp, checksum, bytes.length])
     return { success: true }
   })
 

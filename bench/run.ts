@@ -1,8 +1,13 @@
 // npm run bench: the service against a one-query-per-request baseline, on a real PostgreSQL.
 // Writes BENCHMARKS.md: the figures only. The hand-written analysis is bench/notes.md, which
 // BENCHMARKS.md links to (each fact in one place).
+// With no option (about 4 minutes): 1 KiB, 100 KiB and 1 MB GET and PUT, verify and DELETE at 16
+// connections, 1 MB PUT at 64 (memory), the first read of the day against an ordinary one, bytes
+// on disk per byte of ciphertext, and bytes per answer. --full: everything below as well.
 // Options: --duration S (seconds per measured run, default 4), --only TEXT (scenarios whose
-// name contains TEXT), --scale (then 1,000,000 stored users: GET, and the cleanup of 999,000
+// name contains TEXT), --full (the 64-connection and If-None-Match scenarios and every
+// experiment below), --migration (uploads while `npm run migrate-blobs` converts text versions to
+// bytes: their p99 before and during), --scale (then 1,000,000 stored users: GET, and the cleanup of 999,000
 // inactive ones under upload load; adds a few minutes), --toast (1 MB GET and PUT under each
 // TOAST setting of the blob column), --tokens (1 KiB GET and PUT with and without an access
 // token: the server CPU the token check costs), --history (PUT and GET with HISTORY_VERSIONS=10
@@ -16,7 +21,7 @@
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
 import { readFileSync, readdirSync, writeFileSync, existsSync } from 'node:fs'
-import { createServer } from 'node:http'
+import { createServer, get } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { cpus, totalmem } from 'node:os'
 import { fileURLToPath } from 'node:url'
@@ -37,9 +42,12 @@ const { values: args } = parseArgs({
     history: { type: 'boolean', default: false },
     redis: { type: 'boolean', default: false },
     replica: { type: 'boolean', default: false },
-    tracing: { type: 'boolean', default: false }
+    tracing: { type: 'boolean', default: false },
+    migration: { type: 'boolean', default: false },
+    full: { type: 'boolean', default: false }
   }
 })
+if (args.full) Object.assign(args, { scale: true, toast: true, tokens: true, history: true, redis: true, replica: true, tracing: true, migration: true })
 const DURATION = Number(args.duration)
 const SERVER_URL = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test'
 const BENCH_DB = 'lk_bench'
@@ -85,14 +93,16 @@ async function admin<T> (fn: (client: pg.Client) => Promise<T>, url = SERVER_URL
 
 /**
  * Stores records directly, as the service would (the account and its current version): `rows`
- * selects user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed and
- * token_hash, in that order.
+ * selects user_id, encrypted_blob (base64), iv, timestamp, checksum, blob_size, last_accessed and
+ * token_hash, in that order. The ciphertext is stored as bytes, or with `legacy` as its base64
+ * text, as versions stored before sql/006_ciphertext_bytes.sql were.
  */
-const insertRecords = (rows: string) => `WITH source (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed, token_hash) AS (${rows}),
+const insertRecords = (rows: string, legacy = false) => `WITH source (user_id, encrypted_blob, iv, timestamp, checksum, blob_size, last_accessed, token_hash) AS (${rows}),
   accounts AS (INSERT INTO user_sync_data (user_id, timestamp, last_accessed, token_hash)
     SELECT user_id, timestamp, last_accessed, token_hash FROM source RETURNING user_id, version, etag)
-  INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size)
-  SELECT a.user_id, a.version, a.etag, s.encrypted_blob, s.iv, s.timestamp, s.checksum, s.blob_size FROM accounts a JOIN source s USING (user_id)`
+  INSERT INTO user_sync_versions (user_id, version, etag, ${legacy ? 'encrypted_blob' : 'ciphertext'}, iv, timestamp, checksum, blob_size)
+  SELECT a.user_id, a.version, a.etag, ${legacy ? 's.encrypted_blob' : "decode(s.encrypted_blob, 'base64')"}, s.iv, s.timestamp, s.checksum, s.blob_size
+  FROM accounts a JOIN source s USING (user_id)`
 
 async function seed (): Promise<void> {
   await admin(async (c) => {
@@ -141,21 +151,31 @@ async function refreshEtags (): Promise<void> {
 
 interface Server { name: string, port: number, child: ChildProcess }
 
-async function startServer (name: 'service' | 'baseline', port: number, env: Record<string, string> = {}, databaseUrl = benchUrl, root = ROOT): Promise<Server> {
-  const args = name === 'service' ? ['dist/server.js'] : ['--import', 'tsx', 'bench/baseline.ts']
+// The service as it runs in production by default: info-level logs (to /dev/null here), both rate
+// limits on (with budgets the bench's thousands of requests per user cannot use up), metrics on
+// (recorded for every request; served on the main port with a token, since the separate metrics
+// listener's port can be held by one service only), default pool.
+const PRODUCTION_DEFAULTS = {
+  LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'info',
+  NODE_ENV: 'production',
+  RATE_LIMIT_MAX: '1000000000',
+  RATE_LIMIT_IP_MAX: '1000000000',
+  METRICS_TOKEN: 'bench-metrics-token'
+}
+// The same with what costs per request and can be turned off turned off: both rate limits and the request log.
+const LEAN = { RATE_LIMIT_MAX: '0', RATE_LIMIT_IP_MAX: '0', LOG_LEVEL: 'silent' }
+
+async function startServer (kind: 'service' | 'baseline', port: number, env: Record<string, string> = {}, databaseUrl = benchUrl, root = ROOT,
+  name: string = kind): Promise<Server> {
+  const args = kind === 'service' ? ['dist/server.js'] : ['--import', 'tsx', 'bench/baseline.ts']
   const child = spawn(process.execPath, args, {
     cwd: root,
-    // The service runs as in production: info-level logs (to /dev/null here), default pool.
-    // Rate limits off: the bench sends thousands of requests per user.
     env: {
       PATH: process.env.PATH ?? '',
       DATABASE_URL: databaseUrl,
       PORT: String(port),
       HOST: '127.0.0.1',
-      LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'info',
-      NODE_ENV: 'production',
-      RATE_LIMIT_MAX: '0',
-      RATE_LIMIT_IP_MAX: '0',
+      ...PRODUCTION_DEFAULTS,
       ...env
     },
     stdio: ['ignore', 'ignore', 'inherit']
@@ -202,6 +222,8 @@ interface Scenario {
   expect: number[]
   /** The service may answer differently from the baseline (304 for If-None-Match). */
   serviceExpect?: number[]
+  /** Also measured on the lean service (rate limits and request log off): what those cost. */
+  lean?: boolean
 }
 
 function pick<T> (list: T[]): T { return list[Math.floor(Math.random() * list.length)]! }
@@ -209,19 +231,23 @@ function pick<T> (list: T[]): T { return list[Math.floor(Math.random() * list.le
 function scenarios (): Scenario[] {
   const list: Scenario[] = []
   const bodies = Object.fromEntries((Object.keys(SIZES) as Size[]).map((size) => [size, body(size)])) as Record<Size, string>
-  for (const connections of [16, 64]) {
-    for (const size of Object.keys(SIZES) as Size[]) {
-      list.push({ name: `GET ${size} c${connections}`, connections, method: 'GET', path: () => `/api/sync/${pick(ids[size])}`, expect: [200] })
-      list.push({
-        name: `PUT ${size} c${connections}`,
-        connections,
-        method: 'PUT',
-        path: () => `/api/sync/${pick(ids[size])}`,
-        body: bodies[size],
-        headers: () => ({ 'content-type': 'application/json' }),
-        expect: [200]
-      })
-    }
+  const put = (size: Size, connections: number): Scenario => ({
+    name: `PUT ${size} c${connections}`,
+    connections,
+    method: 'PUT',
+    path: () => `/api/sync/${pick(ids[size])}`,
+    body: bodies[size],
+    headers: () => ({ 'content-type': 'application/json' }),
+    expect: [200],
+    lean: size === '1KiB'
+  })
+  const get = (size: Size, connections: number): Scenario => ({
+    name: `GET ${size} c${connections}`, connections, method: 'GET', path: () => `/api/sync/${pick(ids[size])}`, expect: [200], lean: size === '1KiB'
+  })
+  // --full: every size and operation at 64 connections too; by default only the 1 MB uploads
+  // (the memory figure: 64 bodies of 1.3 MB at once).
+  for (const connections of args.full ? [16, 64] : [16]) {
+    for (const size of Object.keys(SIZES) as Size[]) list.push(get(size, connections), put(size, connections))
     list.push({ name: `verify c${connections}`, connections, method: 'POST', path: () => `/api/sync/${pick(ids['1KiB'])}/verify`, expect: [200] })
     list.push({
       name: `DELETE 1KiB c${connections}`,
@@ -231,7 +257,8 @@ function scenarios (): Scenario[] {
       path: () => `/api/sync/${deleteIds[deleteCursor++ % deleteIds.length]}`
     })
   }
-  for (const size of ['1KiB', '1MB'] as const) {
+  if (!args.full) list.push(put('1MB', 64))
+  for (const size of args.full ? ['1KiB', '1MB'] as const : []) {
     let current = ''
     list.push({
       name: `GET ${size} If-None-Match c16`,
@@ -264,7 +291,7 @@ async function measure (server: Server, scenario: Scenario, duration: number): P
   let peak = rssMb(server.child.pid!)
   const cpuBefore = cpuSeconds(server.child.pid!)
   const sampler = setInterval(() => { peak = Math.max(peak, rssMb(server.child.pid!)) }, 100)
-  const expected = server.name === 'service' && scenario.serviceExpect ? scenario.serviceExpect : scenario.expect
+  const expected = server.name !== 'baseline' && scenario.serviceExpect ? scenario.serviceExpect : scenario.expect
   let unexpected = 0
   const statuses: Record<string, number> = {}
   const result = await autocannon({
@@ -319,14 +346,14 @@ type Compare = (scenario: Scenario, servers?: Server[]) => Promise<void>
 const latest = (results: Result[], scenario: string, server: string) =>
   results.filter((r) => r.scenario === scenario && r.server === server).at(-1)!
 
-/** 1 MB GET and PUT on the service under each TOAST setting of encrypted_blob. */
+/** 1 MB GET and PUT on the service under each TOAST setting of the ciphertext column. */
 async function toastExperiment (service: Server, compare: Compare, results: Result[]): Promise<string> {
   const settings = [
-    ['EXTENDED, pglz (default)', 'ALTER TABLE user_sync_versions ALTER COLUMN encrypted_blob SET STORAGE EXTENDED, ALTER COLUMN encrypted_blob SET COMPRESSION pglz'],
-    ['EXTENDED, lz4', 'ALTER TABLE user_sync_versions ALTER COLUMN encrypted_blob SET STORAGE EXTENDED, ALTER COLUMN encrypted_blob SET COMPRESSION lz4'],
-    ['EXTERNAL (no compression)', 'ALTER TABLE user_sync_versions ALTER COLUMN encrypted_blob SET STORAGE EXTERNAL']
+    ['EXTENDED, pglz (default)', 'ALTER TABLE user_sync_versions ALTER COLUMN ciphertext SET STORAGE EXTENDED, ALTER COLUMN ciphertext SET COMPRESSION pglz'],
+    ['EXTENDED, lz4', 'ALTER TABLE user_sync_versions ALTER COLUMN ciphertext SET STORAGE EXTENDED, ALTER COLUMN ciphertext SET COMPRESSION lz4'],
+    ['EXTERNAL (no compression)', 'ALTER TABLE user_sync_versions ALTER COLUMN ciphertext SET STORAGE EXTERNAL']
   ] as const
-  const lines = ['## TOAST settings of encrypted_blob (--toast)', '',
+  const lines = ['## TOAST settings of the ciphertext column (--toast)', '',
     'Each setting, then 1 MB uploads rewrite the 1 MB rows under it, then downloads read them (service only, same run).', '',
     '| setting | PUT 1MB req/s | PUT CPU µs/req | GET 1MB req/s | GET CPU µs/req | GET p99 ms | 1 MB rows on disk |',
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
@@ -337,7 +364,7 @@ async function toastExperiment (service: Server, compare: Compare, results: Resu
     await admin(async (c) => { await c.query(sql) }, benchUrl)
     for (const scenario of [put, get]) await compare({ ...scenario, name: `${scenario.name} [${label}]` }, [service, service])
     const size = await admin(async (c) => (await c.query(
-      "SELECT pg_size_pretty(sum(pg_column_size(encrypted_blob))) AS size FROM user_sync_versions WHERE user_id::text LIKE '00000003-%'")).rows[0].size, benchUrl)
+      "SELECT pg_size_pretty(sum(pg_column_size(ciphertext))) AS size FROM user_sync_versions WHERE user_id::text LIKE '00000003-%'")).rows[0].size, benchUrl)
     const p = latest(results, `${put.name} [${label}]`, 'service')
     const g = latest(results, `${get.name} [${label}]`, 'service')
     lines.push(`| ${label} | ${fmt(p.rps)} | ${fmt(p.cpuUs, 0)} | ${fmt(g.rps)} | ${fmt(g.cpuUs, 0)} | ${fmt(g.p99)} | ${size} |`)
@@ -447,10 +474,11 @@ async function alternate<K extends string> (rounds: number, order: readonly K[],
   return runs
 }
 
-/** The median of an even number of values: the mean of the middle two. */
+/** The median: the middle value, or the mean of the middle two. */
 function median (values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b)
-  return (sorted[sorted.length / 2 - 1]! + sorted[sorted.length / 2]!) / 2
+  const middle = Math.floor(sorted.length / 2)
+  return sorted.length % 2 === 1 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2
 }
 
 /**
@@ -697,8 +725,8 @@ async function historyExperiment (): Promise<string> {
         await c.query(insertRecords(`SELECT u, $1, 'AbCdEfGhIjKlMnOp', 1::bigint, repeat('a', 64), $2::int, now(), NULL::bytea
           FROM unnest($3::uuid[]) AS u`), [randomBytes(SIZES[size]).toString('base64'), SIZES[size], users[kind][size]])
         if (kind === 'on') {
-          await c.query(`INSERT INTO user_sync_versions (user_id, version, etag, encrypted_blob, iv, timestamp, checksum, blob_size)
-            SELECT u, -v, -v || '-seed', $1, 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), $2
+          await c.query(`INSERT INTO user_sync_versions (user_id, version, etag, ciphertext, iv, timestamp, checksum, blob_size)
+            SELECT u, -v, -v || '-seed', decode($1, 'base64'), 'AbCdEfGhIjKlMnOp', 1, repeat('a', 64), $2
             FROM unnest($3::uuid[]) AS u, generate_series(1, 10) AS v`, [randomBytes(SIZES[size]).toString('base64'), SIZES[size], users[kind][size]])
         }
       }
@@ -763,7 +791,7 @@ async function historyExperiment (): Promise<string> {
     const { rows: [row] } = await c.query(`SELECT
         pg_total_relation_size('user_sync_data') + pg_total_relation_size('user_sync_versions') AS total,
         (SELECT count(*) - 1 FROM user_sync_versions)::int AS kept,
-        (SELECT pg_column_size(v.encrypted_blob) FROM user_sync_versions v JOIN user_sync_data USING (user_id, version)) AS blob,
+        (SELECT pg_column_size(v.ciphertext) FROM user_sync_versions v JOIN user_sync_data USING (user_id, version)) AS blob,
         (SELECT pg_column_size(v.*) + pg_column_size(d.*) FROM user_sync_versions v JOIN user_sync_data d USING (user_id, version)) AS row_size`)
     return { total: Number(row.total), kept: row.kept as number, blob: Number(row.blob), row: Number(row.row_size) }
   }, diskUrl)
@@ -775,6 +803,189 @@ async function historyExperiment (): Promise<string> {
     `${fmt(figures.blob / 1e6, 3)} MB), so 11 copies are ${fmt(copies / 1e6, 2)} MB: **${fmt(figures.total / copies, 3)}x** of that, ` +
     `the rest being pages, TOAST chunk headers and indexes (${fmt((figures.total - copies) / 1024, 0)} KiB). No version is stored twice.`)
   return lines.join('\n')
+}
+
+/** The counter of storage statements `operation` a service ran, from its /metrics (the bench's token). */
+async function statementsRun (server: Server, operation: string): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${server.port}/metrics`, { headers: { authorization: `Bearer ${PRODUCTION_DEFAULTS.METRICS_TOKEN}` } })).text()
+  return Number(new RegExp(`storage_operation_duration_seconds_count\\{operation="${operation}",outcome="ok"\\} (\\d+)`).exec(text)?.[1] ?? 0)
+}
+
+/**
+ * The first download of the day of each user (the service records the access, after the answer)
+ * against downloads of users already read today, on the same 100,000 users of 1 KiB, service
+ * only: 2 rounds of (read today, first read, first read, read today); before each first-read run
+ * every user is marked as last read 2 days ago.
+ */
+async function firstReadExperiment (service: Server): Promise<{ lines: string, ratio: number }> {
+  const ROUNDS = 2
+  const WIDE = 100_000
+  await admin(async (c) => {
+    await c.query(insertRecords(`SELECT ('00000011-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, $1, 'AbCdEfGhIjKlMnOp', 1::bigint,
+             repeat('a', 64), 1024, now(), NULL::bytea
+      FROM generate_series(0, $2 - 1) AS n`), [randomBytes(1024).toString('base64'), WIDE])
+    await c.query('VACUUM ANALYZE user_sync_data, user_sync_versions')
+  }, benchUrl)
+  const today: Scenario = {
+    name: 'GET 1KiB c16 [100,000 users, read today]',
+    connections: 16,
+    method: 'GET',
+    path: () => `/api/sync/${uuid(Math.floor(Math.random() * WIDE), 0x11)}`,
+    expect: [200]
+  }
+  const first: Scenario = { ...today, name: 'GET 1KiB c16 [100,000 users, first read of the day]' }
+  const runs: Record<'today' | 'first', Result[]> = { today: [], first: [] }
+  const recorded: number[] = []
+  for (let round = 0; round < ROUNDS; round++) {
+    for (const kind of ['today', 'first', 'first', 'today'] as const) {
+      if (kind === 'first') {
+        await admin(async (c) => {
+          await c.query("UPDATE user_sync_data SET last_accessed = now() - interval '2 days' WHERE user_id::text LIKE '00000011-%'")
+        }, benchUrl)
+      }
+      const statementsBefore = await statementsRun(service, 'touch')
+      await measure(service, kind === 'first' ? first : today, 1)
+      const result = await measure(service, kind === 'first' ? first : today, DURATION)
+      runs[kind].push(result)
+      if (kind === 'first') {
+        await sleep(200) // the last accesses are written after their answers
+        const { n } = await admin(async (c) => (await c.query(
+          "SELECT count(*)::int AS n FROM user_sync_data WHERE user_id::text LIKE '00000011-%' AND last_accessed > now() - interval '1 hour'")).rows[0], benchUrl)
+        recorded.push(n, await statementsRun(service, 'touch') - statementsBefore)
+      }
+      console.log(`${result.scenario.padEnd(50)} ${fmt(result.rps, 0).padStart(7)} req/s  p99 ${result.p99} ms  cpu ${fmt(result.cpuUs, 0)} us/req`)
+    }
+  }
+  const m = (kind: 'today' | 'first', field: (r: Result) => number) => median(runs[kind].map(field))
+  const ratio = m('first', (r) => r.rps) / m('today', (r) => r.rps)
+  const errors = [...runs.today, ...runs.first].reduce((sum, r) => sum + r.errors + r.unexpected, 0)
+  const accesses = recorded.filter((_, i) => i % 2 === 0)
+  const statements = recorded.filter((_, i) => i % 2 === 1)
+  const lines = ['## The first read of the day', '',
+    '1 KiB GET over 100,000 users (the service, 16 connections): users already read today against users last read 2 days ago, whose download also records the access (written after the answer, the accesses that come in meanwhile together in one statement). ' +
+    `${ROUNDS} rounds of (read today, first read, first read, read today), ${DURATION} s each after a 1 s warm-up, every user marked as read 2 days ago before each first-read run; medians of the ${2 * ROUNDS} runs of each.`, '',
+    '| reads | req/s | p50 / p99 ms | CPU µs/req | errors |',
+    '| --- | ---: | --- | ---: | ---: |',
+    `| read today | ${fmt(m('today', (r) => r.rps), 0)} | ${fmt(m('today', (r) => r.p50))} / ${fmt(m('today', (r) => r.p99))} | ${fmt(m('today', (r) => r.cpuUs), 0)} | |`,
+    `| first read of the day | ${fmt(m('first', (r) => r.rps), 0)} | ${fmt(m('first', (r) => r.p50))} / ${fmt(m('first', (r) => r.p99))} | ${fmt(m('first', (r) => r.cpuUs), 0)} | ${errors} |`,
+    '',
+    `First read / read today: **${fmt(ratio, 2)}x** req/s. Accesses recorded per first-read run (warm-up included): ${accesses.map((n) => n.toLocaleString('en')).join(', ')}, ` +
+    `in ${statements.map((n) => n.toLocaleString('en')).join(', ')} UPDATE statements.`]
+  return { lines: lines.join('\n'), ratio }
+}
+
+/**
+ * Bytes on disk per byte of ciphertext, as the service stores it (uploads through the service)
+ * and as the release before stored it (the same rows with the ciphertext as base64 text), after
+ * VACUUM FULL: pg_total_relation_size (table, TOAST and indexes) of user_sync_versions, where the
+ * ciphertext is, and of both tables.
+ */
+async function storageExperiment (): Promise<{ lines: string, ratios: Record<Size, number> }> {
+  const DISK_DB = 'lk_bench_storage'
+  const COUNT: Record<Size, number> = { '1KiB': 2000, '100KiB': 200, '1MB': 30 }
+  await admin(async (c) => {
+    await c.query(`DROP DATABASE IF EXISTS ${DISK_DB} WITH (FORCE)`)
+    await c.query(`CREATE DATABASE ${DISK_DB}`)
+  })
+  const diskUrl = Object.assign(new URL(benchUrl), { pathname: `/${DISK_DB}` }).toString()
+  const server = await startServer('service', 3111, {}, diskUrl)
+  const lines = ['## Bytes on disk per byte of ciphertext', '',
+    'Records uploaded through the service (random ciphertext, each record its own, no kept versions), then `VACUUM FULL`; `pg_total_relation_size` ' +
+    '(table, TOAST and indexes) of user_sync_versions, which holds the ciphertext, and of it and user_sync_data together, divided by the ' +
+    'ciphertext\'s bytes. "Text" is the same rows with the ciphertext as base64 text, as the release before stored it.', '',
+    '| records | bytes, versions table | bytes, both tables | text, versions table | text, both tables |',
+    '| --- | ---: | ---: | ---: | ---: |']
+  const ratios = {} as Record<Size, number>
+  try {
+    for (const size of Object.keys(SIZES) as Size[]) {
+      await admin(async (c) => { await c.query('TRUNCATE user_sync_data, user_sync_versions') }, diskUrl)
+      const users = Array.from({ length: COUNT[size] }, (_, n) => uuid(n, 0x30))
+      for (let i = 0; i < users.length; i += 8) {
+        await Promise.all(users.slice(i, i + 8).map(async (userId) => {
+          const res = await fetch(`http://127.0.0.1:${server.port}/api/sync/${userId}`, { method: 'PUT', headers: { 'content-type': 'application/json' }, body: body(size) })
+          if (res.status !== 200) throw new Error(`storage figure: an upload answered ${res.status}`)
+        }))
+      }
+      const sizes = async () => await admin(async (c) => {
+        await c.query('VACUUM FULL user_sync_data, user_sync_versions')
+        const { rows: [row] } = await c.query(`SELECT pg_total_relation_size('user_sync_versions')::float8 AS versions,
+          pg_total_relation_size('user_sync_data')::float8 AS accounts`)
+        return { versions: row.versions as number, both: (row.versions + row.accounts) as number }
+      }, diskUrl)
+      const bytes = await sizes()
+      await admin(async (c) => {
+        await c.query("UPDATE user_sync_versions SET encrypted_blob = translate(encode(ciphertext, 'base64'), E'\\n', ''), ciphertext = NULL")
+      }, diskUrl)
+      const text = await sizes()
+      const total = COUNT[size] * SIZES[size]
+      ratios[size] = bytes.versions / total
+      lines.push(`| ${COUNT[size].toLocaleString('en')} of ${SIZES[size].toLocaleString('en')} bytes | **${fmt(bytes.versions / total, 3)}** | ${fmt(bytes.both / total, 3)} | ` +
+        `${fmt(text.versions / total, 3)} | ${fmt(text.both / total, 3)} |`)
+    }
+  } finally {
+    await stopServer(server)
+    await admin(async (c) => { await c.query(`DROP DATABASE IF EXISTS ${DISK_DB} WITH (FORCE)`) })
+  }
+  return { lines: lines.join('\n'), ratios }
+}
+
+/** The bytes of one 1 KiB download's answer (status line, headers, body) from `server`. */
+async function answerBytes (server: Server, userId: string): Promise<{ head: number, body: number }> {
+  return await new Promise((resolve, reject) => {
+    get(`http://127.0.0.1:${server.port}/api/sync/${userId}`, (res) => {
+      let bodyBytes = 0
+      res.on('data', (chunk: Buffer) => { bodyBytes += chunk.length })
+      res.on('end', () => {
+        let head = `HTTP/1.1 ${res.statusCode} ${res.statusMessage}\r\n`.length + 2
+        for (let i = 0; i < res.rawHeaders.length; i += 2) head += `${res.rawHeaders[i]}: ${res.rawHeaders[i + 1]}\r\n`.length
+        resolve({ head, body: bodyBytes })
+      })
+    }).on('error', reject)
+  })
+}
+
+/**
+ * Uploads (1 KiB, 16 connections) before and while `npm run migrate-blobs` converts versions
+ * stored as base64 text to bytes: 100,000 of 1 KiB and 1,000 of 100 KiB, seeded as the release
+ * before stored them.
+ */
+async function migrationExperiment (service: Server): Promise<string> {
+  const [small, large] = [100_000, 1_000]
+  await admin(async (c) => {
+    await c.query(insertRecords(`SELECT ('00000012-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, $1, 'AbCdEfGhIjKlMnOp', 1::bigint,
+             repeat('a', 64), 1024, now(), NULL::bytea FROM generate_series(0, $2 - 1) AS n`, true), [randomBytes(1024).toString('base64'), small])
+    await c.query(insertRecords(`SELECT ('00000013-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, $1, 'AbCdEfGhIjKlMnOp', 1::bigint,
+             repeat('a', 64), 102400, now(), NULL::bytea FROM generate_series(0, $2 - 1) AS n`, true), [randomBytes(102_400).toString('base64'), large])
+    await c.query('VACUUM ANALYZE user_sync_data, user_sync_versions')
+  }, benchUrl)
+  const putSmall = scenarios().find((s) => s.name === 'PUT 1KiB c16') ?? seededScenario('PUT', ids['1KiB'], body('1KiB'), 'uploads')
+  await measure(service, putSmall, 1)
+  const quiet = await measure(service, putSmall, DURATION)
+  const started = Date.now()
+  const migration = new Promise<string>((resolve, reject) => {
+    const child = spawn(process.execPath, ['dist/scripts/migrate-blobs.js'], {
+      cwd: ROOT, env: { PATH: process.env.PATH ?? '', DATABASE_URL: benchUrl }, stdio: ['ignore', 'pipe', 'inherit']
+    })
+    let out = ''
+    child.stdout.on('data', (chunk: Buffer) => { out += chunk.toString() })
+    child.on('exit', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`migrate-blobs exited ${code}`))))
+  })
+  const during: Result[] = []
+  const state = { done: false }
+  migration.finally(() => { state.done = true }).catch(() => {})
+  while (!state.done) during.push(await measure(service, putSmall, 2))
+  const line = await migration
+  const seconds = (Date.now() - started) / 1000
+  const errors = during.reduce((sum, r) => sum + r.errors + r.unexpected, 0)
+  return ['## Converting text versions to bytes while uploads go on (--migration)', '',
+    `${small.toLocaleString('en')} versions of 1 KiB and ${large.toLocaleString('en')} of 100 KiB seeded as base64 text (as the release before stored them); ` +
+    `then \`node dist/scripts/migrate-blobs.js\` (batches of 100) while 16 connections upload 1 KiB blobs, in runs of 2 s until it ends: \`${line}\` ` +
+    `(${fmt(seconds, 1)} s with the bench's start-up, ${fmt((small + large) / seconds, 0)} versions/s).`, '',
+    '| uploads | req/s | p50 / p99 ms | worst ms | errors |',
+    '| --- | ---: | --- | ---: | ---: |',
+    `| before | ${fmt(quiet.rps, 0)} | ${fmt(quiet.p50)} / ${fmt(quiet.p99)} | ${fmt(quiet.max)} | ${quiet.errors + quiet.unexpected} |`,
+    `| during (median of ${during.length} runs) | ${fmt(median(during.map((r) => r.rps)), 0)} | ${fmt(median(during.map((r) => r.p50)))} / ${fmt(median(during.map((r) => r.p99)))} | ` +
+    `${fmt(Math.max(...during.map((r) => r.max)))} | ${errors} |`].join('\n')
 }
 
 function average (runs: Result[]): Result {
@@ -795,19 +1006,26 @@ function average (runs: Result[]): Result {
 }
 
 async function main (): Promise<void> {
+  const began = Date.now()
   if (!existsSync(`${ROOT}dist/server.js`) || process.env.BENCH_SKIP_BUILD !== '1') {
     execFileSync('npm', ['run', 'build', '--silent'], { cwd: ROOT, stdio: 'inherit' })
   }
   console.log(`seeding ${BENCH_DB}…`)
   await seed()
   const service = await startServer('service', 3101)
+  const lean = await startServer('service', 3112, LEAN, benchUrl, ROOT, 'lean')
   const baseline = await startServer('baseline', 3102)
   const results: Result[] = []
   const list = scenarios()
   const extra: string[] = []
-  // A B B A: each server runs twice, once early and once late, and the two runs are averaged,
-  // so that drift in the machine's load falls on both alike.
-  async function compare (scenario: Scenario, servers = [service, baseline, baseline, service]): Promise<void> {
+  const sections: string[] = []
+  let firstRead: { lines: string, ratio: number } | undefined
+  let storage: { lines: string, ratios: Record<Size, number> } | undefined
+  // A B B A (A B C C B A with the lean service): each server runs twice, once early and once
+  // late, and the two runs are averaged, so that drift in the machine's load falls on all alike.
+  async function compare (scenario: Scenario, servers = scenario.lean === true
+    ? [service, lean, baseline, baseline, lean, service]
+    : [service, baseline, baseline, service]): Promise<void> {
     const runs: Result[] = []
     for (const server of servers) {
       await measure(server, scenario, 1) // warm-up: JIT, connections, prepared statements
@@ -819,12 +1037,19 @@ async function main (): Promise<void> {
       console.log(`${scenario.name.padEnd(28)} ${name.padEnd(8)} ${fmt(result.rps, 0).padStart(7)} req/s  p50 ${result.p50} ms  p99 ${result.p99} ms  cpu ${fmt(result.cpuUs, 0)} us/req  errors ${result.errors + result.unexpected}  rss ${fmt(result.rssMb, 0)} MB`)
     }
   }
+  const answers: Array<[string, { head: number, body: number }]> = []
   try {
+    for (const server of [service, lean, baseline]) answers.push([server.name, await answerBytes(server, ids['1KiB'][0]!)])
     for (const scenario of list) {
       // Uploads changed the versions: a client polls with the ETag it last saw.
       if (scenario.name.includes('If-None-Match')) await refreshEtags()
       await compare(scenario)
     }
+    if (args.only === '') {
+      firstRead = await firstReadExperiment(service)
+      storage = await storageExperiment()
+    }
+    if (args.migration) extra.push(await migrationExperiment(service))
     if (args.toast) extra.push(await toastExperiment(service, compare, results))
     if (args.tokens) extra.push(await tokenExperiment(service))
     if (args.history) extra.push(await historyExperiment())
@@ -834,43 +1059,86 @@ async function main (): Promise<void> {
     if (args.scale) extra.push(await scaleExperiment(service, compare, results))
   } finally {
     await stopServer(service)
+    await stopServer(lean)
     await stopServer(baseline)
   }
 
   const integrity = await admin(async (c) => (await c.query(
-    "SELECT count(*)::int AS n FROM user_sync_data JOIN user_sync_versions v USING (user_id, version) WHERE user_id::text LIKE '00000003-%' AND v.blob_size = 1000000 AND length(v.encrypted_blob) = 1333336")).rows[0].n, benchUrl)
+    "SELECT count(*)::int AS n FROM user_sync_data JOIN user_sync_versions v USING (user_id, version) WHERE user_id::text LIKE '00000003-%' AND v.blob_size = 1000000 AND octet_length(v.ciphertext) = 1000000")).rows[0].n, benchUrl)
 
+  const of = (scenario: string, server: string) => results.find((r) => r.scenario === scenario && r.server === server)
   const rows = list.map((scenario) => {
-    const s = results.find((r) => r.scenario === scenario.name && r.server === 'service')!
-    const b = results.find((r) => r.scenario === scenario.name && r.server === 'baseline')!
+    const s = of(scenario.name, 'service')!
+    const l = of(scenario.name, 'lean')
+    const b = of(scenario.name, 'baseline')!
     const latency = (r: Result) => `${fmt(r.p50)} / ${fmt(r.p975)} / ${fmt(r.p99)}`
-    return `| ${scenario.name} | ${fmt(s.rps, 0)} | ${fmt(b.rps, 0)} | **${fmt(s.rps / b.rps, 2)}x** | ${latency(s)} | ${latency(b)} | ${fmt(s.cpuUs, 0)} / ${fmt(b.cpuUs, 0)} | ${s.errors + s.unexpected} / ${b.errors + b.unexpected} | ${fmt(s.rssMb, 0)} / ${fmt(b.rssMb, 0)} |`
+    const three = (field: (r: Result) => string) => [s, l, b].map((r) => (r === undefined ? '–' : field(r))).join(' / ')
+    return `| ${scenario.name} | ${three((r) => fmt(r.rps, 0))} | **${fmt(s.rps / b.rps, 2)}x** | ${l === undefined ? '–' : `${fmt(l.rps / b.rps, 2)}x`} | ` +
+      `${three((r) => fmt(r.cpuUs, 0))} | **${fmt(s.cpuUs / b.cpuUs, 2)}x** | ${latency(s)} | ${latency(b)} | ${three((r) => String(r.errors + r.unexpected))} | ${fmt(s.rssMb, 0)} / ${fmt(b.rssMb, 0)} |`
   })
+
+  // The targets of issue 17, judged on this run's figures (where this run measured them).
+  const targets: string[] = []
+  const judge = (met: boolean) => (met ? 'met' : '**not met**')
+  for (const [name, rps, cpu] of [['GET 1KiB c16', 0.9, 1.3], ['PUT 1KiB c16', 0.9, 1.3], ['GET 1MB c16', 1.0, null], ['PUT 1MB c16', 0.9, null]] as const) {
+    const s = of(name, 'service')
+    const b = of(name, 'baseline')
+    if (s === undefined || b === undefined) continue
+    const cpuPart = cpu === null ? '' : `; CPU/request ${fmt(s.cpuUs / b.cpuUs, 2)}x (target ≤ ${cpu}x: ${judge(s.cpuUs / b.cpuUs <= cpu)})`
+    targets.push(`| ${name}, default configuration against the baseline | req/s ${fmt(s.rps / b.rps, 2)}x (target ≥ ${rps}x: ${judge(s.rps / b.rps >= rps)})${cpuPart} |`)
+  }
+  if (firstRead !== undefined) targets.push(`| first read of the day against an ordinary read | ${fmt(firstRead.ratio, 2)}x (target ≥ 0.9x: ${judge(firstRead.ratio >= 0.9)}) |`)
+  if (storage !== undefined) {
+    for (const [size, limit] of [['1KiB', 1.25], ['100KiB', 1.05], ['1MB', 1.05]] as const) {
+      targets.push(`| bytes on disk per byte of ciphertext, ${size} records (versions table) | ${fmt(storage.ratios[size], 3)} (target ≤ ${limit}: ${judge(storage.ratios[size] <= limit)}) |`)
+    }
+  }
+  const wide = of('PUT 1MB c64', 'service')
+  const narrow = of('PUT 1MB c16', 'service')
+  if (wide !== undefined) targets.push(`| peak RSS, 64 concurrent 1 MB uploads | ${fmt(wide.rssMb, 0)} MB (target ≤ 400 MB: ${judge(wide.rssMb <= 400)}) |`)
+  if (narrow !== undefined) targets.push(`| 16 concurrent 1 MB uploads: requests refused (shed or failed) | ${narrow.errors + narrow.unexpected} (target 0: ${judge(narrow.errors + narrow.unexpected === 0)}) |`)
+  const minutes = (Date.now() - began) / 60_000
+  targets.push(`| this run's duration | ${fmt(minutes, 1)} min${process.argv.length > 2 ? '' : ` (target for \`npm run bench\` with no option ≤ 5 min: ${judge(minutes <= 5)})`} |`)
+  if (firstRead !== undefined) sections.push(firstRead.lines)
+  if (storage !== undefined) sections.push(storage.lines)
+  sections.push(['## Bytes per answer', '', 'One 1 KiB download (status line, headers and body, as received):', '',
+    '| server | status line and headers | body | total |', '| --- | ---: | ---: | ---: |',
+    ...answers.map(([name, bytes]) => `| ${name} | ${bytes.head} | ${bytes.body} | ${bytes.head + bytes.body} |`)].join('\n'))
+
   const report = `# Benchmarks
 
-Generated by \`npm run bench\` (bench/run.ts) on ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC.
+Generated by \`npm run bench\` (bench/run.ts) on ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC in ${fmt(minutes, 1)} minutes.
 Machine: ${machine()}.
 Command: \`npm run bench${process.argv.slice(2).length ? ' -- ' + process.argv.slice(2).join(' ') : ''}\`; per scenario the servers run in the order
-service, baseline, baseline, service (${DURATION} s each after a 1 s warm-up) and each server's two runs are averaged;
+service, (lean,) baseline, baseline, (lean,) service (${DURATION} s each after a 1 s warm-up) and each server's two runs are averaged;
 one database, autocannon in the same process as this script, all on the same 2 cores.
 
-- **service**: the real service (\`node dist/server.js\`, NODE_ENV=production, LOG_LEVEL=info, pool of 10, rate limits off).
+- **service**: the real service (\`node dist/server.js\`) in the default production configuration: NODE_ENV=production, LOG_LEVEL=info, both rate limits on (budgets of 10^9, which the bench cannot use up), metrics on, pool of 10.
+- **lean**: the same with both rate limits off and LOG_LEVEL=silent (1 KiB rows only): what those cost per request.
 - **baseline**: bench/baseline.ts, one query per request on the service's tables and nothing else (no validation, no logging, no history: an upload replaces the version it finds), pool of 10.
 - Seeded: ${USERS['1KiB']} users of 1 KiB, ${USERS['100KiB']} of 100 KiB, ${USERS['1MB']} of 1,000,000 bytes; DELETE removes distinct users from a pool of ${DELETE_POOL.toLocaleString('en')} 1 KiB rows.
 - Latency in ms (p50 / p97.5 / p99). CPU µs/request: user + system time of the server process over the run, per request answered. Errors: failed requests and answers other than the expected status (200; 304 for the service's If-None-Match runs, whose baseline is a plain GET).
-- After the run, ${integrity} of ${USERS['1MB']} 1 MB users hold a whole 1,000,000-byte blob (checked in SQL after every PUT 1MB run).
+- After the run, ${integrity} of ${USERS['1MB']} 1 MB users hold a whole 1,000,000-byte blob (checked in SQL).
 
-| scenario | service req/s | baseline req/s | ratio | service latency | baseline latency | CPU µs/request (s / b) | errors (s / b) | peak RSS MB (s / b) |
-| --- | ---: | ---: | ---: | --- | --- | --- | --- | --- |
+## Targets
+
+| target | this run |
+| --- | --- |
+${targets.join('\n')}
+
+## Service against the baseline
+
+| scenario | req/s service / lean / baseline | **service / baseline** | lean / baseline | CPU µs/request service / lean / baseline | **CPU service / baseline** | service latency | baseline latency | errors service / lean / baseline | peak RSS MB (s / b) |
+| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |
 ${rows.join('\n')}
 
-${extra.join('\n\n')}
+${[...sections, ...extra].join('\n\n')}
 
 How to read these figures, where the time goes, and how they compare with the targets:
 [bench/notes.md](bench/notes.md).
 `
   writeFileSync(`${ROOT}BENCHMARKS.md`, report)
-  console.log('wrote BENCHMARKS.md')
+  console.log(`wrote BENCHMARKS.md (${fmt(minutes, 1)} min)`)
   await admin(async (c) => { await c.query(`DROP DATABASE IF EXISTS ${BENCH_DB} WITH (FORCE)`) })
 }
 

@@ -192,12 +192,13 @@ export default fp(async function metrics (app) {
     }
   }))
 
-  app.addHook('onResponse', async (request, reply) => {
+  app.addHook('onResponse', (request, reply, done) => {
     const route = request.routeOptions.url ?? 'unmatched'
     metrics.httpDuration.observe({ route, method: request.method, status: reply.statusCode }, reply.elapsedTime / 1000)
     if (request.method === 'PUT' && route === '/api/sync/:userId' && reply.statusCode >= 400 && reply.statusCode < 500) {
       metrics.rejectedUploads.inc({ status: reply.statusCode })
     }
+    done()
   })
 
   // In production without METRICS_TOKEN the figures (stored users and bytes, traffic by

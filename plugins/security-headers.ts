@@ -19,12 +19,14 @@ export default fp(async function securityHeaders (app) {
     strictTransportSecurity: hsts === null ? false : { maxAge, includeSubDomains: true }
   })
   app.addHook('onRequest', (request, reply, done) => {
-    if (request.routeOptions.url?.startsWith('/docs') === true) {
+    // The path rather than request.routeOptions, which builds an object at each use: a path
+    // under /docs that no route serves is a JSON 404 with a page's headers, which is harmless.
+    if (request.url.startsWith('/docs')) {
       pageHeaders(request.raw, reply.raw, (err?: unknown) => done(err as Error | undefined))
       return
     }
-    reply.raw.setHeader('x-content-type-options', 'nosniff')
-    if (hsts !== null) reply.raw.setHeader('strict-transport-security', hsts)
+    reply.header('x-content-type-options', 'nosniff')
+    if (hsts !== null) reply.header('strict-transport-security', hsts)
     done()
   })
 }, { name: 'security-headers', dependencies: ['config'] })

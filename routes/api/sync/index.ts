@@ -40,8 +40,9 @@ function sendEtag (reply: FastifyReply, etag: string | null): void {
  */
 const sync: FastifyPluginAsyncTypebox = async function (app) {
   // Ciphertext must never sit in a shared cache (errors say so themselves: see app.ts).
-  app.addHook('onRequest', async (_request, reply) => {
+  app.addHook('onRequest', (_request, reply, done) => {
     reply.header('cache-control', 'no-store')
+    done()
   })
 
   // The token is read before the per-user limit counts the request: that limit gives each
