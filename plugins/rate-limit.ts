@@ -1,5 +1,5 @@
+import { createRequire } from 'node:module'
 import fp from 'fastify-plugin'
-import rateLimit, { type CreateRateLimitOptions } from '@fastify/rate-limit'
 import { Redis } from 'ioredis'
 import ipaddr from 'ipaddr.js'
 import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
@@ -8,12 +8,58 @@ import { atMostEvery, pseudonym } from '../logging.ts'
 /** Routes that are never limited: a load balancer's probes must see the instance as it is. */
 const UNLIMITED_ROUTES = new Set(['/health', '/health/live'])
 
-type Check = ReturnType<FastifyInstance['createRateLimit']>
-/** A count that was made: how far the client is from its limit. */
-export type Outcome = Exclude<Awaited<ReturnType<Check>>, { isAllowed: true }>
+/** A count that was made: how far the client is from its limit (the shape @fastify/rate-limit gives it). */
+export interface Outcome {
+  isAllowed: false
+  key: string
+  max: number
+  timeWindow: number
+  remaining: number
+  ttl: number
+  ttlInSeconds: number
+  isExceeded: boolean
+  isBanned: boolean
+}
 /** What a limit says of a request: counted (an Outcome), or let through uncounted (Redis not answering). */
 export type Verdict = Outcome | { isAllowed: true, key: string }
 const UNCOUNTED: Verdict = { isAllowed: true, key: '' }
+
+function outcome (key: string, max: number, windowMs: number, current: number, ttl: number): Outcome {
+  return {
+    isAllowed: false,
+    key,
+    max,
+    timeWindow: windowMs,
+    remaining: Math.max(0, max - current),
+    ttl,
+    ttlInSeconds: Math.ceil(ttl / 1000),
+    isExceeded: current > max,
+    isBanned: false
+  }
+}
+
+// Counting in this process: @fastify/rate-limit's own store, an LRU of fixed-window counters
+// (toad-cache), one per limit, used directly. Its store interface is synchronous in memory;
+// going through createRateLimit() wrapped each count in three promises and read the route's
+// options twice, about 4 µs a limit, two limits a request.
+interface Counter { current: number, ttl: number }
+interface CounterStore {
+  incr (key: string, done: (err: Error | null, counter: Counter) => void, timeWindow: number, max: number): void
+}
+const LocalStore = createRequire(import.meta.url)('@fastify/rate-limit/store/LocalStore.js') as
+  new (continueExceeding: boolean, exponentialBackoff: boolean, cache: number) => CounterStore
+
+function countInMemory (store: CounterStore, key: string, max: number, windowMs: number): Outcome {
+  let counter: Counter = { current: 0, ttl: windowMs }
+  store.incr(key, (_err, counted) => { counter = counted }, windowMs, max)
+  return outcome(key, max, windowMs, counter.current, counter.ttl)
+}
+
+/** Calls `settle` with the verdict, at once when it is known (counted in memory), else when it is. */
+function whenCounted (verdict: Verdict | Promise<Verdict>, settle: (verdict: Verdict) => void, fail: (err: Error) => void): void {
+  if (verdict instanceof Promise) verdict.then(settle, fail)
+  else settle(verdict)
+}
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -30,7 +76,7 @@ declare module 'fastify' {
      * A limit of `max` requests per key and RATE_LIMIT_WINDOW that never throws: when the
      * shared counters (Redis) do not answer within REDIS_TIMEOUT_MS, the request is allowed, uncounted.
      */
-    rateLimiter: (max: number, keyOf: (request: FastifyRequest) => string) => (request: FastifyRequest) => Promise<Verdict>
+    rateLimiter: (max: number, keyOf: (request: FastifyRequest) => string) => (request: FastifyRequest) => Verdict | Promise<Verdict>
     /** Set by userRateLimit: the per-user limit and its key for a request, or null where the request will not be counted. */
     userRateLimitAhead: { max: number, keyOf: ((request: FastifyRequest) => string | null) | null }
   }
@@ -85,8 +131,7 @@ function keyOfAddress (ip: string): string {
 export default fp(async function rateLimits (app) {
   const { RATE_LIMIT_IP_MAX: perIp, RATE_LIMIT_WINDOW: windowMs, RATE_LIMIT_CACHE_KEYS: cache } = app.config
   const { redis, answered } = await connectRedis(app)
-  // In process: @fastify/rate-limit's LRU store. In Redis the counting is ours (redisCounter).
-  await app.register(rateLimit, { global: false, cache })
+  // In process: @fastify/rate-limit's LRU store (countInMemory). In Redis the counting is ours (redisCounter).
   const count = redis === null ? null : redisCounter(redis, windowMs)
 
   // An outage that began before start-up was warned of there. A Redis that answers about as
@@ -121,9 +166,9 @@ export default fp(async function rateLimits (app) {
 
   app.decorate('rateLimiter', (max: number, keyOf: (request: FastifyRequest) => string) => {
     if (count === null) {
-      // createRateLimit passes `cache` on to its store; without it each limit holds 5,000 keys.
       // Counted in this process's memory, which cannot fail: nothing to guard.
-      return app.createRateLimit({ max, timeWindow: windowMs, keyGenerator: keyOf, cache } as CreateRateLimitOptions)
+      const store = new LocalStore(false, false, cache)
+      return (request: FastifyRequest) => countInMemory(store, keyOf(request), max, windowMs)
     }
     return async (request: FastifyRequest) => (await guarded(() => count([{ key: keyOf(request), max }]), 1))[0]!
   })
@@ -134,24 +179,33 @@ export default fp(async function rateLimits (app) {
 
   const ipKey = (request: FastifyRequest) => `ip:${clientKey(request.ip)}`
   const check = app.rateLimiter(perIp, ipKey)
-  app.addHook('onRequest', async function ipRateLimit (request, reply) {
+  // Not async: counted in memory, the verdict is known at once, and a request needs no promise.
+  app.addHook('onRequest', function ipRateLimit (request, reply, done) {
     // Read once: request.routeOptions builds an object at each use.
     const route = request.routeOptions
-    if (UNLIMITED_ROUTES.has(route.url ?? '')) return
+    if (UNLIMITED_ROUTES.has(route.url ?? '')) {
+      done()
+      return
+    }
     const { max, keyOf } = app.userRateLimitAhead
     const userKey = count !== null && keyOf !== null && route.config.userRateLimit === true ? keyOf(request) : null
-    let outcome: Verdict
+    const settle = (verdict: Verdict) => {
+      if (verdict.isAllowed) {
+        done()
+        return
+      }
+      request.ipRateLimit = verdict
+      done(enforced(reply, verdict, windowMs))
+    }
     if (userKey === null) {
-      outcome = await check(request)
-    } else {
-      const [ip, user] = await guarded(() => count!([{ key: ipKey(request), max: perIp }, { key: userKey, max }]), 2)
-      outcome = ip!
+      whenCounted(check(request), settle, done)
+      return
+    }
+    guarded(() => count!([{ key: ipKey(request), max: perIp }, { key: userKey, max }]), 2).then(([ip, user]) => {
       // Not counted (null) when the address is over its limit: that request is refused here.
       request.userRateLimitAhead = user ?? null
-    }
-    if (outcome.isAllowed) return
-    request.ipRateLimit = outcome
-    enforce(reply, outcome, windowMs)
+      settle(ip!)
+    }, done)
   })
   if (count === null) return
   // Answered before the per-user hook took the count (shed, a refused body): it goes back. A
@@ -202,21 +256,7 @@ function redisCounter (redis: Redis, windowMs: number) {
   async function count (limits: Array<{ key: string, max: number }>): Promise<Outcome[]> {
     const reply = await commands.logikidsCount(limits.length, ...limits.map((limit) => NAMESPACE + limit.key), windowMs,
       ...limits.map((limit) => limit.max))
-    return limits.slice(0, reply.length / 2).map(({ key, max }, i) => {
-      const current = reply[2 * i]!
-      const ttl = Math.max(0, reply[2 * i + 1]!)
-      return {
-        isAllowed: false as const,
-        key,
-        max,
-        timeWindow: windowMs,
-        remaining: Math.max(0, max - current),
-        ttl,
-        ttlInSeconds: Math.ceil(ttl / 1000),
-        isExceeded: current > max,
-        isBanned: false
-      }
-    })
+    return limits.slice(0, reply.length / 2).map(({ key, max }, i) => outcome(key, max, windowMs, reply[2 * i]!, Math.max(0, reply[2 * i + 1]!)))
   }
   return Object.assign(count, { giveBack: (key: string) => commands.logikidsGiveBack(NAMESPACE + key) })
 }
@@ -279,14 +319,15 @@ export function userRateLimit (app: FastifyInstance, tokenAhead: (request: Fasti
     return token === 'refused' ? null : keyOf(request, token)
   }
   return {
-    async onRequest (request, reply) {
+    onRequest (request, reply, done) {
       const ahead = request.userRateLimitAhead
       request.userRateLimitAhead = null // taken: not given back
-      const outcome = ahead ?? await check(request)
-      if (outcome.isAllowed) return
-      const ip = request.ipRateLimit
-      // The headers tell the client about the limit it will hit first.
-      if (ip === null || outcome.isExceeded || outcome.remaining <= ip.remaining) enforce(reply, outcome, windowMs)
+      whenCounted(ahead ?? check(request), (verdict) => {
+        const ip = request.ipRateLimit
+        // The headers tell the client about the limit it will hit first.
+        if (verdict.isAllowed || (ip !== null && !verdict.isExceeded && verdict.remaining > ip.remaining)) done()
+        else done(enforced(reply, verdict, windowMs))
+      }, done)
     },
     // Counted once the storage has answered: with `refuse`, past the limit the answer is a 429
     // instead (only where nothing was changed); without, the request is only counted.
@@ -299,15 +340,21 @@ export function userRateLimit (app: FastifyInstance, tokenAhead: (request: Fasti
   }
 }
 
-function enforce (reply: FastifyReply, outcome: Outcome, windowMs: number): void {
+/** Sets the X-RateLimit-* headers of `outcome`; past the limit, also Retry-After, and returns the 429 to answer with. */
+function enforced (reply: FastifyReply, outcome: Outcome, windowMs: number): Error | undefined {
   reply.header('x-ratelimit-limit', outcome.max)
   reply.header('x-ratelimit-remaining', outcome.remaining)
   reply.header('x-ratelimit-reset', outcome.ttlInSeconds)
-  if (!outcome.isExceeded) return
+  if (!outcome.isExceeded) return undefined
   reply.header('retry-after', outcome.ttlInSeconds)
-  throw Object.assign(
+  return Object.assign(
     new Error(`Too many requests: the limit is ${outcome.max} per ${describeWindow(windowMs)}; retry in ${outcome.ttlInSeconds} s`),
     { statusCode: 429 })
+}
+
+function enforce (reply: FastifyReply, outcome: Outcome, windowMs: number): void {
+  const refused = enforced(reply, outcome, windowMs)
+  if (refused !== undefined) throw refused
 }
 
 function describeWindow (ms: number): string {
