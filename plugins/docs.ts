@@ -31,7 +31,11 @@ export default fp(async function docs (app) {
         { name: 'sync', description: 'The encrypted data of one user' },
         { name: 'service', description: 'Health, limits and metrics' }
       ]
-    }
+    },
+    // `unsafe` is a serializer's instruction (schemas/sync.ts StoredPayloadSchema), not a format a
+    // client knows: the document names the blob's format as the upload's schema does.
+    transformObject: (document) => JSON.parse(JSON.stringify('openapiObject' in document ? document.openapiObject : document.swaggerObject)
+      .replaceAll('"format":"unsafe"', '"format":"base64"'))
   })
   await app.register(swaggerUi, {
     routePrefix: '/docs',

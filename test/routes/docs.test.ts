@@ -48,6 +48,11 @@ t.test('the OpenAPI document describes every route the app serves, with its erro
   t.ok(doc.paths['/api/sync/{userId}'].get.responses['304'], 'GET documents 304')
   t.match(put.responses['400'].content['application/json'].schema, { properties: { error: { type: 'string' }, statusCode: { type: 'integer' } } })
   t.match(put.requestBody.content['application/json'].schema.properties.encryptedBlob, { type: 'string', format: 'base64' })
+  for (const path of ['/api/sync/{userId}', '/api/sync/{userId}/versions/{version}']) {
+    t.match(doc.paths[path].get.responses['200'].content['application/json'].schema.properties.encryptedBlob, { type: 'string', format: 'base64' },
+      `GET ${path} answers the blob in the upload's format`)
+  }
+  t.notMatch(res.body, 'unsafe', 'the serializer\'s instruction is not in the document')
 
   // Each route lists the conditional headers it honours, and no other.
   const headersOf = (operation: { parameters?: Array<{ in: string, name: string }> }) =>

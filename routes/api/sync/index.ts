@@ -6,7 +6,7 @@ import { accessControl, tokenHash } from './access-tokens.ts'
 import { versionRoutes } from './versions.ts'
 import { AccessDenied } from '../../../plugins/storage.ts'
 import {
-  ConditionalHeadersSchema, IfMatchHeadersSchema, IfNoneMatchHeadersSchema, MAX_BLOB_BYTES, SuccessSchema, SyncPayloadSchema, TokenBodySchema,
+  ConditionalHeadersSchema, IfMatchHeadersSchema, IfNoneMatchHeadersSchema, MAX_BLOB_BYTES, StoredPayloadSchema, SuccessSchema, SyncPayloadSchema, TokenBodySchema,
   UserParamsSchema, VerifySchema, decodedBase64Bytes
 } from '../../../schemas/sync.ts'
 
@@ -126,7 +126,7 @@ const sync: FastifyPluginAsyncTypebox = async function (app) {
       security,
       params: UserParamsSchema,
       headers: IfNoneMatchHeadersSchema,
-      response: { 200: SyncPayloadSchema, 304: { type: 'null', description: 'Not Modified' }, ...errors, 404: ErrorSchema }
+      response: { 200: StoredPayloadSchema, 304: { type: 'null', description: 'Not Modified' }, ...errors, 404: ErrorSchema }
     }
   }, async function (request, reply) {
     const ifNoneMatch = parseEntityTags(request.headers['if-none-match'], true)

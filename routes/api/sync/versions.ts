@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { ErrorSchema } from '../../../schemas/error.ts'
-import { IfMatchHeadersSchema, SuccessSchema, SyncPayloadSchema, UserParamsSchema, VersionListSchema, VersionParamsSchema } from '../../../schemas/sync.ts'
+import { IfMatchHeadersSchema, StoredPayloadSchema, SuccessSchema, UserParamsSchema, VersionListSchema, VersionParamsSchema } from '../../../schemas/sync.ts'
 import { parseEntityTags } from './index.ts'
 
 /** What the sync routes' scope lends the version routes, so that they answer exactly as GET and PUT do. */
@@ -57,7 +57,7 @@ export function versionRoutes (app: FastifyInstance, scope: SyncScope): void {
       description: 'The same four fields as GET /api/sync/{userId}, and the ETag that version has or had.',
       security,
       params: VersionParamsSchema,
-      response: { 200: SyncPayloadSchema, ...errors }
+      response: { 200: StoredPayloadSchema, ...errors }
     }
   }, async function (request, reply) {
     const { userId } = request.params
