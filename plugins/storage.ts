@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyBaseLogger } from 'fastify'
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
-import { decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
+import { base64Bytes, decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
 import type { Logger } from 'pino'
 import { atMostEvery, pseudonym } from '../logging.ts'
 import { POOL_SATURATED, isConnectionLost, isTransactionAborted, preparedStatements, statementRunner } from './db.ts'
@@ -537,7 +537,7 @@ export function createStorage (
     const bytes = decodedBase64Bytes(payload.encryptedBlob)
     // The route has checked that the text is canonical base64 (schemas/sync.ts): these bytes
     // encode back to exactly that text.
-    const values = [userId, Buffer.from(payload.encryptedBlob, 'base64'), payload.iv, payload.timestamp, payload.checksum, bytes]
+    const values = [userId, base64Bytes(payload.encryptedBlob), payload.iv, payload.timestamp, payload.checksum, bytes]
     const { ifMatch, ifNoneMatch } = precondition
     let row: ConditionalRow | undefined
     if (ifMatch === '*') {

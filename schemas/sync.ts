@@ -16,15 +16,38 @@ export const BODY_LIMIT = MAX_BLOB_BASE64_CHARS + 8 * 1024
 export const USER_ID_PATTERN = '^(?!0{8}-0{4}-0{4}-0{4}-0{12}$)(?![fF]{8}-[fF]{4}-[fF]{4}-[fF]{4}-[fF]{12}$)' +
   '[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
 
+// The value of each base64 character, to check the last one's unused bits.
+const BASE64_VALUE = new Map([...'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'].map((char, value) => [char, value]))
+
+// The bytes of the text the last check passed: the upload it checked stores them (base64Bytes),
+// so that a blob is decoded once. One at a time: another check in between only costs a decode.
+let lastChecked: { text: string, bytes: Buffer } | undefined
+
 /**
  * Canonical standard (RFC 4648 section 4) base64 with padding: what the clients send (btoa,
- * Buffer, Base64.encode). Checked by decoding and encoding again, which must give the same text:
- * that refuses any other character, a wrong length or padding, and unused bits set in the last
- * character (`QR==` for `QQ==`), which bytes could not keep. Both ways are native: about 1 ms per
- * 1 MB blob, against about 7 ms for the regular expression /[^A-Za-z0-9+/]/ that this replaced.
+ * Buffer, Base64.encode). Node's decoder skips what is not base64 (and takes base64url's `-_`),
+ * so the text is refused when the bytes are fewer than its length and padding promise, when it
+ * holds `-` or `_`, or when the last character has unused bits set (`QR==` for `QQ==`), which
+ * bytes could not give back. About 0.4 ms per 1 MB blob, all native, against about 7 ms for the
+ * regular expression /[^A-Za-z0-9+/]/ that this replaced; and the bytes are kept for the storage.
  */
 export function isStandardBase64 (value: string): boolean {
-  return value.length > 0 && Buffer.from(value, 'base64').toString('base64') === value
+  if (value.length === 0 || value.length % 4 !== 0 || value.includes('-') || value.includes('_')) return false
+  const padding = value.endsWith('==') ? 2 : value.endsWith('=') ? 1 : 0
+  const last = BASE64_VALUE.get(value[value.length - 1 - padding]!)
+  // The last character holds 2 (padding 2) or 4 (padding 1) bits that are not data.
+  if (last === undefined || (padding === 2 && last % 16 !== 0) || (padding === 1 && last % 4 !== 0)) return false
+  const bytes = Buffer.from(value, 'base64')
+  if (bytes.length !== (value.length / 4) * 3 - padding) return false
+  lastChecked = { text: value, bytes }
+  return true
+}
+
+/** The bytes of base64 text that isStandardBase64 accepted: those it decoded when it was the last it checked. */
+export function base64Bytes (text: string): Buffer {
+  const checked = lastChecked
+  lastChecked = undefined
+  return checked !== undefined && checked.text === text ? checked.bytes : Buffer.from(text, 'base64')
 }
 
 /** Decoded size of a valid standard base64 string, from its length and padding alone. */

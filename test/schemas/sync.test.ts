@@ -1,9 +1,10 @@
 import t from 'tap'
 import Fastify from 'fastify'
+import fc from 'fast-check'
 import { serverOptions } from '../../app.ts'
 import {
   MAX_BLOB_BASE64_CHARS, MAX_BLOB_BYTES, SyncPayloadSchema, UserParamsSchema,
-  decodedBase64Bytes, isStandardBase64
+  base64Bytes, decodedBase64Bytes, isStandardBase64
 } from '../../schemas/sync.ts'
 import { testConfig } from '../helper.ts'
 
@@ -45,6 +46,32 @@ t.test('isStandardBase64 refuses unused bits set in the last character, which st
     t.equal(isStandardBase64(other), false, other)
     t.equal(Buffer.from(other, 'base64').toString('base64'), canonical, `${other} is ${canonical} once decoded`)
   }
+})
+
+t.test('isStandardBase64 accepts exactly the texts that bytes encode back to, whatever the characters', async (t) => {
+  // The definition: a text is canonical base64 when decoding and encoding it again gives it back.
+  const roundTrips = (text: string) => text.length > 0 && Buffer.from(text, 'base64').toString('base64') === text
+  const chars = fc.constantFrom(...'AQgwBRhxEIMUYcko048+/Zz9=-_ .\n\u00e9\u0100'.split(''))
+  const texts = fc.oneof(
+    fc.string({ unit: chars, maxLength: 24 }),
+    // Valid text with one character replaced: the near misses.
+    fc.tuple(fc.uint8Array({ minLength: 1, maxLength: 18 }), fc.nat(), chars).map(([bytes, at, char]) => {
+      const text = Buffer.from(bytes).toString('base64')
+      const i = at % text.length
+      return text.slice(0, i) + char + text.slice(i + 1)
+    }),
+    fc.uint8Array({ maxLength: 18 }).map((bytes) => Buffer.from(bytes).toString('base64')))
+  fc.assert(fc.property(texts, (text) => isStandardBase64(text) === roundTrips(text)), { numRuns: 20_000 })
+  t.pass('20,000 texts judged as the round trip judges them')
+})
+
+t.test('base64Bytes gives the bytes the last check decoded, and decodes any other text itself', async (t) => {
+  const text = Buffer.from('first').toString('base64')
+  t.ok(isStandardBase64(text))
+  t.strictSame(base64Bytes(text), Buffer.from('first'))
+  t.ok(isStandardBase64(Buffer.from('checked').toString('base64')))
+  t.strictSame(base64Bytes(Buffer.from('other').toString('base64')), Buffer.from('other'), 'not the bytes of another text')
+  t.strictSame(base64Bytes(Buffer.from('checked').toString('base64')), Buffer.from('checked'), 'which were let go: decoded again')
 })
 
 t.test('decodedBase64Bytes matches Buffer at the limit and around it', async (t) => {
