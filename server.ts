@@ -1,5 +1,6 @@
 import Fastify from 'fastify'
 import closeWithGrace from 'close-with-grace'
+import pino from 'pino'
 import app, { serverOptions } from './app.ts'
 import { loadConfig, type Config } from './plugins/config.ts'
 
@@ -12,7 +13,14 @@ try {
   process.exit(1)
 }
 
-const server = Fastify(serverOptions(config))
+const options = serverOptions(config)
+// Log lines are written to stdout asynchronously: lines that come while a write is under way go
+// out together in the next one, instead of one blocking write per line on the event loop (about
+// 30 µs of a 1 KiB upload under load in the bench, more when stdout is a slow pipe). pino writes
+// what is left synchronously when the process exits, a crash that close-with-grace handles
+// included; a SIGKILL can lose the lines of the write under way.
+options.logger = { ...(options.logger as object), stream: pino.destination({ dest: 1, sync: false }) }
+const server = Fastify(options)
 
 // SIGTERM/SIGINT: stop accepting, finish in-flight requests, close the pool, exit 0.
 closeWithGrace({ delay: 10_000, logger: server.log }, async function ({ signal, err }) {
