@@ -205,8 +205,10 @@ export class ConfigError extends Error {
 
 /** Validates the environment (process.env unless given) and returns the typed settings. */
 export function loadConfig (env: Record<string, string | undefined> = process.env): Config {
-  // An empty value is what `${VAR:-}` in a compose or .env file gives: it means "not set".
-  const data = Object.fromEntries(Object.entries(env).filter(([, value]) => value !== undefined && value !== ''))
+  // An empty value is what `${VAR:-}` in a compose or .env file gives: it means "not set". So does
+  // one of blanks only (`RATE_LIMIT_MAX= ` with a stray space), which the schema would otherwise
+  // coerce to the number 0: for most numbers "off" (rate limits, kept versions, HSTS).
+  const data = Object.fromEntries(Object.entries(env).filter(([, value]) => value !== undefined && value.trim() !== ''))
   let raw: Environment
   try {
     raw = envSchema<Environment>({ schema: ConfigSchema, data, env: false, dotenv: false })

@@ -94,6 +94,14 @@ t.test('an empty setting means unset, for every setting', async (t) => {
     'production: an empty DATABASE_URL is a missing one')
 })
 
+t.test('a setting of blanks only means unset too: never the number 0, which switches rate limits, kept versions and HSTS off', async (t) => {
+  const blanks = [' ', '\t', '\n', '  \t ']
+  const everyBlank = Object.fromEntries(Object.keys(ConfigSchema.properties).map((name, i) => [name, blanks[i % blanks.length]!]))
+  t.strictSame(loadConfig(everyBlank), loadConfig({}), 'every setting blank is the defaults')
+  t.match(loadConfig({ RATE_LIMIT_MAX: ' ', RATE_LIMIT_IP_MAX: '\t', HISTORY_VERSIONS: ' ', HSTS_MAX_AGE: '\n', PORT: ' ' }),
+    { RATE_LIMIT_MAX: 100, RATE_LIMIT_IP_MAX: 2000, HISTORY_VERSIONS: 10, HSTS_MAX_AGE: 31_536_000, PORT: 3000 })
+})
+
 t.test('durations: short units and the words @fastify/rate-limit documents', async (t) => {
   const cases: Array<[string, number]> = [
     ['1m', 60_000], ['15m', 900_000], ['1h', 3_600_000], ['1d', 86_400_000], ['30s', 30_000], ['500ms', 500],
