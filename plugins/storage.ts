@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyBaseLogger } from 'fastify'
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
-import { base64Bytes, decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
+import { base64Bytes, base64Decoded, decodedBase64Bytes, type SyncPayload } from '../schemas/sync.ts'
 import type { Logger } from 'pino'
 import { atMostEvery, pseudonym } from '../logging.ts'
 import { POOL_SATURATED, isConnectionLost, isTransactionAborted, preparedStatements, statementRunner } from './db.ts'
@@ -129,15 +129,17 @@ const STORE_IF_ABSENT = upload('sync-store-if-absent', null, true)
 // the current version (If-None-Match), the blob is not even looked up; nor is it for a request
 // the record is not open to, which does not count as an access either.
 // A version's ciphertext as base64 (sql/006_ciphertext_bytes.sql): its bytes, encoded by PostgreSQL
-// (which breaks the text into lines: see base64Of), or the text of a version stored before, until
+// (which breaks the text into lines: see blobText), or the text of a version stored before, until
 // `npm run migrate-blobs` has converted it.
 const BLOB = "coalesce(encode(v.ciphertext, 'base64'), v.encrypted_blob)"
+// Whether BLOB is a version's text as it was stored before (see blobText).
+const STORED_AS_TEXT = 'v.ciphertext IS NULL'
 const NOT_MODIFIED = `(user_sync_data.${ETAG} = ANY($2::text[]) OR '*' = ANY($2::text[]))`
 const GET = {
   name: 'sync-get',
   text: `SELECT user_sync_data.${ETAG} AS etag, ${authorized(3)} AS authorized, ${CLAIMED} AS claimed, ${NOT_MODIFIED} AS not_modified,
            user_sync_data.last_accessed < now() - interval '1 day' AS stale,
-           ${BLOB} AS encrypted_blob, v.iv, v.timestamp, v.checksum, v.blob_size
+           ${BLOB} AS encrypted_blob, ${STORED_AS_TEXT} AS stored_as_text, v.iv, v.timestamp, v.checksum, v.blob_size
          FROM user_sync_data LEFT JOIN user_sync_versions v
            ON v.user_id = user_sync_data.user_id AND v.version = user_sync_data.version AND NOT ${NOT_MODIFIED} AND ${authorized(3)}
          WHERE user_sync_data.user_id = $1`
@@ -167,7 +169,7 @@ export const VERSIONS = {
 // One version's payload, current or kept. $1 user, $2 version, $3 token, $4 and $5 the history limits.
 const VERSION = {
   name: 'sync-version',
-  text: `SELECT ${authorized(3)} AS authorized, ${CLAIMED} AS claimed, v.etag, ${BLOB} AS encrypted_blob, v.iv, v.timestamp, v.checksum
+  text: `SELECT ${authorized(3)} AS authorized, ${CLAIMED} AS claimed, v.etag, ${BLOB} AS encrypted_blob, ${STORED_AS_TEXT} AS stored_as_text, v.iv, v.timestamp, v.checksum
          FROM user_sync_data LEFT JOIN user_sync_versions v
            ON ${authorized(3)} AND v.user_id = user_sync_data.user_id AND v.version = $2 AND ${KEPT('user_sync_data.version', 4, 5)}
          WHERE user_sync_data.user_id = $1`
@@ -283,9 +285,11 @@ const PRUNE_EXCESS_VERSIONS_BATCH = {
 // The conversion of versions stored as base64 text to bytes (sql/006_ciphertext_bytes.sql, `npm run
 // migrate-blobs`): a batch of the next text versions in primary-key order after $1/$2, $3 at most,
 // each its own short statement, so that uploads go on in between and a run that stops resumes
-// where it was. A version whose text would not come back the same from its bytes (unused bits set
-// in its last character, which the service accepted before it checked for them) is left as text:
-// its client may hold that exact text. It is read as before; `scanned` counts it, `converted` not.
+// where it was. A version whose text would not come back the same from its bytes is left as text:
+// unused bits set in its last character (which the service accepted before it checked for them:
+// its client may hold that exact text, and it is read as before), or text that is not base64 at
+// all, which no release accepted (put in by hand), checked first so that decode() never fails a
+// batch. `scanned` counts them, `converted` not.
 const CONVERT_TEXT_BLOBS_BATCH = {
   name: 'sync-convert-text-blobs',
   text: `WITH batch AS (
@@ -295,7 +299,8 @@ const CONVERT_TEXT_BLOBS_BATCH = {
          converted AS (
            UPDATE user_sync_versions v SET ciphertext = decode(v.encrypted_blob, 'base64'), encrypted_blob = NULL
            FROM batch WHERE v.user_id = batch.user_id AND v.version = batch.version AND v.encrypted_blob IS NOT NULL
-             AND translate(encode(decode(v.encrypted_blob, 'base64'), 'base64'), E'\\n', '') = v.encrypted_blob
+             AND CASE WHEN length(v.encrypted_blob) % 4 = 0 AND v.encrypted_blob ~ '^[A-Za-z0-9+/]*={0,2}$'
+                 THEN translate(encode(decode(v.encrypted_blob, 'base64'), 'base64'), E'\\n', '') = v.encrypted_blob ELSE false END
            RETURNING 1),
          last AS (SELECT user_id, version FROM batch ORDER BY user_id DESC, version DESC LIMIT 1)
          SELECT (SELECT count(*) FROM batch)::int AS scanned, (SELECT count(*) FROM converted)::int AS converted,
@@ -313,6 +318,7 @@ interface StoredRow {
   not_modified: boolean
   stale: boolean
   encrypted_blob: string | null
+  stored_as_text: boolean
   iv: string
   timestamp: string
   checksum: string
@@ -605,7 +611,7 @@ export function createStorage (
         etag: row.etag,
         payload: row.not_modified || row.encrypted_blob === null
           ? null
-          : { encryptedBlob: base64Of(row.encrypted_blob), iv: row.iv, timestamp: Number(row.timestamp), checksum: row.checksum }
+          : { encryptedBlob: blobText({ encrypted_blob: row.encrypted_blob, stored_as_text: row.stored_as_text }), iv: row.iv, timestamp: Number(row.timestamp), checksum: row.checksum }
       }
       // Only set when true: a record no token guards reads as it did before tokens.
       if (row.claimed) record.claimed = true
@@ -702,7 +708,7 @@ export function createStorage (
      */
     async version (userId: string, version: number, token: AccessToken = null): Promise<{ found: { etag: string, payload: SyncPayload } | null, claimed?: true } | null> {
       const started = process.hrtime.bigint()
-      type Row = { authorized: boolean, claimed: boolean, etag: string | null, encrypted_blob: string, iv: string, timestamp: string, checksum: string }
+      type Row = { authorized: boolean, claimed: boolean, etag: string | null, encrypted_blob: string, stored_as_text: boolean, iv: string, timestamp: string, checksum: string }
       const { rows: [row] } = await read<Row>(VERSION, [userId, version, token, ...limits],
         ([found]) => found !== undefined && found.authorized && found.etag !== null)
       if (row !== undefined && !row.authorized) deny('version', userId, started)
@@ -710,7 +716,7 @@ export function createStorage (
       if (row === undefined) return null
       const found = row.etag === null
         ? null
-        : { etag: row.etag, payload: { encryptedBlob: base64Of(row.encrypted_blob), iv: row.iv, timestamp: Number(row.timestamp), checksum: row.checksum } }
+        : { etag: row.etag, payload: { encryptedBlob: blobText(row), iv: row.iv, timestamp: Number(row.timestamp), checksum: row.checksum } }
       return row.claimed ? { found, claimed: true } : { found }
     },
 
@@ -835,10 +841,15 @@ export function createStorage (
 /**
  * The base64 text of a ciphertext as BLOB reads it. PostgreSQL's encode() breaks base64 into lines
  * of 76 characters (RFC 2045); the API sends it in one piece. Cheaper here than in SQL: about
- * 1 ms per 1 MB, and the database's CPU is shared by every request.
+ * 1 ms per 1 MB, and the database's CPU is shared by every request. A version stored as text
+ * before sql/006_ciphertext_bytes.sql is sent as it is, once it is seen to be base64: the answer
+ * writes the blob without escaping it (StoredPayloadSchema), and text put in by hand could hold
+ * a quote. Such a version is a fault (500, logged), never a broken answer.
  */
-function base64Of (text: string): string {
-  return text.replaceAll('\n', '')
+function blobText (row: { encrypted_blob: string, stored_as_text: boolean }): string {
+  if (!row.stored_as_text) return row.encrypted_blob.replaceAll('\n', '')
+  if (base64Decoded(row.encrypted_blob) === null) throw new Error('a version stored as text holds something other than base64')
+  return row.encrypted_blob
 }
 
 function assertDays (inactiveDays: number): void {

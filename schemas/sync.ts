@@ -32,15 +32,26 @@ let lastChecked: { text: string, bytes: Buffer } | undefined
  * regular expression /[^A-Za-z0-9+/]/ that this replaced; and the bytes are kept for the storage.
  */
 export function isStandardBase64 (value: string): boolean {
-  if (value.length === 0 || value.length % 4 !== 0 || value.includes('-') || value.includes('_')) return false
   const padding = value.endsWith('==') ? 2 : value.endsWith('=') ? 1 : 0
-  const last = BASE64_VALUE.get(value[value.length - 1 - padding]!)
+  const last = BASE64_VALUE.get(value[value.length - 1 - padding] ?? '')
   // The last character holds 2 (padding 2) or 4 (padding 1) bits that are not data.
   if (last === undefined || (padding === 2 && last % 16 !== 0) || (padding === 1 && last % 4 !== 0)) return false
-  const bytes = Buffer.from(value, 'base64')
-  if (bytes.length !== (value.length / 4) * 3 - padding) return false
+  const bytes = base64Decoded(value)
+  if (bytes === null) return false
   lastChecked = { text: value, bytes }
   return true
+}
+
+/**
+ * The bytes of standard base64 text with its padding, canonical or not (`QR==` is `A`, like
+ * `QQ==`), or null for any other text: then it held a character outside the alphabet, `=` but at
+ * its end, or a wrong length. So text this accepts holds nothing JSON would escape.
+ */
+export function base64Decoded (value: string): Buffer | null {
+  if (value.length === 0 || value.length % 4 !== 0 || value.includes('-') || value.includes('_')) return null
+  const padding = value.endsWith('==') ? 2 : value.endsWith('=') ? 1 : 0
+  const bytes = Buffer.from(value, 'base64')
+  return bytes.length === (value.length / 4) * 3 - padding ? bytes : null
 }
 
 /** The bytes of base64 text that isStandardBase64 accepted: those it decoded when it was the last it checked. */

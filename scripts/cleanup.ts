@@ -13,9 +13,9 @@ let days: number
 let dryRun: boolean
 try {
   const { values } = parseArgs({ options: { days: { type: 'string' }, 'dry-run': { type: 'boolean', default: false } } })
-  days = Number(values.days)
+  days = /^[0-9]+$/.test(values.days ?? '') ? Number(values.days) : NaN
   dryRun = values['dry-run'] ?? false
-  if (!Number.isInteger(days) || days < 1) throw new Error('--days must be a whole number of days, at least 1')
+  if (!(days >= 1)) throw new Error('--days must be a whole number of days, at least 1')
 } catch (err) {
   console.error(`cleanup: ${(err as Error).message}\n${usage}`)
   process.exit(64)

@@ -12,8 +12,8 @@ const usage = 'usage: npm run migrate-blobs [-- --batch N]   (N versions per sta
 let batch: number
 try {
   const { values } = parseArgs({ options: { batch: { type: 'string', default: '100' } } })
-  batch = Number(values.batch)
-  if (!Number.isInteger(batch) || batch < 1 || batch > 10_000) throw new Error('--batch must be a whole number from 1 to 10000')
+  batch = /^[0-9]+$/.test(values.batch ?? '') ? Number(values.batch) : NaN
+  if (!(batch >= 1 && batch <= 10_000)) throw new Error('--batch must be a whole number from 1 to 10000')
 } catch (err) {
   console.error(`migrate-blobs: ${(err as Error).message}\n${usage}`)
   process.exit(64)
@@ -28,7 +28,7 @@ try {
   shown.end()
   const kept = keptAsText === 0
     ? ''
-    : `; ${keptAsText} left as text: their base64 has unused bits set, which bytes cannot keep (they are read as before)`
+    : `; ${keptAsText} left as text: not canonical base64, so bytes could not give the same text back (docs/operations.md says what to do)`
   console.log(`migrate-blobs: converted ${converted} of ${total} versions stored as base64 text to bytes in ${Date.now() - started} ms${kept}`)
 } catch (err) {
   console.error(`migrate-blobs: failed: ${(err as Error).message} (what was converted stays converted; run it again to go on)`)

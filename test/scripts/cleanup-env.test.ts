@@ -10,9 +10,9 @@ const run = promisify(execFile)
 // connect instead of cleaning up a real database.
 const NOWHERE = 'postgres://postgres@127.0.0.1:1/nowhere'
 
-async function cleanup (env: Record<string, string>) {
+async function cleanup (env: Record<string, string>, args = ['--days', '5']) {
   try {
-    const { stdout, stderr } = await run(process.execPath, ['--import', 'tsx', 'scripts/cleanup.ts', '--days', '5'], {
+    const { stdout, stderr } = await run(process.execPath, ['--import', 'tsx', 'scripts/cleanup.ts', ...args], {
       cwd: ROOT, env: { PATH: process.env.PATH ?? '', DATABASE_URL: NOWHERE, ...env }, timeout: 60_000
     })
     return { code: 0, stdout, stderr }
@@ -36,5 +36,13 @@ t.test('npm run cleanup with a bad setting: exit 78 (EX_CONFIG) and one line nam
     t.ok(first.startsWith('cleanup: invalid configuration:'), first)
     t.match(first, new RegExp(name))
     t.notOk(result.stderr.includes('    at '), `${name}: no stack trace`)
+  }
+})
+
+t.test('npm run cleanup with bad arguments: exit 64 (EX_USAGE) with the usage, before any database is asked', async (t) => {
+  for (const args of [[], ['--days', '0'], ['--days', '1.5'], ['--days', '1e2'], ['--days', '0x10'], ['--days', ' 7'], ['--nope']]) {
+    const result = await cleanup({}, args)
+    t.equal(result.code, 64, args.join(' ') || '(none)')
+    t.match(result.stderr, /usage: npm run cleanup -- --days N/)
   }
 })

@@ -28,6 +28,9 @@ const legacy = sizes.map((bytes) => ({ id: randomUUID(), blob: randomBytes(bytes
   .concat({ id: randomUUID(), blob: 'QR==', bytes: 1 })
 legacy.sort((a, b) => a.id < b.id ? -1 : 1)
 const nonCanonical = legacy.find((user) => user.blob === 'QR==')!
+// And one that is not base64 at all, which no release accepted: only put in by hand.
+const corrupt = { id: randomUUID(), blob: 'QU"}B', bytes: 3 }
+await db.query(insertRecords("SELECT $1::uuid, $2::text, 'AAAAAAAAAAAAAAAA', 1::bigint, repeat('c', 64), 3, now()", true), [corrupt.id, corrupt.blob])
 for (const [i, user] of legacy.entries()) {
   await db.query(insertRecords("SELECT $1::uuid, $2::text, 'AAAAAAAAAAAAAAAA', $3::bigint, repeat('c', 64), $4::int, now()", true),
     [user.id, user.blob, i + 1, user.bytes])
@@ -40,7 +43,15 @@ t.test('versions stored as text are served as before, from the text', async (t) 
     t.equal(res.json().encryptedBlob, user.blob, `${user.bytes} bytes`)
   }
   const { rows: [row] } = await db.query('SELECT count(*)::int AS n FROM user_sync_versions WHERE encrypted_blob IS NOT NULL')
-  t.equal(row.n, legacy.length)
+  t.equal(row.n, legacy.length + 1)
+})
+
+t.test('a version stored as text that is not base64 is a 500, never an answer that is not JSON', async (t) => {
+  for (const url of [`/api/sync/${corrupt.id}`, `/api/sync/${corrupt.id}/versions/${(await app.inject({ method: 'GET', url: `/api/sync/${corrupt.id}/versions` })).json().versions[0].version}`]) {
+    const res = await app.inject({ method: 'GET', url })
+    t.equal(res.statusCode, 500, url)
+    t.strictSame(res.json(), { error: 'Internal Server Error', statusCode: 500 })
+  }
 })
 
 t.test('npm run migrate-blobs converts them to bytes in batches while uploads go on, and every answer stays the same', async (t) => {
@@ -74,11 +85,11 @@ t.test('npm run migrate-blobs converts them to bytes in batches while uploads go
 
   const result = await command
   t.equal(result.code, 0, result.stderr)
-  t.match(result.stdout, new RegExp(`^migrate-blobs: converted ${legacy.length - 1} of ${legacy.length} versions stored as base64 text to bytes in \\d+ ms; 1 left as text`))
+  t.match(result.stdout, new RegExp(`^migrate-blobs: converted ${legacy.length - 1} of ${legacy.length + 1} versions stored as base64 text to bytes in \\d+ ms; 2 left as text: not canonical base64`))
   t.equal(result.stderr, '', 'no progress lines where the output is not a terminal')
 
   const { rows } = await db.query('SELECT user_id::text AS id FROM user_sync_versions WHERE encrypted_blob IS NOT NULL')
-  t.strictSame(rows.map((row) => row.id), [nonCanonical.id], 'every version is bytes now, but the one whose text bytes cannot give back')
+  t.strictSame(rows.map((row) => row.id).sort(), [nonCanonical.id, corrupt.id].sort(), 'every version is bytes now, but the two whose text bytes cannot give back')
   for (const user of legacy) {
     const versions = (await app.inject({ method: 'GET', url: `/api/sync/${user.id}/versions` })).json().versions
     const first = versions.at(-1)
@@ -90,11 +101,11 @@ t.test('npm run migrate-blobs converts them to bytes in batches while uploads go
 
   const again = await migrateBlobs([], url)
   t.equal(again.code, 0, again.stderr)
-  t.match(again.stdout, /^migrate-blobs: converted 0 of 1 versions stored as base64 text to bytes in \d+ ms; 1 left as text/, 'a second run has nothing to do')
+  t.match(again.stdout, /^migrate-blobs: converted 0 of 2 versions stored as base64 text to bytes in \d+ ms; 2 left as text/, 'a second run has nothing to do')
 })
 
 t.test('bad arguments: exit 64 with the usage', async (t) => {
-  for (const args of [['--batch', '0'], ['--batch', 'x'], ['--nope']]) {
+  for (const args of [['--batch', '0'], ['--batch', 'x'], ['--batch', '1e2'], ['--batch', '0x10'], ['--batch', '10001'], ['--nope']]) {
     const result = await migrateBlobs(args, url)
     t.equal(result.code, 64, args.join(' '))
     t.match(result.stderr, /usage: npm run migrate-blobs/)
