@@ -123,17 +123,17 @@ const STORE = upload('sync-store', 'true', true)
 const STORE_IF_MATCH = upload('sync-store-if-match', 'locked.etag = ANY($10::text[])', false)
 const STORE_IF_EXISTS = upload('sync-store-if-exists', 'true', false)
 const STORE_IF_ABSENT = upload('sync-store-if-absent', null, true)
-// A download is an access: the inactivity rule counts from the last one. The download itself is
-// a pure read (it runs on a hot standby, and costs no WAL); when it shows the record untouched
-// for a day, TOUCH records the access apart, once a day at most. When the client already holds
-// the current version (If-None-Match), the blob is not even looked up; nor is it for a request
-// the record is not open to, which does not count as an access either.
 // A version's ciphertext as base64 (sql/006_ciphertext_bytes.sql): its bytes, encoded by PostgreSQL
 // (which breaks the text into lines: see blobText), or the text of a version stored before, until
 // `npm run migrate-blobs` has converted it.
 const BLOB = "coalesce(encode(v.ciphertext, 'base64'), v.encrypted_blob)"
 // Whether BLOB is a version's text as it was stored before (see blobText).
 const STORED_AS_TEXT = 'v.ciphertext IS NULL'
+// A download is an access: the inactivity rule counts from the last one. The download itself is
+// a pure read (it runs on a hot standby, and costs no WAL); when it shows the record untouched
+// for a day, TOUCH records the access apart, once a day at most. When the client already holds
+// the current version (If-None-Match), the blob is not even looked up; nor is it for a request
+// the record is not open to, which does not count as an access either.
 const NOT_MODIFIED = `(user_sync_data.${ETAG} = ANY($2::text[]) OR '*' = ANY($2::text[]))`
 const GET = {
   name: 'sync-get',
