@@ -42,12 +42,15 @@ export function pseudonym (userId: string): string {
 const HEX_DIGITS_OF_AN_ID = 8
 
 // Redacting a path costs about 4 µs (decoding, two regular expressions per segment); a device
-// asks for the same few paths again and again.
+// asks for the same few paths again and again. Only URLs of an API request's length are kept, so
+// that the cache stays under a few MB whatever clients send.
 const redactedUrls = new Map<string, string>()
 const REDACTED_URLS_KEPT = 10_000
+const LONGEST_URL_KEPT = 160
 
 /** The request path as it may be logged: ids pseudonymised, anything id-like hidden, the query string dropped. */
 export function redactUrl (url: string): string {
+  if (url.length > LONGEST_URL_KEPT) return redactPath(url)
   let redacted = redactedUrls.get(url)
   if (redacted === undefined) {
     redacted = redactPath(url)

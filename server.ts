@@ -19,10 +19,11 @@ const options = serverOptions(config)
 // system calls are dear on these machines, and that write was about a tenth of the CPU of a 1 KiB
 // request under load in the bench. A line reaches the log within a second. pino writes what is
 // left synchronously when the process exits, a crash that close-with-grace handles included; a
-// SIGKILL loses up to a second of lines.
+// process killed outright (SIGKILL, out of memory) loses up to a second of lines. Should stdout
+// stop taking lines, at most 16 MiB wait; later ones are dropped rather than fill the memory.
 options.logger = {
   ...(options.logger as object),
-  stream: pino.destination({ dest: 1, sync: false, minLength: 16_000, periodicFlush: 1000 })
+  stream: pino.destination({ dest: 1, sync: false, minLength: 16_000, periodicFlush: 1000, maxLength: 16 * 1024 * 1024 })
 }
 const server = Fastify(options)
 

@@ -69,7 +69,8 @@ export default fp(async function bodyPolicy (app) {
   function parseJson (text: string, done: (err: Error | null, body?: unknown) => void): void {
     let body: unknown
     try {
-      body = JSON.parse(text)
+      // A byte order mark first is allowed, as Fastify's parser allowed it.
+      body = JSON.parse(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text)
       if (body !== null && typeof body === 'object') secureJson.scan(body, poisoning)
     } catch {
       done(new errorCodes.FST_ERR_CTP_INVALID_JSON_BODY(), undefined)

@@ -27,7 +27,8 @@ let lastChecked: { text: string, bytes: Buffer } | undefined
  * Canonical standard (RFC 4648 section 4) base64 with padding: what the clients send (btoa,
  * Buffer, Base64.encode). Node's decoder skips what is not base64 (and takes base64url's `-_`),
  * so the text is refused when the bytes are fewer than its length and padding promise, when it
- * holds `-` or `_`, or when the last character has unused bits set (`QR==` for `QQ==`), which
+ * holds `-`, `_` or a character past ASCII (base64Decoded), or when the last character has
+ * unused bits set (`QR==` for `QQ==`), which
  * bytes could not give back. About 0.4 ms per 1 MB blob, all native, against about 7 ms for the
  * regular expression /[^A-Za-z0-9+/]/ that this replaced; and the bytes are kept for the storage.
  */
@@ -45,10 +46,13 @@ export function isStandardBase64 (value: string): boolean {
 /**
  * The bytes of standard base64 text with its padding, canonical or not (`QR==` is `A`, like
  * `QQ==`), or null for any other text: then it held a character outside the alphabet, `=` but at
- * its end, or a wrong length. So text this accepts holds nothing JSON would escape.
+ * its end, or a wrong length. So text this accepts holds nothing JSON would escape. Node's decoder
+ * reads only the low byte of a character (`\u0155` as `U`): any character past ASCII is refused
+ * first, by the text's UTF-8 length (native, about 0.15 ms per 1 MB).
  */
 export function base64Decoded (value: string): Buffer | null {
-  if (value.length === 0 || value.length % 4 !== 0 || value.includes('-') || value.includes('_')) return null
+  if (value.length === 0 || value.length % 4 !== 0 || Buffer.byteLength(value) !== value.length ||
+    value.includes('-') || value.includes('_')) return null
   const padding = value.endsWith('==') ? 2 : value.endsWith('=') ? 1 : 0
   const bytes = Buffer.from(value, 'base64')
   return bytes.length === (value.length / 4) * 3 - padding ? bytes : null

@@ -19,6 +19,12 @@ export interface ServerProcess {
   exited: Promise<Exit>
   /** Sends the signal and waits for the exit. */
   stop (signal?: NodeJS.Signals): Promise<Exit>
+  /**
+   * Waits until `output` holds the log line of every request answered so far: the service writes
+   * its log at least once a second, not line by line (server.ts), so this sends a request of its
+   * own (a 404 on a path made for it) and waits for that request's line, which comes after theirs.
+   */
+  loggedSoFar (): Promise<void>
 }
 
 export interface ServerOptions {
@@ -106,7 +112,17 @@ export async function startServer (t: TestContext, options: ServerOptions = {}):
       reject(new Error(`the server did not listen within ${timeoutMs} ms:\n${output.join('\n')}`))
     }, timeoutMs)
   }).finally(() => clearTimeout(timer))
-  return { child, url: address[1]!, port: Number(address[2]), output, exited, stop }
+  const url = address[1]!
+  let markers = 0
+  async function loggedSoFar (): Promise<void> {
+    const marker = `/log-marker-${++markers}`
+    await (await fetch(`${url}${marker}`)).arrayBuffer()
+    for (const deadline = Date.now() + 10_000; !output.some((line) => line.includes(`"${marker}"`));) {
+      if (Date.now() > deadline) throw new Error(`the log line of ${marker} did not come within 10 s`)
+      await new Promise((resolve) => setTimeout(resolve, 20))
+    }
+  }
+  return { child, url, port: Number(address[2]), output, exited, stop, loggedSoFar }
 }
 
 /** Runs server.ts with `env` (on top of PATH only) until it exits by itself, as a bad start does. */

@@ -136,12 +136,14 @@ t.test('device A creates an account and uploads; device B pairs with its code an
 t.test('both devices edit and sync: the merge keeps both changes, through a real 412', async (t) => {
   await edit(a, 'logic', 4)
   await edit(b, 'music', 5)
+  await service.loggedSoFar()
   const refusedBefore = statuses('PUT').filter((status) => status === 412).length
   t.match(await act(a, 'sync'), /^ok: synced/)
   t.match(await act(b, 'sync'), /^ok: synced/)
   t.match(await act(a, 'sync'), /^ok: synced/)
   t.strictSame(await progress(a), ['logic:4', 'math:3', 'music:5'])
   t.strictSame(await progress(b), ['logic:4', 'math:3', 'music:5'])
+  await service.loggedSoFar()
   t.equal(statuses('PUT').filter((status) => status === 412).length, refusedBefore, 'B pulled before pushing: no 412 needed')
 
   // Now B's upload is held on its way until A has uploaded: the service refuses it (412), and
@@ -157,6 +159,7 @@ t.test('both devices edit and sync: the merge keeps both changes, through a real
   await upload.release()
   t.match(await syncB, /^ok: synced/)
   await upload.stop()
+  await service.loggedSoFar()
   t.equal(statuses('PUT').filter((status) => status === 412).length, refusedBefore + 1, 'B\'s held upload was refused once')
   t.match(await act(a, 'sync'), /^ok: synced/)
   t.strictSame(await progress(a), ['art:2', 'chess:1', 'constructor:1', 'logic:4', 'math:3', 'music:5'])

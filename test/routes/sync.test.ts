@@ -137,6 +137,19 @@ t.test('each bad field is a 400 naming the field, and nothing is stored', async 
   t.equal((await get(userId)).statusCode, 404, 'nothing was stored')
 })
 
+t.test('a JSON body may begin with a byte order mark, as it could before', async (t) => {
+  const userId = randomUUID()
+  const data = payload(60, 9)
+  const res = await app.inject({
+    method: 'PUT',
+    url: `/api/sync/${userId}`,
+    headers: { 'content-type': 'application/json' },
+    payload: Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(JSON.stringify(data))])
+  })
+  t.equal(res.statusCode, 200, res.body)
+  t.strictSame((await app.inject({ method: 'GET', url: `/api/sync/${userId}` })).json(), data)
+})
+
 t.test('malformed JSON is a 400 that does not echo the body', async (t) => {
   const res = await app.inject({
     method: 'PUT',
