@@ -129,6 +129,13 @@ const STORE_IF_ABSENT = upload('sync-store-if-absent', null, true)
 const BLOB = "coalesce(encode(v.ciphertext, 'base64'), v.encrypted_blob)"
 // Whether BLOB is a version's text as it was stored before (see blobText).
 const STORED_AS_TEXT = 'v.ciphertext IS NULL'
+/**
+ * Whether `text` (a version's base64 text from before sql/006_ciphertext_bytes.sql) is canonical
+ * base64, whose bytes encode back to the same text: only then may it be kept as bytes. The
+ * alphabet is checked first, in a CASE so that it comes first, so that decode() never fails.
+ */
+const CANONICAL_TEXT = (text: string) => `CASE WHEN length(${text}) % 4 = 0 AND ${text} ~ '^[A-Za-z0-9+/]*={0,2}$'
+                 THEN translate(encode(decode(${text}, 'base64'), 'base64'), E'\\n', '') = ${text} ELSE false END`
 // A download is an access: the inactivity rule counts from the last one. The download itself is
 // a pure read (it runs on a hot standby, and costs no WAL); when it shows the record untouched
 // for a day, TOUCH records the access apart, once a day at most. When the client already holds
@@ -185,7 +192,8 @@ const RESTORE = {
   text: `WITH ${LOCKED(3)},
          source AS (
            SELECT v.ciphertext, v.encrypted_blob, v.iv, least(greatest(v.timestamp, locked.timestamp + 1), ${MAX_TIMESTAMP}) AS timestamp,
-             v.checksum, v.blob_size
+             v.checksum, v.blob_size,
+             CASE WHEN v.encrypted_blob IS NOT NULL AND ${CANONICAL_TEXT('v.encrypted_blob')} THEN v.encrypted_blob END AS canonical_text
            FROM user_sync_versions v, locked
            WHERE locked.authorized AND v.user_id = $1 AND v.version = $2 AND ${KEPT('locked.version', 4, 5)}),
          unchanged AS (
@@ -201,7 +209,8 @@ const RESTORE = {
          ${PRUNE('written', 4, 5)},
          stored AS (
            INSERT INTO user_sync_versions (user_id, version, etag, ciphertext, encrypted_blob, iv, timestamp, checksum, blob_size)
-           SELECT $1, written.version, written.etag, source.ciphertext, source.encrypted_blob, source.iv, source.timestamp, source.checksum, source.blob_size
+           SELECT $1, written.version, written.etag, coalesce(source.ciphertext, decode(source.canonical_text, 'base64')),
+             CASE WHEN source.canonical_text IS NULL THEN source.encrypted_blob END, source.iv, source.timestamp, source.checksum, source.blob_size
            FROM written, source)
          SELECT (SELECT etag FROM written) AS etag, ${FROM_LOCKED}, EXISTS (SELECT 1 FROM source) AS found,
            EXISTS (SELECT 1 FROM unchanged) AND EXISTS (SELECT 1 FROM matched) AS unchanged`
@@ -283,8 +292,9 @@ const PRUNE_EXCESS_VERSIONS_BATCH = {
 }
 
 // The conversion of versions stored as base64 text to bytes (sql/006_ciphertext_bytes.sql, `npm run
-// migrate-blobs`): a batch of the next text versions in primary-key order after $1/$2, $3 at most,
-// each its own short statement, so that uploads go on in between and a run that stops resumes
+// migrate-blobs`): a batch of the next text versions in primary-key order after $1/$2, $3 at most
+// and no more than $4 characters of text (but at least one), each its own short statement, so that
+// uploads go on in between, no batch runs into the statement timeout, and a run that stops resumes
 // where it was. A version whose text would not come back the same from its bytes is left as text:
 // unused bits set in its last character (which the service accepted before it checked for them:
 // its client may hold that exact text, and it is read as before), or text that is not base64 at
@@ -292,15 +302,17 @@ const PRUNE_EXCESS_VERSIONS_BATCH = {
 // batch. `scanned` counts them, `converted` not.
 const CONVERT_TEXT_BLOBS_BATCH = {
   name: 'sync-convert-text-blobs',
-  text: `WITH batch AS (
-           SELECT user_id, version FROM user_sync_versions
-           WHERE encrypted_blob IS NOT NULL AND (user_id, version) > ($1::uuid, $2::bigint)
-           ORDER BY user_id, version LIMIT $3::int),
+  text: `WITH candidates AS (
+           SELECT user_id, version, sum(octet_length(encrypted_blob)) OVER (ORDER BY user_id, version) AS upto,
+             row_number() OVER (ORDER BY user_id, version) AS n
+           FROM (SELECT user_id, version, encrypted_blob FROM user_sync_versions
+                 WHERE encrypted_blob IS NOT NULL AND (user_id, version) > ($1::uuid, $2::bigint)
+                 ORDER BY user_id, version LIMIT $3::int) next),
+         batch AS (SELECT user_id, version FROM candidates WHERE upto <= $4::bigint OR n = 1),
          converted AS (
            UPDATE user_sync_versions v SET ciphertext = decode(v.encrypted_blob, 'base64'), encrypted_blob = NULL
            FROM batch WHERE v.user_id = batch.user_id AND v.version = batch.version AND v.encrypted_blob IS NOT NULL
-             AND CASE WHEN length(v.encrypted_blob) % 4 = 0 AND v.encrypted_blob ~ '^[A-Za-z0-9+/]*={0,2}$'
-                 THEN translate(encode(decode(v.encrypted_blob, 'base64'), 'base64'), E'\\n', '') = v.encrypted_blob ELSE false END
+             AND ${CANONICAL_TEXT('v.encrypted_blob')}
            RETURNING 1),
          last AS (SELECT user_id, version FROM batch ORDER BY user_id DESC, version DESC LIMIT 1)
          SELECT (SELECT count(*) FROM batch)::int AS scanned, (SELECT count(*) FROM converted)::int AS converted,
@@ -801,25 +813,27 @@ export function createStorage (
     },
 
     /**
-     * Converts the versions kept as base64 text to bytes, `batchSize` per statement, and returns
-     * how many it converted and how many it left as text (see CONVERT_TEXT_BLOBS_BATCH).
+     * Converts the versions kept as base64 text to bytes, at most `batchSize` versions and
+     * `batchChars` characters of text per statement (at least one version), and returns how many
+     * it converted and how many versions are still kept as text when it is done (see
+     * CONVERT_TEXT_BLOBS_BATCH: text bytes cannot give back, and what was stored as text meanwhile).
      */
-    async convertTextBlobs (batchSize = 100, onBatch: (rows: number) => void = () => {}): Promise<{ converted: number, keptAsText: number }> {
+    async convertTextBlobs (batchSize = 100, onBatch: (rows: number) => void = () => {}, batchChars = 8_000_000): Promise<{ converted: number, keptAsText: number }> {
       const started = process.hrtime.bigint()
       let after: [string, string] = ['00000000-0000-0000-0000-000000000000', '0']
       let converted = 0
-      let scanned = 0
       for (;;) {
         type Row = { scanned: number, converted: number, last_user: string | null, last_version: string | null }
-        const { rows: [row] } = await run<Row>(CONVERT_TEXT_BLOBS_BATCH, [...after, batchSize])
+        const { rows: [row] } = await run<Row>(CONVERT_TEXT_BLOBS_BATCH, [...after, batchSize, batchChars])
         converted += row?.converted ?? 0
-        scanned += row?.scanned ?? 0
         onBatch(row?.scanned ?? 0)
-        if (row?.last_user == null || row.last_version == null || row.scanned < batchSize) break
+        if (row?.last_user == null || row.last_version == null) break
         after = [row.last_user, row.last_version]
       }
-      logged('migrate-blobs', undefined, started, { converted, keptAsText: scanned - converted })
-      return { converted, keptAsText: scanned - converted }
+      const { rows: [left] } = await run<{ n: number }>(COUNT_TEXT_BLOBS, [])
+      const keptAsText = left?.n ?? 0
+      logged('migrate-blobs', undefined, started, { converted, keptAsText })
+      return { converted, keptAsText }
     },
 
     /** Stored users, the decoded bytes of their blobs, the same of the kept versions, and the database's size on disk (full scans: call it rarely). */

@@ -6,6 +6,7 @@
 import { parseArgs } from 'node:util'
 import { cleanupInactive } from '../plugins/cleanup.ts'
 import { startCommand } from './command.ts'
+import { safeError } from '../logging.ts'
 import { progress } from './progress.ts'
 
 const usage = 'usage: npm run cleanup -- --days N [--dry-run]'
@@ -22,12 +23,17 @@ try {
 }
 
 const { log, pool, storage } = startCommand('cleanup')
+let ending = () => {}
 try {
   // On a terminal, how far along it is: the accounts to delete are counted first (an index scan);
   // how many kept versions are past the limits is not known until they are dropped.
   const total = dryRun || process.stderr.isTTY !== true ? null : await storage.countInactive(days)
-  const shown = { accounts: progress('cleanup', 'accounts deleted', total), versions: progress('cleanup', 'kept versions dropped', null) }
+  const shown = {
+    accounts: progress('cleanup: deleting inactive accounts', 'accounts', total),
+    versions: progress('cleanup: dropping versions past the history limits', 'versions', null)
+  }
   let phase: keyof typeof shown = 'accounts'
+  ending = () => shown[phase].end()
   const result = await cleanupInactive(pool, storage, log, {
     inactiveDays: days,
     dryRun,
@@ -48,7 +54,8 @@ try {
       ` (and ${result.historyPruned} kept versions past the history limits)`)
   }
 } catch (err) {
-  console.error(`cleanup: failed: ${(err as Error).message}`)
+  ending()
+  console.error(`cleanup: failed: ${safeError(err).message}`)
   process.exitCode = 1
 } finally {
   await pool.end()

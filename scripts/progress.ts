@@ -42,6 +42,7 @@ export function progress (label: string, unit: string, total: number | null,
   let done = 0
   let shownAt = started
   let shown = false
+  let ended = false
   const line = () => describeProgress(label, unit, done, total, now() - started)
   return {
     advance (rows) {
@@ -53,7 +54,8 @@ export function progress (label: string, unit: string, total: number | null,
       out.write(terminal ? `\r\x1b[2K${line()}` : `${line()}\n`)
     },
     end () {
-      if (terminal && shown) out.write(`\r\x1b[2K${line()}\n`)
+      if (terminal && shown && !ended) out.write(`\r\x1b[2K${line()}\n`)
+      ended = true
     }
   }
 }

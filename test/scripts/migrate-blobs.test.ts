@@ -4,7 +4,7 @@ import { randomBytes, randomUUID } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
 import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
-import { build, databaseUrlOf, insertRecords, inspect } from '../helper.ts'
+import { CURRENT_RECORD, build, databaseUrlOf, insertRecords, inspect } from '../helper.ts'
 import { MAX_BLOB_BYTES } from '../../schemas/sync.ts'
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
@@ -85,7 +85,7 @@ t.test('npm run migrate-blobs converts them to bytes in batches while uploads go
 
   const result = await command
   t.equal(result.code, 0, result.stderr)
-  t.match(result.stdout, new RegExp(`^migrate-blobs: converted ${legacy.length - 1} of ${legacy.length + 1} versions stored as base64 text to bytes in \\d+ ms; 2 left as text: not canonical base64`))
+  t.match(result.stdout, new RegExp(`^migrate-blobs: converted ${legacy.length - 1} of ${legacy.length + 1} versions stored as base64 text to bytes in \\d+ ms; 2 still stored as text: not canonical base64`))
   t.equal(result.stderr, '', 'no progress lines where the output is not a terminal')
 
   const { rows } = await db.query('SELECT user_id::text AS id FROM user_sync_versions WHERE encrypted_blob IS NOT NULL')
@@ -101,7 +101,40 @@ t.test('npm run migrate-blobs converts them to bytes in batches while uploads go
 
   const again = await migrateBlobs([], url)
   t.equal(again.code, 0, again.stderr)
-  t.match(again.stdout, /^migrate-blobs: converted 0 of 2 versions stored as base64 text to bytes in \d+ ms; 2 left as text/, 'a second run has nothing to do')
+  t.match(again.stdout, /^migrate-blobs: converted 0 of 2 versions stored as base64 text to bytes in \d+ ms; 2 still stored as text/, 'a second run has nothing to do')
+})
+
+t.test('a batch holds at most so many characters of text, and at least one version', async (t) => {
+  const users = [randomUUID(), randomUUID(), randomUUID()].sort()
+  for (const userId of users) {
+    await db.query(insertRecords("SELECT $1::uuid, 'QUFBQUFB', 'AAAAAAAAAAAAAAAA', 1::bigint, repeat('c', 64), 6, now()", true), [userId])
+  }
+  const batches: number[] = []
+  const { rows: [before] } = await db.query('SELECT count(*)::int AS n FROM user_sync_versions WHERE encrypted_blob IS NOT NULL')
+  // 1 character: no version fits, and each batch still takes one.
+  t.strictSame(await app.storage.convertTextBlobs(100, (rows) => batches.push(rows), 1), { converted: 3, keptAsText: before.n - 3 })
+  t.strictSame(batches, [...Array.from({ length: before.n }, () => 1), 0], `${before.n} text versions, one per statement, then an empty batch that ends the run`)
+  batches.length = 0
+  for (const userId of users) await db.query("UPDATE user_sync_versions SET encrypted_blob = 'QUFBQUFB', ciphertext = NULL WHERE user_id = $1", [userId])
+  // 20 characters: two of the 8-character versions fit in a batch (the 4 and 5-character ones of the tests before are there too).
+  await app.storage.convertTextBlobs(100, (rows) => batches.push(rows), 20)
+  t.ok(batches.every((rows) => rows <= 3) && batches.some((rows) => rows >= 2), `batches of ${batches.join(', ')}`)
+  t.equal(batches.reduce((sum, rows) => sum + rows, 0), before.n, 'and every text version was looked at')
+})
+
+t.test('a restored version that was stored as text is stored as bytes when its text is canonical, else as the same text', async (t) => {
+  for (const [blob, asBytes] of [['QUJDRA==', true], ['QR==', false]] as const) {
+    const userId = randomUUID()
+    await db.query(insertRecords("SELECT $1::uuid, $2::text, 'AAAAAAAAAAAAAAAA', 5::bigint, repeat('c', 64), 4, now()", true), [userId, blob])
+    const legacyVersion = (await app.inject({ method: 'GET', url: `/api/sync/${userId}/versions` })).json().versions[0].version
+    t.equal((await app.inject({ method: 'PUT', url: `/api/sync/${userId}`, payload: payload(6) })).statusCode, 200)
+    const restored = await app.inject({ method: 'POST', url: `/api/sync/${userId}/versions/${legacyVersion}/restore` })
+    t.equal(restored.statusCode, 200, restored.body)
+    t.equal((await app.inject({ method: 'GET', url: `/api/sync/${userId}` })).json().encryptedBlob, blob, `${blob}: the restored text`)
+    const { rows: [current] } = await db.query(`${CURRENT_RECORD} WHERE user_id = $1`, [userId])
+    t.equal(current.ciphertext !== null, asBytes, `${blob}: ${asBytes ? 'as bytes' : 'as text'}`)
+    t.equal(current.stored_text !== null, !asBytes)
+  }
 })
 
 t.test('bad arguments: exit 64 with the usage', async (t) => {

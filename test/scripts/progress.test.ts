@@ -15,7 +15,8 @@ t.test('a line says rows done, of how many, the rate and the time left', async (
   t.equal(describeProgress('x', 'rows', 100, 1_000_000, 1000), 'x: 100 of 1,000,000 rows (0%), 100 rows/s, about 2.8 h left')
   t.equal(describeProgress('x', 'rows', 600, 6000, 1000), 'x: 600 of 6,000 rows (10%), 600 rows/s, about 9 s left')
   t.equal(describeProgress('x', 'rows', 600, 60_000, 1000), 'x: 600 of 60,000 rows (1%), 600 rows/s, about 2 min left')
-  t.equal(describeProgress('cleanup', 'kept versions dropped', 1500, null, 3000), 'cleanup: 1,500 kept versions dropped, 500 kept versions dropped/s', 'no total: no share and no time left')
+  t.equal(describeProgress('cleanup: dropping versions past the history limits', 'versions', 1500, null, 3000),
+    'cleanup: dropping versions past the history limits: 1,500 versions, 500 versions/s', 'no total: no share and no time left')
 })
 
 t.test('on a terminal the line is redrawn in place as batches end, at most five times a second, and finished at the end', async (t) => {
@@ -36,15 +37,15 @@ t.test('on a terminal the line is redrawn in place as batches end, at most five 
 t.test('elsewhere (a log, a pipe) it stays quiet: a line every 30 s at most, none at the end', async (t) => {
   let now = 0
   const { stream, chunks } = output(false)
-  const shown = progress('cleanup', 'accounts deleted', null, stream, () => now)
+  const shown = progress('cleanup: deleting inactive accounts', 'accounts', null, stream, () => now)
   for (let batch = 1; batch <= 100; batch++) {
     now += 1000
     shown.advance(1000)
   }
   shown.end()
   t.strictSame(chunks, [
-    'cleanup: 30,000 accounts deleted, 1,000 accounts deleted/s\n',
-    'cleanup: 60,000 accounts deleted, 1,000 accounts deleted/s\n',
-    'cleanup: 90,000 accounts deleted, 1,000 accounts deleted/s\n'
+    'cleanup: deleting inactive accounts: 30,000 accounts, 1,000 accounts/s\n',
+    'cleanup: deleting inactive accounts: 60,000 accounts, 1,000 accounts/s\n',
+    'cleanup: deleting inactive accounts: 90,000 accounts, 1,000 accounts/s\n'
   ], 'three lines in 100 s of 100 batches')
 })
