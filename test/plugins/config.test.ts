@@ -126,3 +126,12 @@ t.test('tracing settings: a collector URL, headers and a ratio, refused with a l
     t.throws(() => loadConfig({ DATABASE_URL, OTEL_TRACES_SAMPLER_ARG: ratio }), { message: /OTEL_TRACES_SAMPLER_ARG must/ }, ratio)
   }
 })
+
+t.test('HSTS_MAX_AGE: seconds from 0 (none) to two years, anything else refused by name', async (t) => {
+  t.equal(loadConfig({ DATABASE_URL }).HSTS_MAX_AGE, 31_536_000)
+  t.equal(loadConfig({ DATABASE_URL, HSTS_MAX_AGE: '0' }).HSTS_MAX_AGE, 0)
+  t.equal(loadConfig({ DATABASE_URL, HSTS_MAX_AGE: '63072000' }).HSTS_MAX_AGE, 63_072_000)
+  for (const bad of ['-1', '63072001', 'abc', '1.5']) {
+    t.throws(() => loadConfig({ DATABASE_URL, HSTS_MAX_AGE: bad }), { message: /HSTS_MAX_AGE/ }, bad)
+  }
+})
