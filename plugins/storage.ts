@@ -302,17 +302,22 @@ const PRUNE_EXCESS_VERSIONS_BATCH = {
 // batch. `scanned` counts them, `converted` not.
 const CONVERT_TEXT_BLOBS_BATCH = {
   name: 'sync-convert-text-blobs',
-  text: `WITH candidates AS (
-           SELECT user_id, version, sum(octet_length(encrypted_blob)) OVER (ORDER BY user_id, version) AS upto,
+  text: `WITH next AS (
+           SELECT user_id, version, encrypted_blob FROM user_sync_versions
+           WHERE encrypted_blob IS NOT NULL AND (user_id, version) > ($1::uuid, $2::bigint)
+           ORDER BY user_id, version LIMIT $3::int),
+         candidates AS (
+           SELECT user_id, version, encrypted_blob, sum(octet_length(encrypted_blob)) OVER (ORDER BY user_id, version) AS upto,
              row_number() OVER (ORDER BY user_id, version) AS n
-           FROM (SELECT user_id, version, encrypted_blob FROM user_sync_versions
-                 WHERE encrypted_blob IS NOT NULL AND (user_id, version) > ($1::uuid, $2::bigint)
-                 ORDER BY user_id, version LIMIT $3::int) next),
-         batch AS (SELECT user_id, version FROM candidates WHERE upto <= $4::bigint OR n = 1),
+           FROM next),
+         -- The text is judged (and decoded) here, for the batch's rows only: as a condition of the
+         -- UPDATE, the planner could evaluate it on every text row of a table it chose to scan.
+         batch AS MATERIALIZED (
+           SELECT user_id, version, CASE WHEN ${CANONICAL_TEXT('encrypted_blob')} THEN decode(encrypted_blob, 'base64') END AS bytes
+           FROM candidates WHERE upto <= $4::bigint OR n = 1),
          converted AS (
-           UPDATE user_sync_versions v SET ciphertext = decode(v.encrypted_blob, 'base64'), encrypted_blob = NULL
-           FROM batch WHERE v.user_id = batch.user_id AND v.version = batch.version AND v.encrypted_blob IS NOT NULL
-             AND ${CANONICAL_TEXT('v.encrypted_blob')}
+           UPDATE user_sync_versions v SET ciphertext = batch.bytes, encrypted_blob = NULL
+           FROM batch WHERE v.user_id = batch.user_id AND v.version = batch.version AND batch.bytes IS NOT NULL AND v.encrypted_blob IS NOT NULL
            RETURNING 1),
          last AS (SELECT user_id, version FROM batch ORDER BY user_id DESC, version DESC LIMIT 1)
          SELECT (SELECT count(*) FROM batch)::int AS scanned, (SELECT count(*) FROM converted)::int AS converted,
