@@ -69,6 +69,8 @@ t.test('a 304 counts as access for the inactivity rule', async (t) => {
   const etag = (await put(userId, payload())).headers.etag as string
   await app.pg.query("UPDATE user_sync_data SET last_accessed = now() - interval '700 days' WHERE user_id = $1", [userId])
   t.equal((await app.inject({ method: 'GET', url: url(userId), headers: { 'if-none-match': etag } })).statusCode, 304)
+  // The access is written after the answer: wait for it, as a later download would see it.
+  await app.storage.touched()
   const { rows } = await app.pg.query("SELECT now() - last_accessed < interval '1 minute' AS fresh FROM user_sync_data WHERE user_id = $1", [userId])
   t.equal(rows[0].fresh, true)
 })
