@@ -8,9 +8,22 @@ import { USER_ID_PATTERN } from './schemas/sync.ts'
 const HEX_DIGIT = /[0-9a-fA-F]/g
 const IS_USER_ID = new RegExp(USER_ID_PATTERN)
 
-// Hashing costs about 7 µs a request (most of it creating the Hash object); active users repeat.
-const pseudonyms = new Map<string, string>()
-const PSEUDONYMS_KEPT = 10_000
+/**
+ * `compute`, remembering its last answers: at most `kept` of them, all forgotten at once when
+ * full (cheaper than an LRU, and enough for keys a few thousand active clients repeat).
+ */
+export function remembered (compute: (key: string) => string, kept = 10_000): (key: string) => string {
+  const answers = new Map<string, string>()
+  return (key) => {
+    let answer = answers.get(key)
+    if (answer === undefined) {
+      answer = compute(key)
+      if (answers.size >= kept) answers.clear()
+      answers.set(key, answer)
+    }
+    return answer
+  }
+}
 
 /**
  * A gate for a log line that could otherwise repeat at request rate (a dependency flapping about
@@ -26,16 +39,11 @@ export function atMostEvery (ms: number): () => boolean {
   }
 }
 
-/** A stable, non-reversible name for a user in logs: 12 hex digits of SHA-256 of the id. */
-export function pseudonym (userId: string): string {
-  let name = pseudonyms.get(userId)
-  if (name === undefined) {
-    name = createHash('sha256').update(userId.toLowerCase()).digest('hex').slice(0, 12)
-    if (pseudonyms.size >= PSEUDONYMS_KEPT) pseudonyms.clear()
-    pseudonyms.set(userId, name)
-  }
-  return name
-}
+/**
+ * A stable, non-reversible name for a user in logs: 12 hex digits of SHA-256 of the id.
+ * Remembered: hashing costs about 7 µs (most of it creating the Hash object); active users repeat.
+ */
+export const pseudonym = remembered((userId) => createHash('sha256').update(userId.toLowerCase()).digest('hex').slice(0, 12))
 
 // A path segment with this many hex digits may be (most of) a user id, however it is written:
 // a UUID with other separators, spaced out, cut short. Route names have far fewer.
@@ -44,20 +52,12 @@ const HEX_DIGITS_OF_AN_ID = 8
 // Redacting a path costs about 4 µs (decoding, two regular expressions per segment); a device
 // asks for the same few paths again and again. Only URLs of an API request's length are kept, so
 // that the cache stays under a few MB whatever clients send.
-const redactedUrls = new Map<string, string>()
-const REDACTED_URLS_KEPT = 10_000
+const redactedPath = remembered(redactPath)
 const LONGEST_URL_KEPT = 160
 
 /** The request path as it may be logged: ids pseudonymised, anything id-like hidden, the query string dropped. */
 export function redactUrl (url: string): string {
-  if (url.length > LONGEST_URL_KEPT) return redactPath(url)
-  let redacted = redactedUrls.get(url)
-  if (redacted === undefined) {
-    redacted = redactPath(url)
-    if (redactedUrls.size >= REDACTED_URLS_KEPT) redactedUrls.clear()
-    redactedUrls.set(url, redacted)
-  }
-  return redacted
+  return url.length > LONGEST_URL_KEPT ? redactPath(url) : redactedPath(url)
 }
 
 function redactPath (url: string): string {
